@@ -1,0 +1,57 @@
+"""workbench: fine-tune pretrained models on biological data, in notebooks and in sweeps.
+
+The top-level namespace re-exports the pieces a workflow notebook uses::
+
+    import workbench as wb
+    run = wb.Run("runs/x", params=wb.params_of(globals()))
+    report = wb.load_pretrained(model, "pretrained.safetensors", run=run)
+    wb.apply_strategy(model, "frozen_backbone")
+    history = wb.fit(model, loader, epochs=10, lr=1e-3, schedule="cosine", run=run)
+
+Heavy modules (torch, scanpy, papermill) are imported on first use, so ``import workbench``
+and the command line stay fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Run": "tracking",
+    "params_of": "tracking",
+    "load_pretrained": "transfer",
+    "LoadReport": "transfer",
+    "LoadError": "transfer",
+    "apply_strategy": "transfer",
+    "param_groups": "transfer",
+    "fit": "training",
+    "History": "training",
+    "Callback": "training",
+    "EarlyStopping": "training",
+    "ModelCheckpoint": "training",
+    "GradualUnfreeze": "training",
+    "LiveCurves": "training",
+    "build_scheduler": "schedules",
+    "lr_curve": "schedules",
+    "save_weights": "checkpoints",
+    "read_state_dict": "checkpoints",
+    "CheckpointError": "checkpoints",
+    "run_notebook": "execute",
+    "run_sweep": "sweeps",
+}
+_SUBMODULES = {"checkpoints", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
+               "execute", "sweeps", "widgets", "tasks", "cli"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,421 @@
+"""Run one parameterized notebook through papermill and keep a record of how it went.
+
+:func:`run_notebook` is the single place where the workbench executes a notebook, for
+``workbench run`` and for every run of a sweep::
+
+    result = run_notebook("notebooks/cell_type_annotation.ipynb",
+                          parameters={"learning_rate": "1e-3", "epochs": 2},
+                          output_dir="runs/cell_type/try1")
+    result.ok, result.error, result.final_metrics
+
+The run folder then holds ``notebook.ipynb`` (the executed notebook), whatever the notebook
+wrote itself (``params.json``, ``final_metrics.json``, figures, ...) and ``status.json``,
+written last, which says whether the run completed. A run folder without ``status.json`` is a
+run that was interrupted.
+
+Parameter values are converted to the type the notebook's parameters cell declares
+(``lr: float = 1.0e-3``) or, without an annotation, to the type of its default value, so
+``"1e-3"`` from YAML or the command line reaches the notebook as the float ``0.001``.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunResult", "run_notebook", "notebook_parameters", "coerce_parameters", "ensure_kernel"]
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "final_metrics.json"
+NOTEBOOK_FILE = "notebook.ipynb"
+
+_TRUE = {"true", "yes", "y", "on", "1"}
+_FALSE = {"false", "no", "n", "off", "0"}
+
+
+@dataclass
+class RunResult:
+    """What happened when a notebook ran.
+
+    Attributes
+    ----------
+    ok
+        True when every cell ran without an error.
+    output_dir
+        The run folder.
+    notebook_path
+        The executed notebook (``<output_dir>/notebook.ipynb``); it holds the outputs and the
+        traceback of a failed cell.
+    error
+        One readable line for a failed run: the failing cell, its first source line, the exception
+        type and message. None when the run succeeded.
+    seconds
+        Wall time of the run, kernel start included.
+    final_metrics
+        The notebook's ``final_metrics.json``, or an empty dict when it wrote none.
+    failed_cell
+        Position (1-based, counting every cell of the executed notebook) of the failing cell.
+    parameters
+        The parameters as injected, after type conversion.
+    """
+
+    ok: bool
+    output_dir: Path
+    notebook_path: Path
+    error: str | None = None
+    seconds: float = 0.0
+    final_metrics: dict = field(default_factory=dict)
+    failed_cell: int | None = None
+    parameters: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of the result (paths as strings)."""
+        return {
+            "ok": self.ok,
+            "output_dir": str(self.output_dir),
+            "notebook_path": str(self.notebook_path),
+            "error": self.error,
+            "failed_cell": self.failed_cell,
+            "seconds": round(self.seconds, 3),
+            "parameters": dict(self.parameters),
+            "final_metrics": dict(self.final_metrics),
+        }
+
+    def to_frame(self):
+        """One-row DataFrame: status, seconds, error and each final metric as a column."""
+        import pandas as pd
+
+        row = {"status": "ok" if self.ok else "failed", "seconds": round(self.seconds, 3), "error": self.error}
+        row.update(self.final_metrics)
+        return pd.DataFrame([row], index=[str(self.output_dir)])
+
+    def _repr_html_(self) -> str:
+        status = "ok" if self.ok else "failed"
+        lines = [f"<b>run {html.escape(status)}</b> in {self.seconds:.1f} s: <code>{html.escape(str(self.output_dir))}</code>"]
+        if self.error:
+            lines.append(f"<pre>{html.escape(self.error)}</pre>")
+        if self.final_metrics:
+            cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in self.final_metrics.items())
+            lines.append(f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table>")
+        return "<br>".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict]:
+    """The parameters declared in the notebook's cell tagged ``parameters``.
+
+    Parameters
+    ----------
+    notebook
+        Path to the ``.ipynb`` file.
+
+    Returns
+    -------
+    dict
+        ``{name: {"type": "float" | "int" | "str" | "bool" | "list" | "dict" | None,
+        "default": <source text>, "help": <trailing comment>}}``, in declaration order.
+        ``type`` comes from the annotation (``lr: float = 1.0e-3``) or else from the default value;
+        None when neither says.
+    """
+    import papermill
+
+    path = Path(notebook)
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook={str(notebook)!r} does not exist (looked in {Path.cwd()}).")
+    found = papermill.inspect_notebook(str(path))
+    return {
+        name: {"type": _declared_type(info["inferred_type_name"], info["default"]),
+               "default": info["default"], "help": info["help"]}
+        for name, info in found.items()
+    }
+
+
+def _declared_type(annotation: str, default: str) -> str | None:
+    """'float' for ``lr: float = ...``, 'int' for ``epochs = 3``, None when unknown."""
+    text = annotation.strip()
+    if text and text != "None":
+        text = re.sub(r"^Optional\[(.*)\]$", r"\1", text)
+        text = re.sub(r"\s*\|\s*None$|^None\s*\|\s*", "", text)
+        base = text.split("[", 1)[0].strip().lower()
+        return {"list": "list", "tuple": "list", "dict": "dict"}.get(base, base if base in
+                                                                       ("float", "int", "str", "bool") else None)
+    try:
+        value = ast.literal_eval(default)
+    except (ValueError, SyntaxError):
+        return None
+    for kind, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"),
+                       (tuple, "list"), (dict, "dict")):
+        if isinstance(value, kind):
+            return name
+    return None
+
+
+def coerce_parameters(notebook: str | os.PathLike, parameters: dict | None, *,
+                      declared: dict[str, dict] | None = None) -> dict:
+    """Check parameter names against the notebook and convert values to the declared types.
+
+    Parameters
+    ----------
+    notebook
+        Path to the notebook (used for the declared parameters and in messages).
+    parameters
+        ``{name: value}``; values may be strings (from YAML or the command line).
+    declared
+        The result of :func:`notebook_parameters`, when the caller already has it.
+
+    Returns
+    -------
+    dict
+        The same names with converted values: ``"1e-3"`` becomes ``0.001`` for a float parameter,
+        ``"3"`` becomes ``3`` for an int, ``"true"`` becomes True for a bool, a JSON string becomes a
+        list or dict. Values of parameters whose type is unknown are passed unchanged.
+
+    Raises
+    ------
+    ValueError
+        For a name the notebook does not declare, or a value that does not convert.
+    """
+    declared = notebook_parameters(notebook) if declared is None else declared
+    parameters = dict(parameters or {})
+    unknown = [name for name in parameters if name not in declared]
+    if unknown:
+        listing = ", ".join(f"{n} ({d['type'] or 'any'}, default {d['default']})" for n, d in declared.items())
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
+            f"of {Path(notebook).name}. Its parameters cell declares: {listing or '(nothing: no cell tagged parameters)'}. "
+            f"Check the spelling, or add the parameter to the notebook's cell tagged 'parameters'."
+        )
+    return {name: _coerce(name, value, declared[name]["type"], notebook) for name, value in parameters.items()}
+
+
+def _coerce(name: str, value: Any, kind: str | None, notebook) -> Any:
+    if value is None or kind is None:
+        return value
+    try:
+        if kind == "str":
+            return value if isinstance(value, str) else str(value)
+        if kind == "bool":
+            return _to_bool(value)
+        if kind == "int":
+            return _to_int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("a bool is not a number")
+            return float(value)
+        if kind in ("list", "dict"):
+            if isinstance(value, str):
+                value = json.loads(value)
+            wanted = list if kind == "list" else dict
+            if isinstance(value, tuple):
+                value = list(value)
+            if not isinstance(value, wanted):
+                raise ValueError(f"got a {type(value).__name__}")
+            return value
+    except (ValueError, TypeError) as err:
+        example = {"float": "1.0e-3", "int": "3", "bool": "true", "list": "'[1, 2]' (JSON)",
+                   "dict": "'{\"a\": 1}' (JSON)"}.get(kind, "")
+        raise ValueError(
+            f"parameter {name}={value!r} ({type(value).__name__}) cannot be converted to {kind}, the type "
+            f"{Path(notebook).name} declares for it ({err}). Pass a {kind} value such as {example}."
+        ) from None
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"accepted: {', '.join(sorted(_TRUE | _FALSE))}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a bool is not an integer")
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError("not a whole number")
+    return int(number)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_kernel(kernel_name: str = "workbench") -> str:
+    """Make sure a Jupyter kernelspec called ``kernel_name`` exists.
+
+    When it is missing, a kernelspec running this Python (``sys.executable``) is installed into
+    ``sys.prefix``, so a fresh machine never fails with ``NoSuchKernel``.
+
+    Returns
+    -------
+    str
+        ``kernel_name``.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if kernel_name not in KernelSpecManager().find_kernel_specs():
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=kernel_name, display_name=f"Python ({kernel_name})", prefix=sys.prefix)
+    return kernel_name
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+def run_notebook(
+    notebook: str | os.PathLike,
+    *,
+    parameters: dict | None = None,
+    output_dir: str | os.PathLike,
+    kernel_name: str = "workbench",
+    timeout: float | None = None,
+    log_output: bool = False,
+    raise_on_error: bool = False,
+) -> RunResult:
+    """Execute ``notebook`` with ``parameters`` into the run folder ``output_dir``.
+
+    Parameters
+    ----------
+    notebook
+        Path to a notebook with a cell tagged ``parameters``.
+    parameters
+        ``{name: value}`` for the parameters cell. Names must be declared there; values are
+        converted to the declared types (see :func:`coerce_parameters`). ``output_dir`` is
+        injected as well (as an absolute path string) and should not be given here.
+    output_dir
+        Run folder, created with its parents. Receives ``notebook.ipynb`` and ``status.json``.
+    kernel_name
+        Jupyter kernel to run on; installed for this Python when missing (:func:`ensure_kernel`).
+    timeout
+        Seconds one cell may run before the run fails; None means no limit.
+    log_output
+        Echo the notebook's printed output to the log while it runs.
+    raise_on_error
+        Raise a RuntimeError carrying the readable message when the notebook fails, instead of
+        returning a failed result.
+
+    Returns
+    -------
+    RunResult
+        ``ok``, ``error``, ``seconds``, ``final_metrics``, ... A failing cell, a cell timeout and a
+        dead kernel all give ``ok=False`` with a readable ``error``.
+
+    Raises
+    ------
+    ValueError
+        Before anything runs, for an unknown parameter name or a value of the wrong type.
+    KeyboardInterrupt
+        When the run is interrupted; no ``status.json`` is written then.
+    """
+    notebook = Path(notebook).resolve()
+    parameters = dict(parameters or {})
+    if "output_dir" in parameters:
+        raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
+    declared = notebook_parameters(notebook)
+    values = coerce_parameters(notebook, parameters, declared=declared)
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (STATUS_FILE, METRICS_FILE):  # a folder describes one run: drop what an earlier attempt left
+        (out / stale).unlink(missing_ok=True)
+    values["output_dir"] = str(out)
+    executed = out / NOTEBOOK_FILE
+
+    import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    ensure_kernel(kernel_name)
+    start = time.perf_counter()
+    error, failed_cell = None, None
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
+            execution_timeout=timeout, log_output=log_output, progress_bar=False,
+        )
+    except papermill.PapermillExecutionError as err:
+        if err.ename == "KeyboardInterrupt":
+            raise KeyboardInterrupt(f"{notebook.name} was interrupted in cell {err.cell_index + 1}") from None
+        failed_cell = err.cell_index + 1
+        error = _describe_failure(failed_cell, err.source, f"{err.ename}: {err.evalue}")
+    except CellTimeoutError:
+        failed_cell, source = _last_started_cell(executed)
+        error = _describe_failure(failed_cell, source, f"CellTimeoutError: the cell ran longer than timeout={timeout} s")
+    except DeadKernelError as err:
+        failed_cell, source = _last_started_cell(executed)
+        error = _describe_failure(failed_cell, source, f"DeadKernelError: the kernel died ({_first_line(str(err))}); "
+                                                       "it may have run out of memory")
+    seconds = time.perf_counter() - start
+
+    metrics = _read_json(out / METRICS_FILE)
+    result = RunResult(ok=error is None, output_dir=out, notebook_path=executed, error=error, seconds=seconds,
+                       final_metrics=metrics, failed_cell=failed_cell, parameters=values)
+    status = {"ok": result.ok, "error": error, "failed_cell": failed_cell, "seconds": round(seconds, 3)}
+    (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
+    if error is not None and raise_on_error:
+        raise RuntimeError(f"{notebook.name} failed: {error} (executed notebook: {executed})")
+    return result
+
+
+def read_status(output_dir: str | os.PathLike) -> dict | None:
+    """The run folder's ``status.json``, or None when the run never finished."""
+    return _read_json(Path(output_dir) / STATUS_FILE) or None
+
+
+def _describe_failure(cell: int | None, source: str | None, what: str) -> str:
+    where = f"cell {cell}" if cell else "an unknown cell"
+    first = _first_line(source or "")
+    if first:
+        where += f" ({first})"
+    return f"{where} failed: {_first_line(what, limit=400)}"
+
+
+def _first_line(text: str, *, limit: int = 80) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return ""
+
+
+def _last_started_cell(executed: Path) -> tuple[int | None, str | None]:
+    """Position and source of the cell papermill was running when execution stopped."""
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None, None
+    last = None
+    for position, cell in enumerate(cells, start=1):
+        if cell.get("metadata", {}).get("papermill", {}).get("start_time"):
+            last = (position, "".join(cell.get("source", "")))
+    return last or (None, None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

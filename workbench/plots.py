@@ -1,0 +1,410 @@
+"""Every matplotlib figure of the workbench.
+
+Each function takes the result of a computation (a learning-rate curve, a fit history, a
+confusion matrix, a sweep summary, predictions, a metrics table) and returns a
+:class:`matplotlib.figure.Figure`. It computes nothing itself and neither shows nor saves::
+
+    fig = plot_confusion_matrix(cm)                      # the cell's value: the notebook shows it once
+    fig.savefig(run.path / "figures" / "confusion.png")  # saving is the caller's choice
+
+The figure is closed in pyplot before it is returned, so it is displayed once (as the cell's
+value) rather than twice, and loops that make many figures do not pile them up in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_lr_schedule",
+    "plot_history",
+    "plot_confusion_matrix",
+    "plot_sweep_comparison",
+    "plot_predictions",
+    "plot_metric_comparison",
+]
+
+
+def _frame_of(obj, *, name: str) -> pd.DataFrame:
+    """A DataFrame from a DataFrame or from any result object with ``to_frame()``."""
+    if isinstance(obj, pd.DataFrame):
+        return obj
+    if hasattr(obj, "to_frame"):
+        return obj.to_frame()
+    raise TypeError(
+        f"{name} must be a pandas DataFrame or an object with a to_frame() method, got {type(obj).__name__}."
+    )
+
+
+def _check_columns(frame: pd.DataFrame, wanted: Sequence[str], *, name: str) -> None:
+    missing = [column for column in wanted if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{name}: {', '.join(map(repr, missing))} not found. Available: {', '.join(map(str, frame.columns))}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# learning-rate schedule
+# --------------------------------------------------------------------------------------------
+
+
+def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """The learning rate of each parameter group at every optimizer step.
+
+    Parameters
+    ----------
+    curve
+        Indexed by optimizer step, one column per parameter group, as returned by
+        :func:`workbench.schedules.lr_curve`. ``curve.attrs`` may hold ``"schedule"``,
+        ``"warmup_steps"`` and ``"total_steps"``; they go into the title, and the end of the
+        warmup is marked with a dashed line.
+    title
+        Figure title; by default it describes the schedule.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axis with one line per parameter group.
+    """
+    if isinstance(curve, pd.Series):
+        curve = curve.to_frame(name=curve.name or "lr")
+    curve = _frame_of(curve, name="curve")
+    if curve.empty:
+        raise ValueError("curve is empty; build it with workbench.schedules.lr_curve(..., total_steps=N), N > 0.")
+
+    schedule = curve.attrs.get("schedule")
+    warmup_steps = curve.attrs.get("warmup_steps") or 0
+    total_steps = curve.attrs.get("total_steps")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for column in curve.columns:
+        ax.plot(curve.index, curve[column], label=str(column))
+    if warmup_steps > 0:
+        ax.axvline(warmup_steps, color="grey", linestyle="--", linewidth=1, label=f"end of warmup ({warmup_steps})")
+
+    if title is None:
+        parts = [f"{schedule} schedule" if schedule else "Learning-rate schedule"]
+        if warmup_steps:
+            parts.append(f"warmup {warmup_steps} steps")
+        if total_steps:
+            parts.append(f"{total_steps} steps in total")
+        title = ", ".join(parts)
+    ax.set_title(title)
+    ax.set_xlabel(curve.index.name or "step")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if len(curve.columns) > 1 or warmup_steps > 0:
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# training history
+# --------------------------------------------------------------------------------------------
+
+_NOT_METRICS = {"epoch", "step", "global_step", "time", "seconds", "elapsed"}
+
+
+def _is_metric_column(name: str) -> bool:
+    """True for columns to draw in the metrics panel (not losses, lr, epoch, step or timing)."""
+    lowered = name.lower()
+    if "loss" in lowered or lowered.startswith("lr") or lowered in _NOT_METRICS:
+        return False
+    return not ("time" in lowered or lowered.endswith("_s") or lowered.endswith("_sec"))
+
+
+def plot_history(history, *, metrics: Sequence[str] | None = None) -> Figure:
+    """Losses and metrics per epoch of a training run.
+
+    Parameters
+    ----------
+    history
+        One row per epoch, with a column ``"epoch"``, loss columns (e.g. ``"train_loss"``,
+        ``"val_loss"``) and metric columns (e.g. ``"val_accuracy"``); or any object whose
+        ``to_frame()`` returns such a table (a fit history). When the frame's ``attrs`` (or the
+        object) hold ``"best_epoch"``, that epoch is marked in every panel.
+    metrics
+        Metric columns for the right panel; by default every numeric column that is not a
+        loss, a learning rate (``lr*``), the epoch/step counter or a timing.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Left axis: losses; right axis (when there are metrics): the other metrics.
+    """
+    frame = _frame_of(history, name="history")
+    if frame.empty:
+        raise ValueError("history has no rows yet; plot it after at least one epoch.")
+    x = frame["epoch"] if "epoch" in frame.columns else pd.Series(np.arange(len(frame)), index=frame.index)
+    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+    losses = [c for c in numeric if "loss" in str(c).lower()]
+    if metrics is None:
+        metrics = [c for c in numeric if _is_metric_column(str(c))]
+    else:
+        metrics = list(metrics)
+        _check_columns(frame, metrics, name="plot_history(metrics=...)")
+    if not losses and not metrics:
+        raise ValueError(
+            f"history has no loss or metric columns to plot. Columns: {', '.join(map(str, frame.columns))}."
+        )
+
+    best_epoch = frame.attrs.get("best_epoch", getattr(history, "best_epoch", None))
+
+    panels = [columns for columns in (losses, metrics) if columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, columns, ylabel in zip(axes[0], panels, ["loss" if losses else "metric", "metric"]):
+        for column in columns:
+            ax.plot(x, frame[column], marker="o", markersize=3, label=str(column))
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(frameon=False, fontsize="small")
+    axes[0][0].set_title("Loss" if losses else "Metrics")
+    if len(panels) == 2:
+        axes[0][1].set_title("Metrics")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# confusion matrix
+# --------------------------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(cm: pd.DataFrame, *, normalize: bool = True, title: str | None = None) -> Figure:
+    """A confusion matrix as a heatmap with the counts written in each cell.
+
+    Parameters
+    ----------
+    cm
+        Counts with true classes as rows and predicted classes as columns, as returned by
+        :func:`workbench.metrics.confusion_matrix`.
+    normalize
+        Color each row by its share of that true class (recall on the diagonal), so rare and
+        common classes are equally readable; ``False`` colors by raw counts.
+    title
+        Figure title; default ``"Confusion matrix"``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One heatmap axis plus its colorbar.
+    """
+    if not isinstance(cm, pd.DataFrame):
+        cm = pd.DataFrame(np.asarray(cm))
+    if cm.shape[0] != cm.shape[1] or cm.empty:
+        raise ValueError(
+            f"cm must be a square table (true classes x predicted classes), got shape {cm.shape}. "
+            f"Build it with workbench.metrics.confusion_matrix(y_true, y_pred, labels=classes)."
+        )
+    counts = cm.to_numpy()
+    if normalize:
+        row_totals = counts.sum(axis=1, keepdims=True)
+        colors = np.divide(counts, row_totals, out=np.zeros(counts.shape, dtype=float), where=row_totals > 0)
+        color_label, vmax = "share of true class", 1.0
+    else:
+        colors = counts.astype(float)
+        color_label, vmax = "count", max(float(colors.max()), 1.0)
+
+    n = len(cm)
+    longest = max(len(str(label)) for label in list(cm.index) + list(cm.columns))
+    side = max(4.0, 0.5 * n + 0.07 * longest + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(colors, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=color_label)
+
+    fontsize = 9 if n <= 10 else max(5, 9 - (n - 10) // 4)
+    for i in range(n):
+        for j in range(n):
+            dark = colors[i, j] > 0.6 * vmax
+            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black")
+
+    ax.set_xticks(np.arange(n))
+    ax.set_yticks(np.arange(n))
+    ax.set_xticklabels([str(c) for c in cm.columns], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels([str(c) for c in cm.index])
+    ax.set_xlabel(cm.columns.name or "predicted")
+    ax.set_ylabel(cm.index.name or "true")
+    ax.set_title(title if title is not None else "Confusion matrix")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# sweeps
+# --------------------------------------------------------------------------------------------
+
+
+def plot_sweep_comparison(summary: pd.DataFrame, metric: str, *, setting_col: str = "setting") -> Figure:
+    """One bar per sweep setting: mean of ``metric`` with its standard deviation as error bar.
+
+    Parameters
+    ----------
+    summary
+        One row per setting, with columns ``setting_col``, ``{metric}_mean`` and (optionally)
+        ``{metric}_std``, e.g. the summary of a sweep over seeds or folds.
+    metric
+        Metric name without suffix, e.g. ``"test_accuracy"``.
+    setting_col
+        Column (or index name) that labels each bar.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axis with one bar per row.
+    """
+    summary = _frame_of(summary, name="summary")
+    mean_col, std_col = f"{metric}_mean", f"{metric}_std"
+    if mean_col not in summary.columns:
+        available = [str(c)[: -len("_mean")] for c in summary.columns if str(c).endswith("_mean")]
+        raise ValueError(
+            f"metric={metric!r}: summary has no column {mean_col!r}. "
+            f"Available metrics: {', '.join(available) if available else '(none: no *_mean columns)'}."
+        )
+    if setting_col in summary.columns:
+        names = summary[setting_col].astype(str).tolist()
+    elif summary.index.name == setting_col:
+        names = summary.index.astype(str).tolist()
+    else:
+        raise ValueError(
+            f"setting_col={setting_col!r} is neither a column nor the index of summary. "
+            f"Columns: {', '.join(map(str, summary.columns))}. Pass setting_col=<the column naming each setting>."
+        )
+    means = summary[mean_col].to_numpy(dtype=float)
+    stds = summary[std_col].to_numpy(dtype=float) if std_col in summary.columns else None
+
+    longest = max(len(name) for name in names)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2.0), 3.5 + 0.05 * min(longest, 60)))
+    positions = np.arange(len(names))
+    ax.bar(positions, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.85)
+    ax.set_xticks(positions)
+    if longest > 8 or len(names) > 6:
+        ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticklabels(names)
+    ax.set_xlabel(setting_col)
+    ax.set_ylabel(metric + (" (mean ± std)" if stds is not None else " (mean)"))
+    ax.set_title(f"{metric} by {setting_col}")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# regression predictions
+# --------------------------------------------------------------------------------------------
+
+
+def plot_predictions(y_true, y_pred, *, title: str | None = None) -> Figure:
+    """Predicted versus true values, and the residuals, for a regression model.
+
+    Parameters
+    ----------
+    y_true
+        True values; any shape (several targets are pooled).
+    y_pred
+        Predicted values, same shape as ``y_true``.
+    title
+        Figure title; default ``"Predicted vs true"``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Left: predicted against true with the identity line (perfect predictions lie on it);
+        right: residuals (predicted - true) against predicted, with a zero line.
+    """
+    y_true = np.asarray(y_true, dtype=float)
+    y_pred = np.asarray(y_pred, dtype=float)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has shape {y_true.shape} but y_pred has shape {y_pred.shape}; they must match.")
+    y_true, y_pred = y_true.ravel(), y_pred.ravel()
+    if y_true.size == 0:
+        raise ValueError("y_true and y_pred are empty; nothing to plot.")
+    residuals = y_pred - y_true
+    point_size = 12 if y_true.size < 1000 else 3
+    alpha = 0.7 if y_true.size < 1000 else 0.3
+
+    fig, (ax_scatter, ax_resid) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax_scatter.scatter(y_true, y_pred, s=point_size, alpha=alpha, rasterized=True)
+    finite = np.isfinite(y_true) & np.isfinite(y_pred)
+    low = float(min(y_true[finite].min(), y_pred[finite].min())) if finite.any() else 0.0
+    high = float(max(y_true[finite].max(), y_pred[finite].max())) if finite.any() else 1.0
+    ax_scatter.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="identity (y = x)")
+    ax_scatter.set_xlabel("true")
+    ax_scatter.set_ylabel("predicted")
+    ax_scatter.set_title("Predicted vs true")
+    ax_scatter.legend(frameon=False)
+
+    ax_resid.scatter(y_pred, residuals, s=point_size, alpha=alpha, rasterized=True)
+    ax_resid.axhline(0.0, color="black", linestyle="--", linewidth=1)
+    ax_resid.set_xlabel("predicted")
+    ax_resid.set_ylabel("residual (predicted - true)")
+    ax_resid.set_title("Residuals")
+
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# comparing models
+# --------------------------------------------------------------------------------------------
+
+
+def plot_metric_comparison(table, *, metrics: Sequence[str] | None = None) -> Figure:
+    """Grouped bars: one group per metric, one bar per model.
+
+    Parameters
+    ----------
+    table
+        A :class:`workbench.metrics.MetricsTable` or its frame (rows = models, columns = metrics).
+    metrics
+        Metrics to show, in this order; default all numeric columns.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axis with ``n_models * n_metrics`` bars, each labelled with its value.
+    """
+    frame = _frame_of(table, name="table")
+    if metrics is None:
+        metrics = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+    else:
+        metrics = list(metrics)
+        _check_columns(frame, metrics, name="plot_metric_comparison(metrics=...)")
+    if frame.empty or not metrics:
+        raise ValueError("table has no models or no numeric metrics to compare.")
+
+    models = [str(m) for m in frame.index]
+    n_models = len(models)
+    width = 0.8 / n_models
+    positions = np.arange(len(metrics))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(metrics) * max(1, n_models / 2) + 2.0), 4.0))
+    for i, model in enumerate(frame.index):
+        values = frame.loc[model, metrics].to_numpy(dtype=float)
+        bars = ax.bar(positions + (i - (n_models - 1) / 2) * width, values, width, label=str(model))
+        labels = ["" if np.isnan(v) else f"{v:.3f}" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize="x-small", padding=2)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(metrics, rotation=30 if len(metrics) > 3 else 0, ha="right" if len(metrics) > 3 else "center")
+    ax.set_ylabel("value")
+    ax.set_title("Model comparison")
+    ax.margins(y=0.15)
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
