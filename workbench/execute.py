@@ -26,7 +26,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,6 +338,8 @@ def run_notebook(
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
     declared = notebook_parameters(notebook)
     values = coerce_parameters(notebook, parameters, declared=declared)
+    if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
+        values.setdefault("interactive", False)
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -351,10 +355,11 @@ def run_notebook(
     start = time.perf_counter()
     error, failed_cell = None, None
     try:
-        papermill.execute_notebook(
-            str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
-            execution_timeout=timeout, log_output=log_output, progress_bar=False,
-        )
+        with _kernel_sockets() as config:
+            papermill.execute_notebook(
+                str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
+                execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config,
+            )
     except papermill.PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":
             raise KeyboardInterrupt(f"{notebook.name} was interrupted in cell {err.cell_index + 1}") from None
@@ -377,6 +382,24 @@ def run_notebook(
     if error is not None and raise_on_error:
         raise RuntimeError(f"{notebook.name} failed: {error} (executed notebook: {executed})")
     return result
+
+
+@contextmanager
+def _kernel_sockets():
+    """Kernel-manager config that gives this run's kernel private Unix sockets.
+
+    With the default TCP transport, kernels started at the same moment by parallel runs can pick
+    the same free port; the loser dies and nbclient waits a full minute before it gives up. IPC
+    sockets in a fresh temporary folder cannot collide (and the kernel stops warning about
+    unencrypted TCP). Windows has no IPC transport and keeps TCP.
+    """
+    from traitlets.config import Config
+
+    if os.name != "posix":
+        yield Config()
+        return
+    with tempfile.TemporaryDirectory(prefix="wb-kernel-") as folder:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})
 
 
 def read_status(output_dir: str | os.PathLike) -> dict | None:

@@ -1,0 +1,434 @@
+"""Cell-type annotation: an expression encoder pretrained on unlabeled cells, fine-tuned on labels.
+
+Data
+    Any AnnData (``.h5ad``) with a categorical ``obs`` column of cell types. An empty
+    ``data_path`` means scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs x 765 genes, 10 types
+    in ``bulk_labels``; no download). Expression stays sparse until a batch is drawn.
+Model
+    :class:`ExpressionEncoder`: an MLP (Linear -> LayerNorm -> GELU -> Dropout per layer) over
+    all genes, with a linear head. On a few hundred to a few thousand cells, an MLP on the
+    expression vector is the strongest simple choice: gene order carries no meaning (so
+    convolutions do not fit) and a gene-token transformer needs far more cells to pay off.
+Pretraining
+    Masked-expression reconstruction (:class:`MaskedExpressionModel`): a random subset of each
+    cell's genes is zeroed and the encoder + a small decoder reconstruct the masked values. It
+    only sees the training cells, without labels. The checkpoint it writes is loaded into the
+    classifier through :func:`workbench.load_pretrained`, the path a user's external
+    checkpoint takes.
+Baseline
+    Logistic regression on the same features, split and labelled cells (the model behind
+    CellTypist).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import splits
+from ..checkpoints import save_weights
+from ..metrics import MetricsTable, classification_metrics, confusion_matrix
+
+__all__ = [
+    "DEFAULTS",
+    "CellData",
+    "ExpressionBatches",
+    "ExpressionEncoder",
+    "CellTypeClassifier",
+    "MaskedExpressionModel",
+    "load",
+    "build_model",
+    "pretrain",
+    "pretrained",
+    "finetune",
+    "baseline",
+    "evaluate",
+    "run_workflow",
+]
+
+#: Architecture and training settings the notebook does not expose as parameters.
+DEFAULTS = {
+    "hidden": (512, 256),
+    "dropout": 0.1,
+    "input_dropout": 0.0,
+    "label_smoothing": 0.1,
+    "weight_decay": 0.01,
+    "pretrain_epochs": 100,
+    "pretrain_lr": 1e-3,
+    "pretrain_batch_size": 64,
+    "mask_ratio": 0.3,
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` torch threads (default: ``$TORCH_NUM_THREADS``, set by sweep workers)."""
+    threads = threads or int(os.environ.get("TORCH_NUM_THREADS", 0)) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+class ExpressionBatches:
+    """Mini-batches ``(x, y)`` from a (sparse) cells x genes matrix, densified per batch.
+
+    Has a length and a ``generator`` (its shuffling RNG), so :func:`workbench.fit` can
+    checkpoint and restore the data order on resume.
+    """
+
+    def __init__(self, X, y, *, batch_size: int, shuffle: bool, seed: int = 0):
+        self.X, self.y = X, torch.as_tensor(y, dtype=torch.long)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.X.shape[0] / self.batch_size)
+
+    def __iter__(self):
+        n = self.X.shape[0]
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size].numpy()
+            rows = self.X[idx]
+            dense = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
+            yield torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), self.y[idx]
+
+
+@dataclass
+class CellData:
+    """Features, labels and the split of one annotation task."""
+
+    X: object  # scipy.sparse.csr_matrix or np.ndarray, cells x genes, float32
+    labels: np.ndarray
+    classes: list[str]
+    genes: list[str]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    labelled_idx: np.ndarray
+    source: str = ""
+    label_key: str = ""
+    features: str = ""
+    y: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.y = np.array([index[c] for c in self.labels], dtype=np.int64)
+
+    @property
+    def n_genes(self) -> int:
+        return self.X.shape[1]
+
+    def batches(self, idx, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> ExpressionBatches:
+        return ExpressionBatches(self.X[idx], self.y[idx], batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def dense(self, idx) -> np.ndarray:
+        rows = self.X[idx]
+        return rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
+
+    def to_frame(self):
+        import pandas as pd
+
+        parts = {"train (labelled)": self.labelled_idx, "train (all)": self.train_idx, "test": self.test_idx}
+        frame = pd.DataFrame({name: pd.Series(self.labels[idx]).value_counts() for name, idx in parts.items()})
+        frame = frame.reindex(self.classes).fillna(0).astype(int)
+        frame.loc["total"] = frame.sum()
+        return frame.rename_axis(self.label_key or "class")
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "label_key": self.label_key, "features": self.features,
+            "cells": int(self.X.shape[0]), "genes": self.n_genes, "classes": list(self.classes),
+            "train": len(self.train_idx), "labelled": len(self.labelled_idx), "test": len(self.test_idx),
+        }
+
+    def summary(self) -> str:
+        kind = "sparse" if hasattr(self.X, "toarray") else "dense"
+        return (
+            f"{self.source}: {self.X.shape[0]} cells x {self.n_genes} genes ({kind}, {self.features}), "
+            f"{len(self.classes)} classes in obs[{self.label_key!r}]; train {len(self.train_idx)} "
+            f"({len(self.labelled_idx)} labelled), test {len(self.test_idx)}"
+        )
+
+    def __repr__(self) -> str:
+        return self.summary() + "\n" + self.to_frame().to_string()
+
+    def _repr_html_(self) -> str:
+        return f"<p><b>{self.summary()}</b></p>" + self.to_frame().to_html()
+
+
+def read_adata(data_path: str = ""):
+    """The AnnData at ``data_path``, or scanpy's bundled pbmc68k_reduced when it is empty."""
+    if not data_path:
+        import scanpy as sc
+
+        return sc.datasets.pbmc68k_reduced(), "pbmc68k_reduced (scanpy, bundled)"
+    path = Path(data_path)
+    if not path.exists():
+        raise FileNotFoundError(f"data_path={data_path!r} does not exist. Give an .h5ad file, or '' for the bundled pbmc68k_reduced.")
+    if path.suffix != ".h5ad":
+        raise ValueError(f"data_path={data_path!r} is not an .h5ad file. Convert it with anndata (adata.write_h5ad(...)).")
+    import anndata
+
+    return anndata.read_h5ad(path), path.name
+
+
+def _features(adata, features: str):
+    """Log-normalised expression: ``adata.raw`` when present, else ``adata.X``."""
+    import scipy.sparse as sp
+
+    if features not in ("auto", "raw", "X"):
+        raise ValueError(f"features={features!r} is not one of 'auto', 'raw', 'X'.")
+    use_raw = features == "raw" or (features == "auto" and adata.raw is not None)
+    if use_raw and adata.raw is None:
+        raise ValueError("features='raw' but this AnnData has no .raw. Use features='X'.")
+    matrix, genes = (adata.raw.X, adata.raw.var_names) if use_raw else (adata.X, adata.var_names)
+    matrix = sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
+    values = matrix.data if sp.issparse(matrix) else matrix
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        where = "adata.raw.X" if use_raw else "adata.X"
+        raise ValueError(
+            f"{where} holds {bad} NaN/inf values. Expression must be finite: fill them (e.g. "
+            "np.nan_to_num) or drop the affected cells/genes before annotating."
+        )
+    return matrix, [str(g) for g in genes], ("adata.raw.X" if use_raw else "adata.X")
+
+
+def load(
+    data_path: str = "",
+    label_key: str = "bulk_labels",
+    *,
+    test_size: float = 0.2,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    features: str = "auto",
+) -> CellData:
+    """Read cells, check the labels, split stratified, and pick the labelled training cells.
+
+    Parameters
+    ----------
+    data_path
+        An ``.h5ad`` file; ``""`` for scanpy's bundled ``pbmc68k_reduced``.
+    label_key
+        The ``obs`` column with cell types.
+    test_size
+        Fraction of cells held out (stratified by cell type).
+    label_fraction
+        Fraction of the training cells whose labels fine-tuning may use (at least one per
+        type); the rest stay unlabeled for pretraining.
+    features
+        ``"raw"`` (``adata.raw.X``), ``"X"`` or ``"auto"`` (raw when present).
+    """
+    adata, source = read_adata(data_path)
+    if label_key not in adata.obs:
+        raise KeyError(
+            f"label_key={label_key!r} is not a column of adata.obs in {source}. Columns are: "
+            f"{list(adata.obs.columns)}. Pass the one that holds cell types, e.g. -p label_key cell_type."
+        )
+    column = adata.obs[label_key]
+    missing = int(column.isna().sum())
+    if missing:
+        raise ValueError(
+            f"obs[{label_key!r}] has {missing} missing labels (NaN). Drop those cells first: "
+            f"adata = adata[adata.obs[{label_key!r}].notna()].copy(), then write it to .h5ad."
+        )
+    labels = column.astype(str).to_numpy()
+    X, genes, where = _features(adata, features)
+    train_idx, test_idx = splits.holdout(labels, test_size=test_size, seed=seed)
+    labelled = train_idx[splits.few_shot(labels[train_idx], fraction=label_fraction, seed=seed)] if label_fraction < 1 else train_idx
+    return CellData(
+        X=X, labels=labels, classes=sorted(set(labels)), genes=genes, train_idx=train_idx, test_idx=test_idx,
+        labelled_idx=np.sort(labelled), source=source, label_key=label_key, features=where,
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ExpressionEncoder(nn.Module):
+    """Genes -> cell embedding: ``[Linear, LayerNorm, GELU, Dropout]`` per hidden layer."""
+
+    def __init__(self, n_genes: int, *, hidden=(512, 256), dropout: float = 0.1, input_dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout else []
+        width = n_genes
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)]
+            width = h
+        self.layers = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class CellTypeClassifier(nn.Module):
+    """``encoder`` (pretrainable) + ``head`` (a linear layer over the embedding)."""
+
+    head_prefixes = ("head",)
+
+    def __init__(self, n_genes: int, n_classes: int, *, hidden=(512, 256), dropout: float = 0.1,
+                 input_dropout: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.encoder = ExpressionEncoder(n_genes, hidden=hidden, dropout=dropout, input_dropout=input_dropout)
+        self.head = nn.Linear(self.encoder.out_features, n_classes)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y, label_smoothing=self.label_smoothing)
+
+
+class MaskedExpressionModel(nn.Module):
+    """Self-supervised pretraining: reconstruct the values of randomly masked genes."""
+
+    def __init__(self, n_genes: int, *, hidden=(512, 256), dropout: float = 0.1, mask_ratio: float = 0.3):
+        super().__init__()
+        self.encoder = ExpressionEncoder(n_genes, hidden=hidden, dropout=dropout)
+        width = self.encoder.out_features
+        self.decoder = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, n_genes))
+        self.mask_ratio = mask_ratio
+
+    def loss(self, batch):
+        x = batch[0]
+        mask = (torch.rand_like(x) < self.mask_ratio).to(x.dtype)
+        recon = self.decoder(self.encoder(x * (1 - mask)))
+        return ((recon - x) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+def build_model(data: CellData, **overrides) -> CellTypeClassifier:
+    cfg = {**DEFAULTS, **overrides}
+    return CellTypeClassifier(
+        data.n_genes, len(data.classes), hidden=tuple(cfg["hidden"]), dropout=cfg["dropout"],
+        input_dropout=cfg["input_dropout"], label_smoothing=cfg["label_smoothing"],
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def pretrain(data: CellData, *, output_dir, seed: int = 0, progress: bool = True, **overrides) -> Path:
+    """Masked-expression pretraining on the training cells (no labels); returns the checkpoint.
+
+    Writes ``<output_dir>/pretrain/`` (its own run folder: metrics, resume state) and
+    ``<output_dir>/pretrained.safetensors`` with a JSON sidecar naming the genes.
+    """
+    from ..tracking import Run
+    from ..training import fit
+
+    cfg = {**DEFAULTS, **overrides}
+    torch.manual_seed(seed)
+    model = MaskedExpressionModel(data.n_genes, hidden=tuple(cfg["hidden"]), dropout=cfg["dropout"], mask_ratio=cfg["mask_ratio"])
+    run = Run(Path(output_dir) / "pretrain", params={k: cfg[k] for k in cfg if k.startswith(("pretrain", "mask", "hidden"))})
+    batches = data.batches(data.train_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
+    fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
+        schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
+    meta = {"task": "cell_type", "objective": "masked_expression", "genes": data.genes, "hidden": list(cfg["hidden"]),
+            "cells": len(data.train_idx), "seed": seed}
+    return save_weights(model, Path(output_dir) / "pretrained.safetensors", metadata=meta)
+
+
+def pretrained(data: CellData, pretrained_checkpoint: str, *, output_dir, seed: int = 0, progress: bool = True):
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` | ``"none"`` | a path."""
+    if pretrained_checkpoint == "none":
+        return None
+    if pretrained_checkpoint == "pretrain":
+        return pretrain(data, output_dir=output_dir, seed=seed, progress=progress)
+    if not Path(pretrained_checkpoint).exists():
+        raise FileNotFoundError(
+            f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an existing file. "
+            "Give a .safetensors/.pt path, 'pretrain' to pretrain here, or 'none' to train from scratch."
+        )
+    return pretrained_checkpoint
+
+
+def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_size: int = 32,
+             lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1, strategy: str = "full",
+             freeze_epochs: int = 0, seed: int = 0, run=None, callbacks=(), progress: bool = True):
+    """Supervised fine-tuning on the labelled training cells; returns the History."""
+    from ..training import fit
+
+    batches = data.batches(data.labelled_idx, batch_size=batch_size, shuffle=True, seed=seed)
+    return fit(
+        model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+        schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy, freeze_epochs=freeze_epochs,
+        run=run, callbacks=callbacks, progress=progress, seed=seed, log_every=100,
+    )
+
+
+def baseline(data: CellData, *, seed: int = 0) -> dict:
+    """Logistic regression on the same features and labelled cells; test metrics."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000, random_state=seed)
+    clf.fit(data.X[data.labelled_idx], data.labels[data.labelled_idx])
+    pred = clf.predict(data.X[data.test_idx])
+    return classification_metrics(data.labels[data.test_idx], pred, labels=data.classes)
+
+
+@dataclass
+class Evaluation:
+    """Test metrics of the fine-tuned model against the baseline, and the confusion matrix."""
+
+    table: MetricsTable
+    confusion: object
+    final: dict
+
+    def _repr_html_(self) -> str:
+        return self.table._repr_html_()
+
+    def __repr__(self) -> str:
+        return repr(self.table)
+
+
+def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        parts = [F.softmax(model(x), dim=1) for x, _ in data.batches(idx, batch_size=batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
+    """Score on the test cells, beside logistic regression; write final_metrics.json."""
+    proba = predict_proba(model, data, data.test_idx)
+    pred = np.array(data.classes)[proba.argmax(1)]
+    truth = data.labels[data.test_idx]
+    ours = classification_metrics(truth, pred, y_score=proba, labels=data.classes)
+    base = baseline(data, seed=seed)
+    table = MetricsTable({"fine-tuned encoder": ours, "baseline (logistic regression)": base})
+    final = {f"test_{k}": v for k, v in ours.items()} | {f"baseline_test_{k}": v for k, v in base.items()}
+    if run is not None:
+        final = run.finish(final)
+    return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=data.classes), final=final)
+
+
+def run_workflow(params: Mapping, *, progress: bool = False, callbacks=()) -> Evaluation:
+    """The notebook's steps, in-process, for the same parameters (used by the widget panel and tests)."""
+    from ..tracking import Run
+    from ..transfer import load_pretrained
+
+    p = dict(params)
+    set_threads()
+    torch.manual_seed(p["seed"])
+    run = Run(p["output_dir"], params=p, tracker=p.get("tracker", "none"))
+    data = load(p["data_path"], p["label_key"], test_size=p["test_size"], label_fraction=p["label_fraction"], seed=p["seed"])
+    model = build_model(data)
+    source = pretrained(data, p["pretrained_checkpoint"], output_dir=run.path, seed=p["seed"], progress=progress)
+    if source is not None:
+        load_pretrained(model, source, expect_missing=["head.*"], run=run)
+    finetune(model, data, epochs=p["epochs"], learning_rate=p["learning_rate"], batch_size=p["batch_size"],
+             lr_scheduler_type=p["lr_scheduler_type"], warmup_ratio=p["warmup_ratio"], strategy=p["strategy"],
+             freeze_epochs=p["freeze_epochs"], seed=p["seed"], run=run, callbacks=callbacks, progress=progress)
+    return evaluate(model, data, run=run, seed=p["seed"])
