@@ -131,3 +131,18 @@ def test_cli_failure_is_one_readable_message(tmp_path):
                  "-p", "epochs", "1", "-o", str(tmp_path / "run")])
     assert proc.returncode != 0
     assert "label_key='nope' is not a column" in proc.stderr and "cell" in proc.stderr.lower()
+
+
+def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_NUM_THREADS", "1")
+    from workbench.execute import notebook_parameters
+
+    params = {name: eval(spec["default"]) for name, spec in notebook_parameters(NOTEBOOK).items()}  # noqa: S307
+    params.update(epochs=3, pretrained_checkpoint="none", interactive=False, seed=1)
+    in_process = cell_type.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
+    proc = _run(["run", str(NOTEBOOK), "-p", "epochs", "3", "-p", "pretrained_checkpoint", "none", "-p", "seed", "1",
+                 "-o", str(tmp_path / "papermill")])
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((tmp_path / "in_process" / "final_metrics.json").read_text())
+    b = json.loads((tmp_path / "papermill" / "final_metrics.json").read_text())
+    assert a == b == in_process.final
