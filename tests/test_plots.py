@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from workbench.metrics import MetricsTable, confusion_matrix  # noqa: E402
@@ -119,7 +120,7 @@ def test_confusion_matrix_plot():
     ax = fig.axes[0]
     assert ax.get_title() == "Test set"
     texts = [t.get_text() for t in ax.texts]
-    assert len(texts) == 9 and texts.count("2") == 2 and texts.count("0") == 4
+    assert len(texts) == 9 and texts.count("2") == 2 and texts.count("0") == 5
     ticks = ax.get_xticklabels()
     assert [t.get_text() for t in ticks] == names
     assert all(t.get_rotation() == 45 for t in ticks)
@@ -141,7 +142,8 @@ def test_sweep_comparison_bars_and_error_bars():
     (ax,) = fig.axes
     assert len(ax.patches) == 3
     assert [p.get_height() for p in ax.patches] == pytest.approx([0.8, 0.9, 0.85])
-    assert len(ax.containers[0].errorbar.lines[2][0].get_segments()) == 3
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars.errorbar.lines[2][0].get_segments()) == 3  # one error bar per setting
     assert "test_accuracy" in ax.get_title()
     with pytest.raises(ValueError, match="Available metrics: test_accuracy, test_macro_f1"):
         plot_sweep_comparison(summary, "test_auroc")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunResult", "run_notebook", "notebook_parameters", "coerce_parameters", "ensure_kernel"]
+__all__ = ["RunResult", "run_notebook", "notebook_parameters", "coerce_parameters", "ensure_kernel", "read_status"]
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "final_metrics.json"
@@ -306,7 +306,8 @@ def run_notebook(
     parameters
         ``{name: value}`` for the parameters cell. Names must be declared there; values are
         converted to the declared types (see :func:`coerce_parameters`). ``output_dir`` is
-        injected as well (as an absolute path string) and should not be given here.
+        injected as well (as an absolute path string) and should not be given here; so is
+        ``interactive=False`` when the notebook declares ``interactive`` and it is not given.
     output_dir
         Run folder, created with its parents. Receives ``notebook.ipynb`` and ``status.json``.
     kernel_name
@@ -338,6 +339,8 @@ def run_notebook(
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
     declared = notebook_parameters(notebook)
     values = coerce_parameters(notebook, parameters, declared=declared)
+    if "interactive" in declared and "interactive" not in values:
+        values["interactive"] = False  # a headless run: no widget panel, no live plots
     if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
         values.setdefault("interactive", False)
 

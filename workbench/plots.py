@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "plot_lr_schedule",
@@ -82,7 +83,7 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     warmup_steps = curve.attrs.get("warmup_steps") or 0
     total_steps = curve.attrs.get("total_steps")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     for column in curve.columns:
         ax.plot(curve.index, curve[column], label=str(column))
     if warmup_steps > 0:
@@ -101,7 +102,6 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if len(curve.columns) > 1 or warmup_steps > 0:
         ax.legend(frameon=False)
-    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -159,19 +159,19 @@ def plot_history(history, *, metrics: Sequence[str] | None = None) -> Figure:
     best_epoch = frame.attrs.get("best_epoch", getattr(history, "best_epoch", None))
 
     panels = [columns for columns in (losses, metrics) if columns]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False, layout="constrained")
     for ax, columns, ylabel in zip(axes[0], panels, ["loss" if losses else "metric", "metric"]):
         for column in columns:
             ax.plot(x, frame[column], marker="o", markersize=3, label=str(column))
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.legend(frameon=False, fontsize="small")
     axes[0][0].set_title("Loss" if losses else "Metrics")
     if len(panels) == 2:
         axes[0][1].set_title("Metrics")
-    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -219,7 +219,7 @@ def plot_confusion_matrix(cm: pd.DataFrame, *, normalize: bool = True, title: st
     n = len(cm)
     longest = max(len(str(label)) for label in list(cm.index) + list(cm.columns))
     side = max(4.0, 0.5 * n + 0.07 * longest + 2.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
     image = ax.imshow(colors, cmap="Blues", vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=color_label)
 
@@ -237,7 +237,6 @@ def plot_confusion_matrix(cm: pd.DataFrame, *, normalize: bool = True, title: st
     ax.set_xlabel(cm.columns.name or "predicted")
     ax.set_ylabel(cm.index.name or "true")
     ax.set_title(title if title is not None else "Confusion matrix")
-    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -286,7 +285,8 @@ def plot_sweep_comparison(summary: pd.DataFrame, metric: str, *, setting_col: st
     stds = summary[std_col].to_numpy(dtype=float) if std_col in summary.columns else None
 
     longest = max(len(name) for name in names)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2.0), 3.5 + 0.05 * min(longest, 60)))
+    figure_size = (max(4.0, 0.6 * len(names) + 2.0), 3.5 + 0.05 * min(longest, 60))
+    fig, ax = plt.subplots(figsize=figure_size, layout="constrained")
     positions = np.arange(len(names))
     ax.bar(positions, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.85)
     ax.set_xticks(positions)
@@ -297,7 +297,6 @@ def plot_sweep_comparison(summary: pd.DataFrame, metric: str, *, setting_col: st
     ax.set_xlabel(setting_col)
     ax.set_ylabel(metric + (" (mean ± std)" if stds is not None else " (mean)"))
     ax.set_title(f"{metric} by {setting_col}")
-    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -336,7 +335,7 @@ def plot_predictions(y_true, y_pred, *, title: str | None = None) -> Figure:
     point_size = 12 if y_true.size < 1000 else 3
     alpha = 0.7 if y_true.size < 1000 else 0.3
 
-    fig, (ax_scatter, ax_resid) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (ax_scatter, ax_resid) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     ax_scatter.scatter(y_true, y_pred, s=point_size, alpha=alpha, rasterized=True)
     finite = np.isfinite(y_true) & np.isfinite(y_pred)
     low = float(min(y_true[finite].min(), y_pred[finite].min())) if finite.any() else 0.0
@@ -355,7 +354,6 @@ def plot_predictions(y_true, y_pred, *, title: str | None = None) -> Figure:
 
     if title is not None:
         fig.suptitle(title)
-    fig.tight_layout()
     plt.close(fig)
     return fig
 
@@ -393,7 +391,9 @@ def plot_metric_comparison(table, *, metrics: Sequence[str] | None = None) -> Fi
     n_models = len(models)
     width = 0.8 / n_models
     positions = np.arange(len(metrics))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(metrics) * max(1, n_models / 2) + 2.0), 4.0))
+    longest_model = max(len(m) for m in models)
+    figure_width = max(4.0, 0.9 * len(metrics) * max(1.0, n_models / 2)) + 1.0 + 0.07 * longest_model
+    fig, ax = plt.subplots(figsize=(figure_width, 4.0), layout="constrained")
     for i, model in enumerate(frame.index):
         values = frame.loc[model, metrics].to_numpy(dtype=float)
         bars = ax.bar(positions + (i - (n_models - 1) / 2) * width, values, width, label=str(model))
@@ -405,6 +405,5 @@ def plot_metric_comparison(table, *, metrics: Sequence[str] | None = None) -> Fi
     ax.set_title("Model comparison")
     ax.margins(y=0.15)
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
     plt.close(fig)
     return fig

@@ -1,0 +1,159 @@
+"""The ``workbench`` command: run a notebook, run a sweep, report on results.
+
+::
+
+    workbench run notebooks/cell_type_annotation.ipynb -p learning_rate 1e-3 -p epochs 2
+    workbench sweep notebooks/sweeps/lr_schedule.yaml --workers 2
+    workbench report runs/sweeps/lr_schedule
+
+Parameter values given with ``-p NAME VALUE`` are converted to the type that the notebook's
+parameters cell declares (``-p epochs 3`` gives the int 3, ``-p lr 1e-3`` the float 0.001).
+Imports of papermill, pandas and dask happen inside the commands, so ``workbench --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``workbench`` console script.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; None reads ``sys.argv``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 when a run failed, 2 for invalid arguments or inputs.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"workbench {args.name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"workbench {args.name}: interrupted; completed runs are kept, run the same command again to finish.",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Run parameterized notebooks and sweeps.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="{run,sweep,report}")
+
+    run = commands.add_parser("run", help="execute one notebook with parameters into a run folder")
+    run.add_argument("notebook", type=Path, help="the .ipynb file (needs a cell tagged 'parameters')")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="set a parameter; repeat for several (VALUE is converted to the declared type)")
+    run.add_argument("-o", "--output-dir", type=Path, default=None,
+                     help="run folder (default: runs/<notebook name>/<timestamp>)")
+    run.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
+    run.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+    run.add_argument("--log-output", action="store_true", help="echo the notebook's output while it runs")
+    run.set_defaults(command=_cmd_run, name="run")
+
+    sweep = commands.add_parser("sweep", help="run a grid sweep from a YAML spec (resumable)")
+    sweep.add_argument("spec", type=Path, help="sweep spec (.yaml)")
+    sweep.add_argument("--workers", type=int, default=1, help="runs at the same time (default: 1)")
+    sweep.add_argument("--executor", choices=("local", "dask"), default="local",
+                       help="local process pool or a Dask cluster (default: local)")
+    sweep.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (with --executor dask)")
+    sweep.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
+    sweep.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+    sweep.set_defaults(command=_cmd_sweep, name="sweep")
+
+    report = commands.add_parser("report", help="print the results of a sweep folder or a run folder")
+    report.add_argument("folder", type=Path, help="a sweep folder (summary.csv) or a run folder (final_metrics.json)")
+    report.set_defaults(command=_cmd_report, name="report")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .execute import run_notebook
+
+    if args.log_output:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs the output at INFO
+    out = args.output_dir or Path("runs") / args.notebook.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
+    params = {}
+    for name, value in args.parameter:
+        if name in params:
+            raise ValueError(f"parameter {name!r} is given twice (-p {name} {params[name]} and -p {name} {value}).")
+        params[name] = value
+    result = run_notebook(args.notebook, parameters=params, output_dir=out, kernel_name=args.kernel,
+                          timeout=args.timeout, log_output=args.log_output)
+    if not result.ok:
+        print(f"workbench run: {args.notebook.name} failed: {result.error}\n"
+              f"  executed notebook with the traceback: {result.notebook_path}", file=sys.stderr)
+        return 1
+    print(f"run folder: {result.output_dir} ({result.seconds:.1f} s)")
+    if result.final_metrics:
+        print(_metrics_table(result.final_metrics))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweeps import run_sweep
+
+    result = run_sweep(args.spec, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
+                       kernel_name=args.kernel, timeout=args.timeout)
+    print(f"sweep {result.name}: {result.n_runs} runs, {result.n_failed} failed, {result.n_executed} executed now")
+    print(result.summary.to_string(index=False, na_rep=""))
+    print(f"results: {result.path / 'results.csv'}\nsummary: {result.path / 'summary.csv'}")
+    if result.n_failed:
+        failed = result.results[result.results["status"] == "failed"]
+        lines = "\n".join(f"  {row.run_id}: {row.error}" for row in failed.itertuples())
+        print(f"workbench sweep: {result.n_failed} run(s) failed:\n{lines}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args) -> int:
+    folder = args.folder
+    if (folder / "summary.csv").is_file():
+        import pandas as pd
+
+        summary = pd.read_csv(folder / "summary.csv")
+        print(f"sweep {folder.name}")
+        print(summary.to_string(index=False, na_rep=""))
+        if (folder / "results.csv").is_file():
+            results = pd.read_csv(folder / "results.csv")
+            failed = results[results["status"] != "ok"]
+            print(f"{len(results)} runs, {len(failed)} not ok")
+            for row in failed.itertuples():
+                print(f"  {row.run_id}: {row.status}: {'' if pd.isna(row.error) else row.error}")
+        return 0
+    files = {name: folder / f"{name}.json" for name in ("params", "final_metrics", "status")}
+    if not any(path.is_file() for path in files.values()):
+        raise FileNotFoundError(f"{folder} holds neither summary.csv (a sweep folder) nor params.json / "
+                                "final_metrics.json (a run folder). Pass the folder a sweep or a run wrote.")
+    print(f"run {folder}")
+    content = {name: json.loads(path.read_text()) if path.is_file() else {} for name, path in files.items()}
+    status = content["status"]
+    if status:
+        print(f"status: {'ok' if status.get('ok') else 'failed'}" + (f": {status['error']}" if status.get("error") else ""))
+    if content["params"]:
+        print("params:\n" + _metrics_table(content["params"]))
+    if content["final_metrics"]:
+        print("final metrics:\n" + _metrics_table(content["final_metrics"]))
+    return 0
+
+
+def _metrics_table(values: dict) -> str:
+    width = max(len(str(k)) for k in values)
+    return "\n".join(f"  {str(k):<{width}}  {v}" for k, v in values.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

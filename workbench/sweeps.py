@@ -1,0 +1,623 @@
+"""Grid sweeps over a parameterized notebook: parallel, resumable, failure-isolated.
+
+A sweep is a YAML spec::
+
+    name: lr_schedule
+    notebook: notebooks/cell_type_annotation.ipynb   # relative to this file's folder or to the CWD
+    parameters: {epochs: 5}                          # the same for every run
+    grid: {lr_scheduler_type: [constant, cosine]}    # cartesian product
+    seeds: [0, 1, 2]                                 # injected as the parameter `seed`
+    metric: test_macro_f1                            # for the comparison figure
+    output_root: runs/sweeps                         # default
+
+``grid`` may also be a list of such dicts (as in scikit-learn's ``ParameterGrid``): the runs are
+the union of their products. ``seed`` may then be part of a grid instead of ``seeds``.
+
+Each run executes in its own folder ``<output_root>/<name>/<run_id>/`` where ``run_id`` is a
+readable label plus a hash of all its parameters (``lr_scheduler_type=cosine,seed=0-1a2b3c4d``),
+so the same parameters always land in the same folder. A run counts as done once its
+``status.json`` (written last, see :mod:`workbench.execute`) says ``ok``; running the sweep
+again executes only the runs that are missing or failed. At the end the sweep folder holds
+``results.csv`` (one row per run), ``summary.csv`` (mean and std per setting, over seeds) and
+``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["SweepSpec", "SweepResult", "load_spec", "run_sweep", "collect", "summarize", "run_id", "available_cpus",
+           "THREAD_ENV_VARS"]
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS")
+SPEC_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "metric", "output_root", "description")
+EXECUTORS = ("local", "dask")
+
+
+# --------------------------------------------------------------------------------------------
+# the spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep specification (see the module docstring for the YAML form).
+
+    Attributes
+    ----------
+    name
+        Sweep name; also the folder under ``output_root``.
+    notebook
+        Absolute path of the notebook.
+    parameters
+        Parameters shared by every run.
+    grid
+        List of ``{name: [values]}`` dicts; the runs are the union of their cartesian products.
+    seeds
+        Values of the ``seed`` parameter; empty when seeds are not swept separately.
+    metric
+        Final metric shown in the comparison figure; None picks the first numeric one.
+    output_root
+        Folder that holds the sweep folder.
+    """
+
+    name: str
+    notebook: Path
+    parameters: dict = field(default_factory=dict)
+    grid: list[dict] = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    metric: str | None = None
+    output_root: Path = Path("runs/sweeps")
+
+    @property
+    def path(self) -> Path:
+        """The sweep folder ``<output_root>/<name>``."""
+        return self.output_root / self.name
+
+    @property
+    def grid_keys(self) -> list[str]:
+        """Names varied by the grid (without ``seed``), in order of first appearance."""
+        keys: list[str] = []
+        for block in self.grid:
+            keys += [k for k in block if k != "seed" and k not in keys]
+        return keys
+
+    def runs(self) -> list[tuple[str, dict]]:
+        """``[(run_id, params)]`` for every run of the sweep, duplicates removed, in grid order."""
+        runs: dict[str, dict] = {}
+        for block in self.grid or [{}]:
+            names = list(block)
+            for values in itertools.product(*(block[n] for n in names)):
+                for seed in self.seeds or [None]:
+                    params = {**self.parameters, **dict(zip(names, values))}
+                    if seed is not None:
+                        params["seed"] = seed
+                    runs.setdefault(run_id(params, shown=[*self.grid_keys, "seed"]), params)
+        return list(runs.items())
+
+
+def load_spec(spec: str | os.PathLike | dict | SweepSpec, *, check_parameters: bool = True) -> SweepSpec:
+    """Read and validate a sweep spec from a YAML file, a dict or a :class:`SweepSpec`.
+
+    Parameters
+    ----------
+    spec
+        Path of a YAML file, or its content as a dict.
+    check_parameters
+        Check every parameter name against the notebook's parameters cell and convert the values
+        to the declared types (so ``1e-3`` read by YAML as a string becomes a float).
+
+    Returns
+    -------
+    SweepSpec
+    """
+    if isinstance(spec, SweepSpec):
+        return spec
+    base = None
+    if isinstance(spec, (str, os.PathLike)):
+        import yaml
+
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep spec {str(spec)!r} does not exist (looked in {Path.cwd()}).")
+        spec, base = yaml.safe_load(path.read_text()) or {}, path.resolve().parent
+    if not isinstance(spec, dict):
+        raise TypeError(f"a sweep spec is a mapping (YAML dict), got {type(spec).__name__}.")
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise ValueError(f"sweep spec has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(SPEC_KEYS)}.")
+    for key in ("name", "notebook"):
+        if not spec.get(key):
+            raise ValueError(f"sweep spec needs {key!r}; it has {', '.join(spec) or 'no keys'}.")
+    name = str(spec["name"])
+    if _safe(name) != name:
+        raise ValueError(f"name={name!r} becomes a folder name: use letters, digits and . _ - = , + only.")
+
+    grid = spec.get("grid") or []
+    grid = [grid] if isinstance(grid, dict) else grid
+    if not isinstance(grid, list) or not all(isinstance(block, dict) for block in grid):
+        raise ValueError("grid must be a dict of name -> list of values, or a list of such dicts; "
+                         f"got {type(spec.get('grid')).__name__}.")
+    for block in grid:
+        for key, values in block.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {values!r}. "
+                                 f"For one fixed value, use parameters: {{{key}: {values!r}}}.")
+    seeds = spec.get("seeds") or []
+    if not isinstance(seeds, list):
+        seeds = [seeds]
+    if seeds and any("seed" in block for block in grid):
+        raise ValueError("'seed' is both in grid and in seeds: keep one of them.")
+    parameters = dict(spec.get("parameters") or {})
+    clash = [k for k in parameters if any(k in block for block in grid) or (k == "seed" and seeds)]
+    if clash:
+        raise ValueError(f"{', '.join(clash)} is set both in parameters and in grid/seeds: keep one of them.")
+
+    result = SweepSpec(
+        name=name,
+        notebook=_find_notebook(spec["notebook"], base),
+        parameters=parameters,
+        grid=grid,
+        seeds=seeds,
+        metric=spec.get("metric"),
+        output_root=Path(spec.get("output_root") or "runs/sweeps"),
+    )
+    if check_parameters:
+        _check_parameters(result)
+    return result
+
+
+def _find_notebook(notebook: str, base: Path | None) -> Path:
+    candidates = [Path(notebook)] if Path(notebook).is_absolute() else \
+        [p for p in (base / notebook if base else None, Path.cwd() / notebook) if p is not None]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"notebook={notebook!r} not found; tried {tried}. Give a path relative to the "
+                            "spec file's folder or to the folder you run the sweep from.")
+
+
+def _check_parameters(spec: SweepSpec) -> None:
+    """Check names and convert values against the notebook's parameters cell (raises ValueError)."""
+    from .execute import coerce_parameters, notebook_parameters
+
+    declared = notebook_parameters(spec.notebook)
+    names = {**spec.parameters, **{k: None for block in spec.grid for k in block}}
+    if spec.seeds:
+        names["seed"] = None
+    coerce_parameters(spec.notebook, dict.fromkeys(names), declared=declared)  # unknown names
+    spec.parameters = coerce_parameters(spec.notebook, spec.parameters, declared=declared)
+    spec.grid = [{k: [coerce_parameters(spec.notebook, {k: v}, declared=declared)[k] for v in values]
+                  for k, values in block.items()} for block in spec.grid]
+    spec.seeds = [coerce_parameters(spec.notebook, {"seed": s}, declared=declared)["seed"] for s in spec.seeds]
+
+
+def run_id(params: dict, *, shown: list[str] | None = None) -> str:
+    """Stable, filesystem-safe folder name for a run: ``<readable part>-<hash of all params>``.
+
+    Parameters
+    ----------
+    params
+        All parameters of the run.
+    shown
+        Names whose values make up the readable part (those present in ``params``).
+    """
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    readable = ",".join(f"{k}={params[k]}" for k in (shown or []) if k in params)
+    readable = _safe(readable)[:80]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+# --------------------------------------------------------------------------------------------
+# the result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    """Outcome of :func:`run_sweep`.
+
+    Attributes
+    ----------
+    name
+        The sweep's name.
+    path
+        The sweep folder (holds ``results.csv``, ``summary.csv``, ``comparison.png`` and the runs).
+    results
+        One row per run: ``run_id``, ``status`` (ok / failed), ``error``, ``failed_cell``,
+        ``seconds``, each parameter, each final metric.
+    summary
+        One row per setting (grid values without the seed): ``setting``, the grid parameters,
+        ``n``, ``n_failed``, and ``<metric>_mean`` / ``<metric>_std`` for each numeric final metric.
+    n_failed
+        Number of failed runs.
+    n_executed
+        Runs executed by this call; the others were complete already and were skipped.
+    metric
+        The metric of the comparison figure (None when no run reported a numeric metric).
+    """
+
+    name: str
+    path: Path
+    results: Any
+    summary: Any
+    n_failed: int
+    n_executed: int
+    metric: str | None = None
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.results)
+
+    def to_frame(self):
+        """The per-run results table (a copy)."""
+        return self.results.copy()
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: counts, paths, and both tables as lists of records (NaN -> None)."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "n_runs": self.n_runs,
+            "n_failed": self.n_failed,
+            "n_executed": self.n_executed,
+            "metric": self.metric,
+            "results": _records(self.results),
+            "summary": _records(self.summary),
+        }
+
+    def _repr_html_(self) -> str:
+        head = (f"<b>sweep {html.escape(self.name)}</b>: {self.n_runs} runs, {self.n_failed} failed, "
+                f"{self.n_executed} executed now; <code>{html.escape(str(self.path))}</code>")
+        parts = [head, self.summary.to_html(index=False, na_rep="")]
+        failed = self.results[self.results["status"] != "ok"]
+        if len(failed):
+            parts.append("<b>failed runs</b>" + failed[["run_id", "error"]].to_html(index=False))
+        return "<br>".join(parts)
+
+    def __repr__(self) -> str:
+        return f"SweepResult(name={self.name!r}, n_runs={self.n_runs}, n_failed={self.n_failed}, path='{self.path}')"
+
+
+def _records(frame) -> list[dict]:
+    import pandas as pd
+
+    def plain(value):
+        return None if not isinstance(value, (str, list, dict)) and pd.isna(value) else value
+
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    spec: str | os.PathLike | dict | SweepSpec,
+    *,
+    workers: int = 1,
+    executor: Literal["local", "dask"] = "local",
+    scheduler: str | None = None,
+    kernel_name: str = "workbench",
+    timeout: float | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every not-yet-completed run of a sweep, then write ``results.csv``, ``summary.csv`` and the figure.
+
+    Parameters
+    ----------
+    spec
+        Path of the YAML spec, its content as a dict, or a :class:`SweepSpec`.
+    workers
+        Runs executed at the same time. Each run's kernel gets ``max(1, cpus // workers)`` threads
+        through ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and
+        ``TORCH_NUM_THREADS`` (read the last one in a notebook with ``torch.set_num_threads``), where
+        ``cpus`` is :func:`available_cpus` (the affinity mask, so taskset and Slurm limits count).
+        ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` so idle threads do not spin.
+    executor
+        ``"local"``: a pool of ``workers`` spawned processes on this machine. ``"dask"``: tasks on a
+        ``distributed`` cluster, the one at ``scheduler`` or a LocalCluster of ``workers``
+        single-threaded processes that the sweep starts and stops.
+    scheduler
+        Address of a running Dask scheduler (``tcp://host:8786``); only with ``executor="dask"``.
+    kernel_name
+        Jupyter kernel for the notebooks (installed for this Python when missing).
+    timeout
+        Seconds one cell may run before its run fails; None means no limit.
+    progress
+        Show a progress bar over runs.
+
+    Returns
+    -------
+    SweepResult
+        A failed run never stops the others; it shows up in ``results`` with its error.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}.")
+    if scheduler is not None and executor != "dask":
+        raise ValueError(f"scheduler={scheduler!r} needs executor='dask' (got executor={executor!r}).")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive integer, e.g. workers=2.")
+    spec = load_spec(spec)
+    from .execute import ensure_kernel, read_status
+
+    ensure_kernel(kernel_name)  # once here, so that parallel workers never race to install it
+    runs = spec.runs()
+    todo = [(rid, params) for rid, params in runs if not (read_status(spec.path / rid) or {}).get("ok")]
+    threads = max(1, available_cpus() // workers)
+    jobs = [dict(notebook=str(spec.notebook), parameters=params, output_dir=str((spec.path / rid).resolve()),
+                 kernel_name=kernel_name, timeout=timeout, threads=threads) for rid, params in todo]
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=spec.name, unit="run",
+              disable=not progress) as bar, _sigterm_as_interrupt():
+        if jobs:
+            run = _run_local if executor == "local" else _run_dask
+            run(jobs, workers=workers, scheduler=scheduler, on_done=lambda: bar.update(1))
+    return collect(spec, n_executed=len(jobs))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, Slurm, containers), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _execute_job(job: dict) -> bool:
+    """Run one sweep run (in a worker process): set the thread variables, then execute the notebook.
+
+    A run that cannot execute (a bad value, a kernel that does not start) is recorded as failed
+    in its ``status.json`` like a run whose notebook raised, so the sweep carries on.
+    """
+    from .execute import STATUS_FILE, run_notebook
+
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(job["threads"])  # the kernel inherits this environment
+    # idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread that loses its core
+    # makes every parallel region wait for a scheduler slice (measured: 128x128 matmul, 2 threads, busy
+    # 2-core box: 13.5 ms ACTIVE vs 33 us PASSIVE). A value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        result = run_notebook(job["notebook"], parameters=job["parameters"], output_dir=job["output_dir"],
+                              kernel_name=job["kernel_name"], timeout=job["timeout"])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded as the run's error; the sweep goes on
+        out = Path(job["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        status = {"ok": False, "error": f"the run could not execute: {type(err).__name__}: {err}", "failed_cell": None,
+                  "seconds": 0.0}
+        (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
+        return False
+    return result.ok
+
+
+# local process pool ----------------------------------------------------------------------------
+
+_BUSY = False
+
+
+def _local_worker_init() -> None:
+    """Worker process setup: the driver decides about interrupts, SIGTERM ends the current run cleanly."""
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # a Ctrl-C reaches the driver too; it stops us
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame):
+    if _BUSY:
+        raise KeyboardInterrupt  # unwinds papermill, which shuts the kernel down
+    os._exit(128 + signum)
+
+
+def _local_job(job: dict) -> bool:
+    global _BUSY
+    _BUSY = True
+    try:
+        return _execute_job(job)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGTERM)  # leave the pool: never start another run after an interrupt
+    finally:
+        _BUSY = False
+
+
+def _run_local(jobs: list[dict], *, workers: int, scheduler, on_done) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_local_worker_init)
+    try:
+        for future in as_completed([pool.submit(_local_job, job) for job in jobs]):
+            future.result()
+            on_done()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool) -> None:
+    """Send SIGTERM to every worker (each shuts its kernel down), then kill those still alive."""
+    processes = list((pool._processes or {}).values())  # no public API for this before Python 3.14
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=15)
+        if process.is_alive():
+            process.kill()
+
+
+# dask ------------------------------------------------------------------------------------------
+
+
+def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(scheduler if scheduler is not None else cluster)
+    futures = []
+    try:
+        futures = [client.submit(_execute_job, job, pure=False, key=f"workbench-run-{Path(job['output_dir']).name}")
+                   for job in jobs]
+        for future in as_completed(futures):
+            future.result()
+            on_done()
+    finally:
+        client.cancel(futures)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class _sigterm_as_interrupt:
+    """Within the block, SIGTERM raises KeyboardInterrupt (main thread only), so cleanup code runs."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0) -> SweepResult:
+    """Read every run folder of the spec and write ``results.csv``, ``summary.csv`` and ``comparison.png``.
+
+    Runs that have not finished are listed with status ``pending``.
+    """
+    import pandas as pd
+
+    from .execute import METRICS_FILE, STATUS_FILE, _read_json
+
+    spec = load_spec(spec)
+    rows = []
+    for rid, params in spec.runs():
+        folder = spec.path / rid
+        status = _read_json(folder / STATUS_FILE)
+        row = {"run_id": rid, "status": ("ok" if status.get("ok") else "failed") if status else "pending",
+               "error": status.get("error"), "failed_cell": status.get("failed_cell"), "seconds": status.get("seconds")}
+        row.update({k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+                    for k, v in params.items()})
+        metrics = _read_json(folder / METRICS_FILE) if status.get("ok") else {}
+        row.update({k: v for k, v in metrics.items() if k not in row})
+        rows.append(row)
+    results = pd.DataFrame(rows)
+    results["failed_cell"] = results["failed_cell"].astype("Int64")
+    param_names = list(dict.fromkeys(k for _, params in spec.runs() for k in params))
+    metric_names = [c for c in results.columns if c not in param_names and c not in
+                    ("run_id", "status", "error", "failed_cell", "seconds")]
+    summary = summarize(results, by=spec.grid_keys, metrics=metric_names)
+
+    spec.path.mkdir(parents=True, exist_ok=True)
+    results.to_csv(spec.path / "results.csv", index=False)
+    summary.to_csv(spec.path / "summary.csv", index=False)
+    metric = _comparison_metric(spec.metric, summary)
+    if metric is not None:
+        _save_comparison(summary, metric, spec.path / "comparison.png")
+    return SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
+                       n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric)
+
+
+def summarize(results, *, by: list[str], metrics: list[str]):
+    """Mean and std of each numeric metric per setting (the ``by`` columns), with run counts.
+
+    Parameters
+    ----------
+    results
+        Per-run table with a ``status`` column (ok / failed / pending).
+    by
+        Columns that define a setting; usually the grid parameters, everything but the seed.
+    metrics
+        Candidate metric columns; non-numeric ones are left out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``setting``, the ``by`` columns, ``n``, ``n_failed``, ``<metric>_mean``, ``<metric>_std``.
+    """
+    import pandas as pd
+
+    frame = results.copy()
+    numeric = [m for m in metrics if m in frame and pd.api.types.is_numeric_dtype(frame[m])
+               and not pd.api.types.is_bool_dtype(frame[m])]
+    frame["_setting"] = frame.apply(lambda row: _setting_label(row, by), axis=1)
+    rows = []
+    for label, group in frame.groupby("_setting", sort=False):
+        ok = group[group["status"] == "ok"]
+        row = {"setting": label, **{k: group[k].iloc[0] for k in by}, "n": len(group),
+               "n_failed": int((group["status"] == "failed").sum())}
+        for m in numeric:
+            row[f"{m}_mean"] = ok[m].mean()
+            row[f"{m}_std"] = ok[m].std()
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["setting", *by, "n", "n_failed",
+                                       *[f"{m}_{s}" for m in numeric for s in ("mean", "std")]])
+
+
+def _setting_label(row, by: list[str]) -> str:
+    parts = [f"{k}={row[k]}" for k in by if k in row and not _is_missing(row[k])]
+    return ",".join(parts) or "all"
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _comparison_metric(wanted: str | None, summary) -> str | None:
+    available = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    if wanted is None:
+        return available[0] if available else None
+    if wanted in available:
+        return wanted
+    warnings.warn(f"metric={wanted!r} is not among the sweep's numeric final metrics "
+                  f"({', '.join(available) or 'none yet'}); no comparison figure was drawn. "
+                  "Set metric in the spec to one of them.", stacklevel=3)
+    return None
+
+
+def _save_comparison(summary, metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_sweep_comparison
+
+    figure = plot_sweep_comparison(summary, metric)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
