@@ -109,7 +109,7 @@ def _cmd_sweep(args) -> int:
     result = run_sweep(args.spec, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
                        kernel_name=args.kernel, timeout=args.timeout)
     print(f"sweep {result.name}: {result.n_runs} runs, {result.n_failed} failed, {result.n_executed} executed now")
-    print(result.summary.to_string(index=False, na_rep=""))
+    print(_headline(result.summary, result.metric).to_string(index=False, na_rep=""))
     print(f"results: {result.path / 'results.csv'}\nsummary: {result.path / 'summary.csv'}")
     if result.n_failed:
         failed = result.results[result.results["status"] == "failed"]
@@ -119,6 +119,22 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _headline(summary, metric: str | None):
+    """The columns worth reading in a terminal: the setting, counts, and the headline metrics.
+
+    summary.csv keeps every metric; this picks ``metric`` plus accuracy / macro-F1 and their
+    baseline counterparts when present (mean and std of each).
+    """
+    wanted = [metric] if metric else []
+    wanted += ["test_accuracy", "test_macro_f1", "baseline_test_accuracy", "baseline_test_macro_f1"]
+    columns = ["setting", "n", "n_failed"]
+    for name in dict.fromkeys(wanted):
+        columns += [c for c in (f"{name}_mean", f"{name}_std") if c in summary.columns and c not in columns]
+    if len(columns) == 3:  # none of the usual metrics: show everything
+        return summary
+    return summary[[c for c in columns if c in summary.columns]].round(4)
+
+
 def _cmd_report(args) -> int:
     folder = args.folder
     if (folder / "summary.csv").is_file():
@@ -126,7 +142,7 @@ def _cmd_report(args) -> int:
 
         summary = pd.read_csv(folder / "summary.csv")
         print(f"sweep {folder.name}")
-        print(summary.to_string(index=False, na_rep=""))
+        print(_headline(summary, None).to_string(index=False, na_rep=""))
         if (folder / "results.csv").is_file():
             results = pd.read_csv(folder / "results.csv")
             failed = results[results["status"] != "ok"]
