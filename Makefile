@@ -40,7 +40,7 @@ sweep: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]" || echo "lightning unavailable: loop_parity runs without it"
 	$(PY) benchmarks/loop_parity.py
-	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/sweep_overhead.py --notebook notebooks/cell_type_annotation.ipynb -p epochs 2 -p pretrained_checkpoint none -p interactive False --size 256
 
 clean:
 	rm -rf runs/ wandb/ .pytest_cache/

@@ -362,6 +362,7 @@ def run_notebook(
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
                 execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config,
+                shutdown_kernel="immediate",
             )
     except papermill.PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":

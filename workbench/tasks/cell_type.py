@@ -54,6 +54,9 @@ __all__ = [
     "run_workflow",
 ]
 
+#: The workflow's notebook (in a source checkout), for the widget panel and tests.
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "cell_type_annotation.ipynb"
+
 #: Architecture and training settings the notebook does not expose as parameters.
 DEFAULTS = {
     "hidden": (512, 256),
@@ -165,19 +168,37 @@ class CellData:
         return f"<p><b>{self.summary()}</b></p>" + self.to_frame().to_html()
 
 
+def bundled_pbmc68k_reduced() -> Path:
+    """Path of the pbmc68k_reduced file that ships inside scanpy (no download).
+
+    Found without importing scanpy, which costs 2-3 s per run (see benchmarks/sweep_overhead.py);
+    ``sc.datasets.pbmc68k_reduced()`` reads this very file.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("scanpy")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "10x_pbmc68k_reduced.h5ad" if spec else None
+    if path is None or not path.exists():
+        raise FileNotFoundError("scanpy's bundled pbmc68k_reduced was not found. Install scanpy (pip install scanpy), "
+                                "or pass data_path= to an .h5ad file of your own.")
+    return path
+
+
 def read_adata(data_path: str = ""):
     """The AnnData at ``data_path``, or scanpy's bundled pbmc68k_reduced when it is empty."""
-    if not data_path:
-        import scanpy as sc
+    import anndata
 
-        return sc.datasets.pbmc68k_reduced(), "pbmc68k_reduced (scanpy, bundled)"
+    if not data_path:
+        import warnings
+
+        with warnings.catch_warnings():  # the file predates .obsp; anndata moves two graphs on read
+            warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
+            return anndata.read_h5ad(bundled_pbmc68k_reduced()), "pbmc68k_reduced (scanpy, bundled)"
     path = Path(data_path)
     if not path.exists():
         raise FileNotFoundError(f"data_path={data_path!r} does not exist. Give an .h5ad file, or '' for the bundled pbmc68k_reduced.")
     if path.suffix != ".h5ad":
         raise ValueError(f"data_path={data_path!r} is not an .h5ad file. Convert it with anndata (adata.write_h5ad(...)).")
-    import anndata
-
     return anndata.read_h5ad(path), path.name
 
 
