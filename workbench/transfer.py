@@ -377,8 +377,8 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
         hook = module.__dict__.pop("_workbench_eval_hook", None)
         if hook is not None:
             hook.remove()
-        own = list(module.parameters())
-        is_frozen = any(_under(name, prefix) for prefix in frozen) or (own and not any(p.requires_grad for p in own))
+        inside = list(module.parameters())
+        is_frozen = any(_under(name, prefix) for prefix in frozen) or (inside and not any(p.requires_grad for p in inside))
         if isinstance(module, _NORM_WITH_STATS) and is_frozen:
             module.__dict__["_workbench_eval_hook"] = module.register_forward_pre_hook(_force_eval)
             module.eval()
@@ -391,7 +391,7 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
         t = sum(p.numel() for p in ps if p.requires_grad)
         stats = any("_workbench_eval_hook" in m.__dict__ for m in module.modules())
         rows.append({"module": child, "params": n, "trainable": t, "frozen": n - t, "norm_stats_frozen": stats})
-    own = [p for n, p in model.named_parameters(recurse=False)] if hasattr(model, "named_parameters") else []
+    own = [p for _, p in model.named_parameters(recurse=False)]  # parameters held by the model itself
     if own:
         n = sum(p.numel() for p in own)
         t = sum(p.numel() for p in own if p.requires_grad)
