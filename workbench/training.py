@@ -295,10 +295,11 @@ def _default_loss(model, batch):
 
 
 def _rng_state(loader) -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": [int(v) for v in np.random.get_state()[1]],
-        "numpy_rest": [int(np.random.get_state()[2]), int(np.random.get_state()[3]), float(np.random.get_state()[4])],
+        "numpy": [int(v) for v in keys],
+        "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
         "python": repr(random.getstate()),
     }
     if torch.cuda.is_available():
