@@ -2,20 +2,37 @@
 
 ``load_pretrained`` returns a :class:`LoadReport` instead of logging: loaded keys, shape
 mismatches with both shapes, missing and unexpected keys, the prefix remapping it applied, and
-the fraction of the model's parameters that came from the checkpoint.
+the fraction of the model's parameters that came from the checkpoint. When no ``key_map`` is
+given and the names do not line up, it tries common prefix rewrites and keeps the one under
+which most checkpoint tensors fit the model by name *and* shape; when none fits anything, or
+two fit equally well but load different tensors, it raises :class:`LoadError` and asks for
+``key_map=`` instead of guessing.
 
-Freezing strategies are named lists of module-name prefixes to freeze:
+Training wrappers are looked through (see :func:`unwrap`): ``nn.DataParallel``,
+``DistributedDataParallel``, ``torch.compile`` and peft's ``PeftModel``. Every function here names
+parameters as the user's own module names them (``encoder.0.weight``, not
+``module.encoder.0.weight``).
+
+The model's head is the one it declares: ``model.head_prefixes``, else the module returned by a
+timm-style ``model.get_classifier()``, else a child named ``head``, ``classifier`` or ``fc``
+(else, for ``frozen_backbone`` and :func:`param_groups` only, the last child module).
+
+Freezing strategies name the modules to freeze:
 
 ``full``
     train everything;
 ``frozen_backbone``
-    freeze everything outside the head (``model.head_prefixes``, default ``("head",)``);
+    freeze everything outside the head;
 ``linear_probe``
-    freeze everything except the last ``nn.Linear`` of the model;
+    freeze everything except the last ``nn.Linear`` inside the head (the head itself when it is
+    an ``nn.Linear``); a model without a recognisable head is refused;
 a list of prefixes
-    freeze exactly those modules;
+    freeze exactly those modules (or parameters);
 a model's own names
     a model may define ``strategies = {"frozen_decoder": ["decoder"]}``.
+
+Normalisation layers with running statistics (BatchNorm, InstanceNorm) are frozen with the
+part of the model they belong to, whether or not they have weights of their own.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +52,7 @@ from torch import nn
 from .checkpoints import read_state_dict
 
 __all__ = [
+    "unwrap",
     "LoadError",
     "LoadReport",
     "load_pretrained",
@@ -51,7 +70,66 @@ _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._In
 
 
 class LoadError(RuntimeError):
-    """Loading a checkpoint left keys missing that the caller did not expect."""
+    """A checkpoint did not load as asked: unexpected keys left unfilled, or an unclear key prefix."""
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module directly inside a known training wrapper, or None when ``model`` is no wrapper.
+
+    Wrappers are recognised by their class, not by attribute names, so a model of your own
+    that happens to have a child called ``module`` is left alone. torch.compile and peft are
+    only looked up when already imported (a model cannot be wrapped by them otherwise).
+    """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        return model._orig_mod
+    peft_model = sys.modules.get("peft.peft_model")
+    if peft_model is not None and isinstance(model, peft_model.PeftModel):
+        return model.base_model  # a tuner such as LoraModel (unwrapped next), or the model itself
+    peft_tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if peft_tuners is not None and isinstance(model, peft_tuners.BaseTuner):
+        return model.model
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside training wrappers.
+
+    Peels, as many times as they are nested (e.g. a compiled ``DataParallel``):
+
+    - ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``),
+    - ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``),
+    - peft's ``PeftModel`` and its tuner, e.g. ``LoraModel`` (``.base_model.model``).
+
+    The wrappers share their parameters with the module inside, so freezing or loading the
+    unwrapped module changes the wrapped one too. A model that is no wrapper is returned as is.
+
+    Parameters
+    ----------
+    model
+        A model, wrapped or not.
+
+    Returns
+    -------
+    The innermost module.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> unwrap(nn.DataParallel(net)) is net
+    True
+    """
+    inner = _wrapped(model)
+    while inner is not None:
+        model = inner
+        inner = _wrapped(model)
+    return model
 
 
 # --------------------------------------------------------------------------- loading
@@ -76,6 +154,9 @@ class LoadReport:
         ``{checkpoint_prefix: model_prefix}`` applied to checkpoint keys.
     loaded_fraction
         Loaded parameter elements / all parameter elements of the model.
+    metadata
+        The checkpoint's JSON sidecar (``save_weights(..., metadata=...)``), e.g. the
+        fingerprint of a cached pretrained encoder; long lists (gene names) are left out.
     """
 
     source: str
@@ -85,6 +166,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     prefix_map: dict[str, str] = field(default_factory=dict)
     loaded_fraction: float = 0.0
+    metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -95,6 +177,7 @@ class LoadReport:
             "unexpected": list(self.unexpected),
             "prefix_map": dict(self.prefix_map),
             "loaded_fraction": self.loaded_fraction,
+            "metadata": dict(self.metadata),
         }
 
     def to_frame(self):
@@ -155,28 +238,97 @@ def _remap(keys: Sequence[str], prefix_map: Mapping[str, str]) -> dict[str, str]
     return out
 
 
-def _detect_prefix_map(ckpt_keys: Sequence[str], model_keys: set[str]) -> dict[str, str]:
-    """Choose the prefix rewrite that makes most checkpoint keys match the model."""
+def _describe_map(prefix_map: Mapping[str, str]) -> str:
+    """``'module.' -> ''`` for a one-entry prefix map, ``no rewrite`` for an empty one."""
+    if not prefix_map:
+        return "no rewrite"
+    return ", ".join(f"{old!r} -> {new!r}" for old, new in prefix_map.items())
+
+
+def _detect_prefix_map(
+    ckpt_shapes: Mapping[str, tuple[int, ...]], model_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """Choose the prefix rewrite under which most checkpoint tensors fit the model.
+
+    A checkpoint key counts for a rewrite only when its rewritten name is a model key *and*
+    the two shapes agree: a rewrite that matches names but loads nothing is worth nothing.
+
+    Parameters
+    ----------
+    ckpt_shapes
+        ``{checkpoint key: shape}``.
+    model_shapes
+        ``{model key: shape}``.
+
+    Returns
+    -------
+    ``{checkpoint_prefix: model_prefix}``, empty when the keys fit as they are.
+
+    Raises
+    ------
+    LoadError
+        When the checkpoint is not empty but the best rewrite loads nothing, or when two
+        rewrites load equally many tensors but not the same ones. The message lists the
+        candidates with their scores.
+    """
+    ckpt_keys = list(ckpt_shapes)
+
+    def fitting(prefix_map: dict[str, str]) -> frozenset[str]:
+        """Model keys that the checkpoint fills under ``prefix_map`` (name and shape agree)."""
+        fitted = set()
+        for old, new in _remap(ckpt_keys, prefix_map).items():
+            if new in model_shapes and tuple(model_shapes[new]) == tuple(ckpt_shapes[old]):
+                fitted.add(new)
+        return frozenset(fitted)
+
+    def name_matches(prefix_map: dict[str, str]) -> int:
+        return sum(new in model_shapes for new in _remap(ckpt_keys, prefix_map).values())
+
+    as_is = fitting({})
+    if len(as_is) >= 0.9 * min(len(ckpt_keys), len(model_shapes)):
+        return {}
+
     strip = {""} | {p for p in KNOWN_PREFIXES if any(k.startswith(p) for k in ckpt_keys)}
     firsts = {k.split(".", 1)[0] + "." for k in ckpt_keys if "." in k}
-    strip |= {p for p in firsts if sum(k.startswith(p) for k in ckpt_keys) == len(ckpt_keys)}
-    add = {""} | {k.split(".", 1)[0] + "." for k in model_keys if "." in k}
-
-    def overlap(pmap: dict[str, str]) -> int:
-        return sum(new in model_keys for new in _remap(ckpt_keys, pmap).values())
-
-    best, best_score = {}, overlap({})
-    if best_score >= 0.9 * min(len(ckpt_keys), len(model_keys)):
-        return best
+    strip |= {p for p in firsts if all(k.startswith(p) for k in ckpt_keys)}
+    add = {""} | {k.split(".", 1)[0] + "." for k in model_shapes if "." in k}
+    candidates = [({}, as_is)]
     for old in sorted(strip):
         for new in sorted(add):
-            if old == new:
-                continue
-            pmap = {old: new}
-            score = overlap(pmap)
-            if score > best_score:
-                best, best_score = pmap, score
-    return best
+            if old != new:
+                candidates.append(({old: new}, fitting({old: new})))
+
+    best_score = max(len(fitted) for _, fitted in candidates)
+    best = [(pmap, fitted) for pmap, fitted in candidates if len(fitted) == best_score]
+    if best_score > 0 and len({fitted for _, fitted in best}) == 1:
+        return best[0][0]
+
+    # No clear winner: list the candidates under which some names match, and ask for key_map=.
+    ranked = sorted(candidates, key=lambda c: (len(c[1]), name_matches(c[0])), reverse=True)
+    promising = [(pmap, fitted) for pmap, fitted in ranked if name_matches(pmap) > 0]
+    if promising:
+        listed = "; ".join(
+            f"{_describe_map(pmap)} loads {len(fitted)} (names match for {name_matches(pmap)})"
+            for pmap, fitted in promising[:6]
+        )
+        example = next((pmap for pmap, _ in promising if pmap), {"old_prefix.": "new_prefix."})
+    else:
+        listed = "none of the tried prefix rewrites makes any checkpoint name match a model name"
+        example = {"old_prefix.": "new_prefix."}
+    if best_score == 0:
+        problem = (
+            f"the best prefix rewrite loads nothing (none of the {len(ckpt_keys)} checkpoint tensors fits a "
+            "model tensor by both name and shape)"
+        )
+    else:
+        tied = " and ".join(_describe_map(pmap) for pmap, _ in best)
+        problem = f"{tied} each load {best_score} tensors, but different ones"
+    raise LoadError(
+        f"Could not tell how the checkpoint's keys map to the model's: {problem}. Candidates: {listed}. "
+        f"Checkpoint keys look like {ckpt_keys[:3]}, model keys like {list(model_shapes)[:3]}. "
+        f"Pass key_map= explicitly as {{checkpoint_prefix: model_prefix}}, e.g. key_map={example!r}, "
+        "or key_map={} to load the names as they are."
+    )
 
 
 def load_pretrained(
@@ -194,32 +346,57 @@ def load_pretrained(
     Parameters
     ----------
     model
-        The model to fill in place.
+        The model to fill in place. Training wrappers (DataParallel, torch.compile, peft) are
+        looked through (:func:`unwrap`); the report names keys as the inner module does.
     source
         A checkpoint path (.safetensors, .pt, .pth, .ckpt, .bin) or a (nested) state dict.
     key_map
         ``{checkpoint_prefix: model_prefix}`` or a function of the key. When not given, a common
         wrapper prefix (``module.``, ``model.``, ``encoder.`` ...) is detected automatically
-        when the checkpoint's keys overlap the model's poorly.
+        when the checkpoint's keys overlap the model's poorly: the rewrite under which most
+        checkpoint tensors fit by name and shape wins. When no rewrite fits anything, or two
+        fit equally well but load different tensors, :class:`LoadError` asks for ``key_map=``.
     expect_missing
         Glob patterns of model keys you expect the checkpoint not to fill (e.g. ``["head.*"]``).
         When given, any other missing or shape-mismatched key raises :class:`LoadError`.
     filter_fn
         ``filter_fn(state_dict, model) -> state_dict`` applied after remapping, to adapt
-        tensors (e.g. average input channels) before shapes are compared.
+        tensors (e.g. average input channels) before shapes are compared. It receives the
+        unwrapped model.
     trust_pickle
         Allow arbitrary pickle checkpoints (see :func:`workbench.checkpoints.read_state_dict`).
     run
         A :class:`workbench.Run`; the report is saved there as ``load_report.json``.
+
+    Returns
+    -------
+    What was loaded, mismatched, missing and unexpected.
+
+    Raises
+    ------
+    LoadError
+        When keys outside ``expect_missing`` stay unfilled, or when the key prefix cannot be
+        detected unambiguously (see ``key_map``).
+
+    Notes
+    -----
+    peft renames the layers it adapts (``encoder.0.weight`` becomes
+    ``encoder.0.base_layer.weight``): load pretrained weights before ``get_peft_model``.
     """
+    model = unwrap(model)  # load into the user's module, so keys read "encoder.0.weight", not "module.encoder..."
     state = read_state_dict(source, trust_pickle=trust_pickle)
     model_state = model.state_dict()
     model_keys = set(model_state)
     if callable(key_map):
         renamed = {k: key_map(k) for k in state}
         prefix_map = {"<function>": getattr(key_map, "__name__", "key_map")}
+    elif key_map is not None:
+        prefix_map = dict(key_map)
+        renamed = _remap(list(state), prefix_map)
     else:
-        prefix_map = dict(key_map) if key_map is not None else _detect_prefix_map(list(state), model_keys)
+        ckpt_shapes = {k: tuple(v.shape) for k, v in state.items()}
+        model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
+        prefix_map = _detect_prefix_map(ckpt_shapes, model_shapes)
         renamed = _remap(list(state), prefix_map)
     state = {renamed[k]: v for k, v in state.items()}
     if filter_fn is not None:
@@ -227,6 +404,7 @@ def load_pretrained(
 
     report = LoadReport(source=str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>")
     report.prefix_map = prefix_map
+    report.metadata = _sidecar(source)
     to_load = {}
     for key, tensor in state.items():
         if key not in model_keys:
@@ -260,29 +438,78 @@ def load_pretrained(
     return report
 
 
+def _sidecar(source) -> dict:
+    """The JSON written beside a checkpoint by ``save_weights(..., metadata=...)``, minus long lists."""
+    if not isinstance(source, (str, os.PathLike)):
+        return {}
+    path = Path(source).with_suffix(".json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if not (isinstance(v, list) and len(v) > 20)}
+
+
 # --------------------------------------------------------------------------- freezing
+
+
+def _declared_head(model: nn.Module) -> tuple[str, ...] | None:
+    """The head the model declares, or None when it declares none.
+
+    Looked for in this order: ``model.head_prefixes``; the module(s) returned by a timm-style
+    ``model.get_classifier()``, named by finding them among the model's modules; a child named
+    ``head``, ``classifier`` or ``fc``.
+    """
+    declared = getattr(model, "head_prefixes", None)
+    if isinstance(declared, str):
+        return (declared,)
+    if declared:
+        return tuple(declared)
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        classifiers = classifier if isinstance(classifier, (tuple, list)) else [classifier]
+        names = tuple(name for name, module in model.named_modules() if any(module is c for c in classifiers))
+        if names:
+            return names
+    children = [name for name, _ in model.named_children()]
+    for name in ("head", "classifier", "fc"):
+        if name in children:
+            return (name,)
+    return None
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Module prefixes that form the model's task head.
 
-    ``model.head_prefixes`` when defined, else ``("head",)`` when the model has a ``head``
-    child, else the last child module (a model without children is all head).
+    The head the model declares (``model.head_prefixes``, else ``model.get_classifier()``, else
+    a child named ``head``, ``classifier`` or ``fc``), else the last child module (a model
+    without children is all head). Wrappers are looked through (:func:`unwrap`).
+
+    Parameters
+    ----------
+    model
+        The model, wrapped or not.
+
+    Returns
+    -------
+    Module names as the unwrapped model names them, e.g. ``("head",)``.
     """
-    declared = getattr(model, "head_prefixes", None)
+    model = unwrap(model)
+    declared = _declared_head(model)
     if declared:
-        return tuple(declared)
+        return declared
     children = [name for name, _ in model.named_children()]
-    if "head" in children:
-        return ("head",)
     if not children:
         return ("",)  # a single-layer model is all head
     return (children[-1],)
 
 
 def available_strategies(model: nn.Module) -> list[str]:
-    """Names accepted by :func:`apply_strategy` for this model."""
-    return list(BUILTIN_STRATEGIES) + list(getattr(model, "strategies", {}) or {})
+    """Names accepted by :func:`apply_strategy` for this model (wrapped or not)."""
+    return list(BUILTIN_STRATEGIES) + list(getattr(unwrap(model), "strategies", {}) or {})
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -290,7 +517,41 @@ def _under(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
+def _parent(name: str) -> str:
+    """``"encoder.0"`` for ``"encoder.0.weight"``; ``""`` (the model itself) for a top-level name."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _holds_state(module: nn.Module) -> bool:
+    """Whether a module has parameters or buffers anywhere inside (a ReLU has neither)."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _prefixes_outside(model: nn.Module, keep: Sequence[str]) -> list[str]:
+    """The fewest module (and parameter) names that cover everything outside ``keep``.
+
+    A module that holds nothing of ``keep`` is named whole (``"encoder"``); a module that holds
+    part of it is looked into (``"head.0"`` when only ``"head.2"`` is kept). Parameters held
+    directly by such a module, e.g. a ``pos_embed`` on the model itself, are named one by one.
+    Modules without parameters or buffers (activations, dropout) are left out.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name and _holds_state(module)]
+    named += list(model.named_parameters())
+    prefixes = []
+    for name, _ in named:
+        if any(_under(name, k) or _under(k, name) for k in keep):
+            continue  # inside the kept part, or holds some of it
+        if any(_under(k, _parent(name)) for k in keep):
+            prefixes.append(name)  # its parent holds some of the kept part: this is a whole frozen branch
+    return prefixes
+
+
 def _frozen_prefixes(model: nn.Module, strategy: str | Sequence[str]) -> list[str]:
+    """Names of the modules (or single parameters) that ``strategy`` freezes in ``model``.
+
+    Built-in strategies return module names (``["encoder"]``), so a module without parameters
+    of its own, such as ``BatchNorm1d(affine=False)``, counts as frozen when it lies under one.
+    """
     if not isinstance(strategy, str):
         return [str(p) for p in strategy]
     custom = getattr(model, "strategies", {}) or {}
@@ -299,18 +560,61 @@ def _frozen_prefixes(model: nn.Module, strategy: str | Sequence[str]) -> list[st
     if strategy == "full":
         return []
     if strategy == "frozen_backbone":
-        heads = head_prefixes(model)
-        return [name for name, _ in model.named_parameters() if not any(_under(name, h) for h in heads)]
+        return _prefixes_outside(model, head_prefixes(model))
     if strategy == "linear_probe":
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(f"strategy='linear_probe' needs an nn.Linear in {type(model).__name__}; found none.")
-        keep = linears[-1]
-        return [name for name, p in model.named_parameters() if not _under(name, keep)]
+        return _prefixes_outside(model, (_probe_layer(model),))
     raise ValueError(
         f"strategy={strategy!r} is not one of {available_strategies(model)}. Use one of these names, or "
         "pass a list of module-name prefixes to freeze (e.g. strategy=['encoder'])."
     )
+
+
+def _probe_layer(model: nn.Module) -> str:
+    """Name of the layer ``linear_probe`` trains: the last ``nn.Linear`` inside the declared head."""
+    heads = _declared_head(model)
+    if heads is None:
+        children = [name for name, _ in model.named_children()]
+        example = children[-1] if children else "head"
+        raise ValueError(
+            f"strategy='linear_probe' could not find the head of {type(model).__name__}: it looked for a "
+            "head_prefixes attribute, a get_classifier() method and a child named 'head', 'classifier' or "
+            f"'fc', and found none (top-level modules: {children}). Declare the head on the model, e.g. "
+            f"head_prefixes = ({example!r},) in its class, or pass a list of prefixes to freeze instead "
+            f"(e.g. strategy={children[:1]})."
+        )
+    linears = []
+    for name, module in model.named_modules():
+        # peft's LoRA wraps an adapted nn.Linear in a layer with a .base_layer: that layer is the linear
+        # layer here (base weights and adapters together), not the small nn.Linear adapters inside it.
+        is_linear = isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+        inside_another = any(_under(name, outer) for outer in linears)
+        if is_linear and not inside_another and any(_under(name, h) for h in heads):
+            linears.append(name)
+    if not linears:
+        raise ValueError(
+            f"strategy='linear_probe' trains the last nn.Linear of the head, but the head {list(heads)} of "
+            f"{type(model).__name__} holds no nn.Linear. Use strategy='frozen_backbone' to train the whole "
+            "head, or pass a list of prefixes to freeze."
+        )
+    return linears[-1]
+
+
+def _norm_stats_frozen(model: nn.Module, name: str, module: nn.Module, frozen: Sequence[str]) -> bool:
+    """Whether a normalisation layer's running statistics must stay fixed.
+
+    They do when the layer lies under a frozen prefix; or when it has parameters and all are
+    frozen; or, for a layer without parameters (``affine=False``), when the nearest enclosing
+    module that has parameters has all of them frozen.
+    """
+    if any(_under(name, prefix) for prefix in frozen):
+        return True
+    holder = module
+    while not any(True for _ in holder.parameters()):
+        if name == "":
+            return False  # nothing in the whole model has parameters
+        name = _parent(name)
+        holder = model.get_submodule(name)
+    return not any(p.requires_grad for p in holder.parameters())
 
 
 def _force_eval(module: nn.Module, args) -> None:
@@ -356,19 +660,37 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
 
     Frozen parameters get ``requires_grad=False``; their gradients stay ``None``, so optimizers
     skip them entirely (no update, no weight decay). Normalisation layers with running
-    statistics (BatchNorm, InstanceNorm) inside a frozen module are kept in eval mode even when
-    a parent calls ``.train()``, so their statistics stay bitwise unchanged.
+    statistics (BatchNorm, InstanceNorm) are kept in eval mode even when a parent calls
+    ``.train()``, so their statistics stay bitwise unchanged, when they lie inside a frozen
+    module, or have parameters that are all frozen, or (``affine=False``, no parameters) sit in
+    a module whose parameters are all frozen.
 
     Calling it again replaces the previous strategy (``apply_strategy(model, "full")`` unfreezes).
+
+    Parameters
+    ----------
+    model
+        The model; training wrappers (DataParallel, torch.compile, peft) are looked through
+        (:func:`unwrap`), and the report names modules as the inner model does.
+    strategy
+        ``"full"``, ``"frozen_backbone"``, ``"linear_probe"``, a name from the model's own
+        ``strategies``, or a list of module (or parameter) name prefixes to freeze. See the
+        module docstring.
+
+    Returns
+    -------
+    Parameter counts per top-level module.
     """
+    model = unwrap(model)
     frozen = _frozen_prefixes(model, strategy)
     params = dict(model.named_parameters())
+    norms = {name: module for name, module in model.named_modules() if isinstance(module, _NORM_WITH_STATS)}
     for prefix in frozen:
-        if not any(_under(n, prefix) for n in params):
+        if not any(_under(n, prefix) for n in list(params) + list(norms)):
             top = [name for name, _ in model.named_children()]
             warnings.warn(
-                f"Freezing {prefix!r} froze nothing: no parameter of {type(model).__name__} lives under it. "
-                f"Top-level modules are {top}.",
+                f"Freezing {prefix!r} froze nothing: no parameter or normalisation statistics of "
+                f"{type(model).__name__} live under it. Top-level modules are {top}.",
                 stacklevel=2,
             )
     for name, p in params.items():
@@ -377,9 +699,8 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
         hook = module.__dict__.pop("_workbench_eval_hook", None)
         if hook is not None:
             hook.remove()
-        inside = list(module.parameters())
-        is_frozen = any(_under(name, prefix) for prefix in frozen) or (inside and not any(p.requires_grad for p in inside))
-        if isinstance(module, _NORM_WITH_STATS) and is_frozen:
+    for name, module in norms.items():
+        if _norm_stats_frozen(model, name, module, frozen):
             module.__dict__["_workbench_eval_hook"] = module.register_forward_pre_hook(_force_eval)
             module.eval()
 
@@ -417,17 +738,38 @@ def param_groups(
 
     Registering frozen parameters up front is what makes later unfreezing work (an optimizer
     built from trainable parameters only would never update them) and gives a resumed run the
-    same groups. Groups are named ``head`` / ``backbone``, each split into a decayed part and a
-    ``*_no_decay`` part (biases and normalisation weights, 1-D tensors). The backbone learns at
+    same groups. Groups are named ``head`` / ``backbone`` (the head as :func:`head_prefixes`
+    finds it), each split into a decayed part and a ``*_no_decay`` part. No decay goes to
+    biases and normalisation weights (1-D tensors) and to what the model's timm-style
+    ``no_weight_decay()`` names (e.g. ``{"pos_embed", "cls_token"}``; a name matches a parameter
+    exactly or as a module prefix: ``"pos"`` matches ``"pos.weight"``). The backbone learns at
     ``lr * backbone_lr_ratio`` (discriminative learning rates).
+
+    Parameters
+    ----------
+    model
+        The model; training wrappers are looked through (:func:`unwrap`).
+    lr
+        Learning rate of the head.
+    weight_decay
+        Weight decay of the decayed groups.
+    backbone_lr_ratio
+        The backbone's learning rate as a fraction of ``lr``; must be > 0.
+
+    Returns
+    -------
+    Groups in the order backbone, backbone_no_decay, head, head_no_decay (empty ones left out),
+    each a dict with ``name``, ``params``, ``lr`` and ``weight_decay``.
     """
     if backbone_lr_ratio <= 0:
         raise ValueError(f"backbone_lr_ratio must be > 0, got {backbone_lr_ratio}; use strategy= to freeze instead.")
+    model = unwrap(model)
     heads = head_prefixes(model)
+    no_decay_names = _no_weight_decay(model)
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         part = "head" if any(_under(name, h) for h in heads) else "backbone"
-        decay = p.ndim > 1
+        decay = p.ndim > 1 and not any(_under(name, n) for n in no_decay_names)
         key = part if decay else f"{part}_no_decay"
         if key not in groups:
             groups[key] = {
@@ -439,3 +781,11 @@ def param_groups(
         groups[key]["params"].append(p)
     order = ["backbone", "backbone_no_decay", "head", "head_no_decay"]
     return [groups[k] for k in order if k in groups]
+
+
+def _no_weight_decay(model: nn.Module) -> list[str]:
+    """Names the model exempts from weight decay through a timm-style ``no_weight_decay()``."""
+    method = getattr(model, "no_weight_decay", None)
+    if not callable(method):
+        return []
+    return [str(name) for name in method() if str(name)]  # an empty name would match every parameter
