@@ -49,3 +49,23 @@ def test_plateau_is_reduce_on_plateau():
     sched.step(1.0)
     sched.step(1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_constant_applies_describes_and_plots_the_same_warmup():
+    """Issue 17 D11: 'constant' ignored warmup_ratio while describe() and the preview reported warmup steps."""
+    from workbench.schedules import describe
+
+    curve = lr_curve("constant", lr=0.1, total_steps=20, warmup_ratio=0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = build_scheduler(opt, "constant", total_steps=20, warmup_ratio=0.1)
+    applied = []
+    for _ in range(20):
+        applied.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert applied == curve["lr"].tolist() == [0.1] * 20
+    assert curve.attrs["warmup_steps"] == 0
+    assert "warmup_steps=0" in describe(sched)
+    # the schedule that does warm up says so in all three places
+    warm = lr_curve("constant_with_warmup", lr=0.1, total_steps=20, warmup_ratio=0.1)
+    assert warm.attrs["warmup_steps"] == 2 and warm["lr"].iloc[0] < 0.1

@@ -6,7 +6,7 @@ on exactly the learning rate it would have had, and :func:`lr_curve` can draw th
 any training happens.
 
 =========================  ==================================================================
-``constant``               factor 1
+``constant``               factor 1 (no warmup: ``warmup_ratio`` does not apply)
 ``constant_with_warmup``   linear warmup from 0 to 1, then 1
 ``cosine``                 linear warmup, then half-cosine down to ``min_lr_ratio``
 ``linear``                 linear warmup, then linear decay to ``min_lr_ratio``
@@ -116,10 +116,13 @@ def build_scheduler(
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=patience, factor=factor)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}. Is the training set empty?")
+    # ``constant`` has no warmup (use ``constant_with_warmup``); record 0 so that what is applied, described
+    # and plotted agree.
+    warm = 0 if name == "constant" else warmup_steps_for(total_steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
     fn = ScheduleFactor(
         name=name,
         total_steps=int(total_steps),
-        warmup_steps=warmup_steps_for(total_steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps),
+        warmup_steps=warm,
         min_lr_ratio=float(min_lr_ratio),
         step_every=int(step_every or max(1, total_steps // 3)),
         gamma=float(gamma),
@@ -177,6 +180,6 @@ def lr_curve(
         if name != "plateau":
             scheduler.step()
     frame = pd.DataFrame(rows, columns=list(groups), index=pd.RangeIndex(total_steps, name="step"))
-    warm = warmup_steps_for(total_steps, warmup_ratio=kwargs.get("warmup_ratio", 0.0), warmup_steps=kwargs.get("warmup_steps"))
+    warm = scheduler.lr_lambdas[0].warmup_steps if hasattr(scheduler, "lr_lambdas") else 0
     frame.attrs.update(schedule=name, warmup_steps=warm, total_steps=total_steps)
     return frame
