@@ -30,7 +30,7 @@ def main(run_dir, out, epochs, freeze_epochs, kill_after, resume):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TinyNet(dropout=0.2)  # dropout: the RNG state must be restored too
-    run = wb.Run(run_dir)
+    run = wb.Run(run_dir, resume=resume)
     callbacks = [KillAfter(kill_after)] if kill_after >= 0 else []
     history = wb.fit(
         model, toy_loader(shuffle=True), val_data=toy_loader(64, seed=1, shuffle=False), epochs=epochs, lr=0.05,

@@ -43,15 +43,112 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, freeze_epochs, kill_
     assert [r["epoch"] for r in rows] == list(range(epochs))
 
 
+class StopAfter(wb.Callback):
+    """Interrupt fit after an epoch, as a killed process would (last.pt of that epoch is on disk)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, logs):
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _interrupted_run(path, *, epochs=4, **kwargs):
+    torch.manual_seed(0)
+    model = TinyNet()
+    run = wb.Run(path, params={"case": "resume"})
+    with pytest.raises(KeyboardInterrupt):
+        wb.fit(model, toy_loader(), epochs=epochs, lr=0.05, schedule="cosine", run=run, callbacks=[StopAfter(1)],
+               progress=False, **kwargs)
+    return model
+
+
 def test_a_resume_that_diverges_would_be_caught(tmp_path):
-    """The bitwise check is sharp: a different seed gives different weights."""
+    """The bitwise check is sharp: a real resume on other data gives different weights than the reference."""
     torch.manual_seed(0)
-    a = TinyNet()
-    wb.fit(a, toy_loader(seed=0), epochs=1, lr=0.05, progress=False)
+    ref = TinyNet()
+    wb.fit(ref, toy_loader(), epochs=4, lr=0.05, schedule="cosine", progress=False)
+    _interrupted_run(tmp_path / "run")
+    resumed = TinyNet()
+    history = wb.fit(resumed, toy_loader(seed=1), epochs=4, lr=0.05, schedule="cosine",
+                     run=wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True), resume=True, progress=False)
+    assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]  # it did resume (epochs 0-1 came from last.pt)
+    assert not torch.equal(ref.head.weight, resumed.head.weight)
+
+
+def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
+    """Issue 17 B3: resuming a cosine run with more epochs trained the new epochs at LR 0."""
+    _interrupted_run(tmp_path / "run")
+    run = wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True)
+    with pytest.raises(ValueError) as info:
+        wb.fit(TinyNet(), toy_loader(batch_size=16), epochs=8, lr=0.05, schedule="cosine", run=run, resume=True,
+               progress=False)
+    text = str(info.value)
+    assert "epochs: 4 saved, 8 now" in text and "batch_size: 32 saved, 16 now" in text
+    assert "steps_per_epoch: 8 saved, 16 now" in text and "lr:" not in text
+
+
+def test_resume_of_an_early_stopped_run_returns_its_history_without_training(tmp_path):
+    """Issue 17 B4: should_stop was not saved, so a run stopped by patience trained again on resume."""
+    kwargs = dict(val_data=toy_loader(64, seed=3), epochs=30, lr=0.5, optimizer="sgd", patience=2, min_delta=10.0,
+                  progress=False)
     torch.manual_seed(0)
-    b = TinyNet()
-    wb.fit(b, toy_loader(seed=1), epochs=1, lr=0.05, progress=False)
-    assert not torch.equal(a.head.weight, b.head.weight)
+    model = TinyNet()
+    first = wb.fit(model, toy_loader(), run=wb.Run(tmp_path / "r"), **kwargs)
+    assert len(first.rows) == 3 and first.stop_reason
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = wb.fit(model, toy_loader(), run=wb.Run(tmp_path / "r", resume=True), resume=True, **kwargs)
+    assert [r["epoch"] for r in again.rows] == [0, 1, 2] and again.stop_reason == first.stop_reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(wb.Run(tmp_path / "r", resume=True).metrics()) == 3
+
+
+def test_resume_needs_a_run_opened_for_resume(tmp_path):
+    _interrupted_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="resume=True"):
+        wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, schedule="cosine", run=wb.Run(tmp_path / "run", params={"case": "resume"}),
+               resume=True, progress=False)
+
+
+def test_fit_keeps_the_callers_freezing_by_default(tmp_path):
+    """Issue 17 C6: fit always applied strategy='full', undoing freezing done by hand (or by peft)."""
+    model = TinyNet()
+    model.encoder[0].weight.requires_grad_(False)
+    frozen = model.encoder[0].weight.detach().clone()
+    wb.fit(model, toy_loader(), epochs=1, lr=0.1, progress=False)
+    assert not model.encoder[0].weight.requires_grad
+    assert torch.equal(model.encoder[0].weight, frozen)
+    assert not torch.equal(model.encoder[0].bias, TinyNet().encoder[0].bias)  # the rest trained
+    # freeze_epochs then brings the caller's freezing back, not "full"
+    wb.fit(model, toy_loader(), epochs=2, freeze_epochs=1, lr=0.1, progress=False)
+    assert not model.encoder[0].weight.requires_grad and model.encoder[0].bias.requires_grad
+    # an explicit strategy still applies
+    wb.fit(model, toy_loader(), epochs=1, lr=0.1, strategy="full", progress=False)
+    assert model.encoder[0].weight.requires_grad
+
+
+def test_epoch_losses_are_means_over_samples_not_over_batches():
+    """Issue 17 D12: a short last batch was weighted like a full one (val_loss 0.5 where the sample mean was 0.01)."""
+    x = torch.zeros(33, 1)
+    y = torch.zeros(33)
+    y[32] = 1.0  # the one sample of the last batch is off by 1; the other 32 are exact
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    model = torch.nn.Linear(1, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    model.weight.requires_grad_(False)
+    model.bias.requires_grad_(False)
+    extra = torch.nn.Linear(1, 1)  # something to train, never used by the loss
+    holder = torch.nn.ModuleDict({"net": model, "head": extra})
+
+    def loss_fn(m, batch):
+        xb, yb = batch
+        return ((m["net"](xb).squeeze(1) - yb) ** 2).mean() + 0 * m["head"].weight.sum()
+
+    history = wb.fit(holder, data, val_data=data, epochs=1, lr=0.0, loss_fn=loss_fn, progress=False)
+    assert history.rows[0]["val_loss"] == pytest.approx(1 / 33)
+    assert history.rows[0]["train_loss"] == pytest.approx(1 / 33)
 
 
 def test_nan_loss_stops_with_message_and_keeps_best_checkpoint(tmp_path):

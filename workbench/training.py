@@ -7,14 +7,23 @@ nothing to a hand-written PyTorch loop: the running loss stays on the device and
 only every ``log_every`` steps and at the end of an epoch (see ``benchmarks/loop_parity.py``).
 
 At the end of every epoch, when a run folder is given, the loop writes ``checkpoints/last.pt``
-(model, optimizer, scheduler, RNG states, epoch, step, callback states, history) atomically, so
-a run killed at any moment resumes with ``resume=True`` to the same final weights, bit for bit
-on the CPU.
+(model, optimizer, scheduler, RNG states, epoch, step, callback states, history, whether the run
+stopped, and the settings that shape training) atomically, so a run killed at any moment resumes
+with ``resume=True`` to the same final weights, bit for bit on the CPU. A resume with other
+settings (more epochs, another schedule, batch size, ...) is refused with the list of what
+differs: the schedule was planned for the saved settings, and continuing it under new ones
+would train at the wrong learning rates. A run that finished or stopped early returns its
+history without training again.
+
+The epoch's ``train_loss`` and ``val_loss`` are means over samples: each batch's (mean) loss
+is weighted by its number of samples, read from the first dimension of the batch's first
+tensor. Where a batch holds no tensor to read it from, every batch counts once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import random
 import time
@@ -29,7 +38,7 @@ from torch import nn
 
 from .checkpoints import load_state, save_state, save_weights
 from .schedules import build_scheduler, describe
-from .transfer import apply_strategy, param_groups
+from .transfer import apply_strategy, param_groups, unwrap
 
 __all__ = [
     "Callback",
@@ -41,9 +50,35 @@ __all__ = [
     "fit",
     "move_to",
     "early_stop_decision",
+    "extra_callbacks",
+    "SETTINGS",
 ]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+
+#: The settings that shape training; ``last.pt`` records them and a resume must match them all.
+SETTINGS = ("epochs", "schedule", "warmup_ratio", "min_lr_ratio", "optimizer", "lr", "weight_decay", "batch_size",
+            "steps_per_epoch", "strategy", "freeze_epochs", "backbone_lr_ratio", "grad_clip", "amp", "seed",
+            "world_size")
+
+_EXTRA_CALLBACKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("workbench_extra_callbacks", default=())
+
+
+@contextlib.contextmanager
+def extra_callbacks(callbacks: Sequence[Callback]):
+    """Within the block, every :func:`fit` call also runs ``callbacks``.
+
+    This is how a caller that does not write the training code (the widget panel running a
+    notebook's cells) draws live curves for it::
+
+        with extra_callbacks([OutputCurves(out)]):
+            run_workflow(params)
+    """
+    token = _EXTRA_CALLBACKS.set(tuple(_EXTRA_CALLBACKS.get()) + tuple(callbacks))
+    try:
+        yield
+    finally:
+        _EXTRA_CALLBACKS.reset(token)
 
 
 # --------------------------------------------------------------------------- history
@@ -234,7 +269,8 @@ class ModelCheckpoint(Callback):
 class GradualUnfreeze(Callback):
     """Train with ``frozen`` for the first ``epochs`` epochs, then with ``then``.
 
-    The strategy follows from the epoch number alone, so a resumed run picks the right one.
+    ``then`` is any strategy :func:`workbench.apply_strategy` accepts, a list of prefixes
+    included. The strategy follows from the epoch number alone, so a resumed run picks the right one.
     """
 
     def __init__(self, *, epochs: int, frozen="frozen_backbone", then="full"):
@@ -382,7 +418,7 @@ def fit(
     schedule: str = "constant",
     warmup_ratio: float = 0.0,
     min_lr_ratio: float = 0.0,
-    strategy: str | Sequence[str] = "full",
+    strategy: str | Sequence[str] | None = None,
     freeze_epochs: int = 0,
     backbone_lr_ratio: float = 1.0,
     grad_clip: float | None = None,
@@ -425,8 +461,10 @@ def fit(
     schedule, warmup_ratio, min_lr_ratio
         See :mod:`workbench.schedules`.
     strategy, freeze_epochs
-        Freezing strategy (see :func:`workbench.apply_strategy`). With ``freeze_epochs=N`` the
-        backbone is frozen for the first N epochs, then ``strategy`` applies.
+        Freezing strategy (see :func:`workbench.apply_strategy`). None (the default) keeps
+        ``requires_grad`` as the caller set it (by hand, or by peft for LoRA). With
+        ``freeze_epochs=N`` the backbone is frozen for the first N epochs, then ``strategy``
+        applies (None: the caller's freezing comes back).
     backbone_lr_ratio
         Backbone learning rate = ``lr * backbone_lr_ratio``.
     grad_clip
@@ -440,11 +478,12 @@ def fit(
         Checkpoints in ``run``'s folder: ``best.safetensors``, the top-k, every N epochs; load
         the best weights back at the end.
     callbacks
-        Extra :class:`Callback` objects.
+        Extra :class:`Callback` objects (besides those of an enclosing :func:`extra_callbacks`).
     run
         A :class:`workbench.Run`: metrics.jsonl per epoch, checkpoints, resume state.
     resume
-        Continue from ``run``'s ``checkpoints/last.pt`` when it exists.
+        Continue from ``run``'s ``checkpoints/last.pt`` when it exists (open the run with
+        ``Run(..., resume=True)``). Every setting in :data:`SETTINGS` must equal the saved one.
     log_every
         Steps between reads of the running loss (the only host syncs in the hot loop).
     """
@@ -454,6 +493,9 @@ def fit(
         raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
     if resume and run is None:
         raise ValueError("resume=True needs run= (the run folder that holds checkpoints/last.pt).")
+    if resume and not getattr(run, "resume", True):
+        raise ValueError(f"resume=True, but {run!r} was opened without resume=True, which cleared what the earlier "
+                         "run left. Open it with wb.Run(output_dir, params=..., resume=True).")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loss_fn = loss_fn or _default_loss
     monitor = monitor or ("val_loss" if val_data is not None else "train_loss")
@@ -462,6 +504,14 @@ def fit(
     model.to(device)
 
     # Freeze first, so the table is shown before training; every parameter goes into the optimizer.
+    settings = _settings(
+        epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
+        lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
+        steps_per_epoch=len(train_data), strategy=strategy, freeze_epochs=freeze_epochs,
+        backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed,
+    )
+    if strategy is None:  # keep the caller's freezing: name exactly the tensors that are frozen now
+        strategy = [name for name, p in unwrap(model).named_parameters() if not p.requires_grad]
     unfreeze = GradualUnfreeze(epochs=freeze_epochs, then=strategy) if freeze_epochs > 0 else None
     freeze_report = apply_strategy(model, "frozen_backbone" if unfreeze else strategy)
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio)
@@ -481,12 +531,14 @@ def fit(
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta))
     if run is not None:
         cbs.append(ModelCheckpoint(run.checkpoints, monitor=monitor, mode=mode, save_top_k=save_top_k, every_n_epochs=save_every))
-    cbs += list(callbacks)
+    cbs += list(callbacks) + list(_EXTRA_CALLBACKS.get())
 
     start_epoch = 0
     last_path = run.checkpoints / "last.pt" if run is not None else None
+    finished = False
     if resume and last_path.exists():
         state = load_state(last_path)
+        _check_settings(state.get("settings"), settings, last_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -495,11 +547,20 @@ def fit(
             if key in saved:
                 cb.load_state_dict(saved[key])
         history.rows, history.lr_trace = state["history"]["rows"], state["history"]["lr_trace"]
+        history.stop_reason = state["history"].get("stop_reason", "")
         trainer.global_step = state["global_step"]
         start_epoch = state["epoch"] + 1
         run.rewrite_metrics(history.rows)  # drop rows logged after the state was saved
         _set_rng_state(state["rng"], train_data)
-        trainer.log_line(f"resumed from {last_path} at epoch {start_epoch}, step {trainer.global_step}")
+        finished = state["stopped"] or start_epoch >= epochs
+        if finished:
+            why = f"it stopped: {history.stop_reason}" if state["stopped"] else f"all {epochs} epochs are done"
+            trainer.log_line(f"{last_path}: nothing to resume, {why}; returning its history without training")
+        else:
+            trainer.log_line(f"resumed from {last_path} at epoch {start_epoch}, step {trainer.global_step}")
+    if finished:
+        _restore_best(model, run, restore_best)
+        return history
 
     trainer.log_line(f"{describe(scheduler)}; {freeze_report.summary()}; device={device}")
     autocast = _autocast(amp, device)
@@ -519,7 +580,7 @@ def fit(
                 cb.on_epoch_start(trainer)
             model.train()
             running = torch.zeros((), device=device)
-            seen = 0
+            seen = 0  # samples (or batches, where a batch does not say its size)
             bad_loss = None
             for batch in train_data:
                 batch = move_to(batch, device)
@@ -541,8 +602,9 @@ def fit(
                     opt.step()
                 if per_step_schedule:
                     scheduler.step()
-                running += loss.detach()
-                seen += 1
+                n = _batch_len(batch)
+                running += loss.detach() * n
+                seen += n
                 trainer.global_step += 1
                 bar.update(1)
                 if trainer.global_step % log_every == 0:
@@ -590,6 +652,8 @@ def fit(
                         "epoch": epoch,
                         "global_step": trainer.global_step,
                         "rng": _rng_state(train_data),
+                        "stopped": trainer.should_stop,
+                        "settings": settings,
                     },
                     last_path,
                 )
@@ -603,12 +667,53 @@ def fit(
         bar.close()
     for cb in cbs:
         cb.on_fit_end(trainer)
+    _restore_best(model, run, restore_best)
+    return history
+
+
+def _restore_best(model, run, restore_best: bool) -> None:
     best = run.checkpoints / "best.safetensors" if run is not None else None
     if restore_best and best is not None and best.exists():
         from .transfer import load_pretrained
 
         load_pretrained(model, best)
-    return history
+
+
+def _settings(**values) -> dict:
+    """The training settings as plain values (what ``last.pt`` stores and a resume compares)."""
+    import torch.distributed as dist
+
+    strategy = values["strategy"]
+    values["strategy"] = "as set by the caller" if strategy is None else (
+        strategy if isinstance(strategy, str) else list(strategy))
+    values["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {k: values[k] for k in SETTINGS}
+
+
+def _check_settings(saved: dict | None, now: dict, path) -> None:
+    if saved is None:
+        raise ValueError(f"{path} records no training settings (it was written by an older workbench), so a resume "
+                         "cannot check that it continues the same run. Start a new run (another output_dir).")
+    differ = [f"{k}: {saved.get(k)!r} saved, {now[k]!r} now" for k in SETTINGS if saved.get(k) != now[k]]
+    if differ:
+        raise ValueError(
+            f"Cannot resume {path} with other settings: {'; '.join(differ)}. The saved run's schedule and data order "
+            "were planned for its own settings. Resume with the saved values, or start a new run in another "
+            "output_dir."
+        )
+
+
+def _batch_len(batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor; 1 when it holds none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, torch.Tensor) and item.ndim:
+                return int(item.shape[0])
+    return 1
 
 
 def _keyed(callbacks: Sequence[Callback]) -> dict[str, Callback]:
@@ -625,9 +730,11 @@ def _keyed(callbacks: Sequence[Callback]) -> dict[str, Callback]:
 
 
 def _mean_loss(model, batches, loss_fn, device) -> float:
+    """Mean loss per sample over ``batches`` (batch means weighted by batch size)."""
     total = torch.zeros((), device=device)
     n = 0
     for batch in batches:
-        total += loss_fn(model, move_to(batch, device)).detach().float()
-        n += 1
+        size = _batch_len(batch)
+        total += loss_fn(model, move_to(batch, device)).detach().float() * size
+        n += size
     return total.item() / max(1, n)
