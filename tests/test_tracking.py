@@ -36,3 +36,56 @@ def test_wandb_offline_logs_every_group_lr_without_network(tmp_path, monkeypatch
     assert rows[0]["lr_backbone"] == pytest.approx(0.1 * rows[0]["lr_head"])
     offline = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert offline, "wandb should have written an offline run into the run folder"
+
+
+def test_a_folder_holding_another_run_is_refused_and_left_intact(tmp_path):
+    """Issue 17 A2: a second run into a used folder appended to metrics.jsonl and kept stale files."""
+    folder = tmp_path / "r"
+    run = wb.Run(folder, params={"seed": 0, "epochs": 4})
+    wb.fit(TinyNet(), toy_loader(), epochs=2, lr=0.05, run=run, progress=False)
+    run.finish({"acc": 0.5})
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(wb.tracking.RunFolderError) as info:
+        wb.Run(folder, params={"seed": 1, "epochs": 4})
+    text = str(info.value)
+    assert str(folder) in text and "seed: 0 there, 1 now" in text and "overwrite=True" in text and "output_dir" in text
+    assert "\n" not in text
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_the_same_run_again_starts_clean_and_overwrite_replaces(tmp_path):
+    folder = tmp_path / "r"
+    run = wb.Run(folder, params={"seed": 0})
+    wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, run=run, save_every=1, progress=False)
+    (folder / "figures" / "old.png").write_bytes(b"png")
+    again = wb.Run(folder, params={"seed": 0})
+    assert again.state == "restarted"
+    wb.fit(TinyNet(), toy_loader(), epochs=2, lr=0.05, run=again, progress=False)
+    assert [r["epoch"] for r in again.metrics()] == [0, 1]
+    assert not (folder / "figures" / "old.png").exists()
+    assert not (folder / "checkpoints" / "epoch003.safetensors").exists()
+    other = wb.Run(folder, params={"seed": 1}, overwrite=True)
+    assert other.state == "overwritten" and other.metrics() == []
+    assert json.loads((folder / "params.json").read_text())["seed"] == 1
+
+
+def test_run_files_without_params_are_not_taken_for_a_new_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(wb.tracking.RunFolderError, match="no readable params.json"):
+        wb.Run(tmp_path, params={"seed": 0})
+
+
+def test_empty_output_dir_makes_a_new_dated_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = wb.Run("", params={"seed": 0}), wb.Run(None, params={"seed": 1})
+    assert a.path != b.path and a.path.parent == b.path.parent == tmp_path.joinpath("runs").relative_to(tmp_path)
+    assert (tmp_path / a.path / "params.json").is_file()
+
+
+def test_versions_name_the_workflows_packages_not_a_fixed_list(tmp_path):
+    """Issue 17 E: the core listed scanpy and anndata for every workflow."""
+    core = json.loads((wb.Run(tmp_path / "a").path / "params.json").read_text())["versions"]
+    assert "anndata" not in core and "torch" in core
+    own = json.loads((wb.Run(tmp_path / "b", packages=["anndata"]).path / "params.json").read_text())["versions"]
+    assert "anndata" in own

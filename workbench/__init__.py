@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Run": "tracking",
     "params_of": "tracking",
+    "new_run_dir": "tracking",
+    "RunFolderError": "tracking",
+    "unwrap": "transfer",
     "load_pretrained": "transfer",
     "LoadReport": "transfer",
     "LoadError": "transfer",
@@ -37,9 +40,10 @@ _EXPORTS = {
     "read_state_dict": "checkpoints",
     "CheckpointError": "checkpoints",
     "run_notebook": "execute",
+    "run_in_process": "execute",
     "run_sweep": "sweeps",
 }
-_SUBMODULES = {"checkpoints", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
+_SUBMODULES = {"cache", "checkpoints", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
                "execute", "sweeps", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

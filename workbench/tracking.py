@@ -13,24 +13,49 @@ Every run writes a self-describing folder::
 ``tracker="wandb"`` mirrors metrics to Weights & Biases, in offline mode unless the user set
 ``WANDB_MODE`` (so nothing leaves the machine by default); when wandb is not installed a
 message says so and training continues with the local files.
+
+A folder holds exactly one run. ``Run(folder, params=...)`` on a folder that already holds a run:
+
+* with other parameters: refuses (:class:`RunFolderError`, one line naming the folder, the
+  parameters that differ and the ways out: another ``output_dir``, or ``overwrite=True``); the
+  earlier run is left as it was;
+* with the same parameters: starts that run again from a clean folder, or continues it with
+  ``resume=True`` (``fit(..., resume=True)`` then picks up ``checkpoints/last.pt``).
+
+``new_run_dir(root)`` gives a fresh dated folder, so that a notebook run with the default
+``output_dir=""`` never lands on an earlier run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 from .checkpoints import atomic_write
 
-__all__ = ["Run", "params_of", "package_versions"]
+__all__ = ["Run", "RunFolderError", "params_of", "package_versions", "new_run_dir", "CORE_PACKAGES"]
 
 _JSON_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 TRACKERS = ("none", "wandb")
+#: Packages whose versions every params.json records; a workflow adds its own (``Run(packages=...)``).
+CORE_PACKAGES = ("workbench", "torch", "numpy", "scikit-learn", "papermill", "wandb")
+#: Parameters that say where a run goes or how it is shown, not what it computes: not compared between runs.
+NOT_COMPARED = ("output_dir", "interactive", "versions")
+#: What a run writes into its folder; only these are removed when a run starts again.
+RUN_ARTIFACTS = ("params.json", "metrics.jsonl", "final_metrics.json", "load_report.json", "status.json",
+                 "train.log", "checkpoints", "figures", "pretrain", "wandb", ".wandb-cache")
+
+
+class RunFolderError(ValueError):
+    """The run folder already holds a different run; the message names what differs and the way out."""
 
 
 def params_of(namespace: Mapping) -> dict:
@@ -46,11 +71,12 @@ def params_of(namespace: Mapping) -> dict:
     }
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions of Python, the core packages and ``extra`` (a workflow's own, e.g. ``("anndata",)``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for name in ("workbench", "torch", "numpy", "scikit-learn", "scanpy", "anndata", "papermill", "wandb"):
+    for name in dict.fromkeys((*CORE_PACKAGES, *extra)):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -70,46 +96,161 @@ def _dump(obj) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
 
 
+def new_run_dir(root: str | os.PathLike = "runs", *, label: str = "") -> Path:
+    """A run folder that does not exist yet: ``<root>/<YYYYmmdd-HHMMSS>[-label]-<4 hex>``.
+
+    The notebooks use it when ``output_dir`` is empty, so Run All after changing a parameter
+    starts a new run instead of landing on the previous one.
+    """
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    while True:
+        name = "-".join(part for part in (stamp, label, secrets.token_hex(2)) if part)
+        path = Path(root) / name
+        if not path.exists():
+            return path
+
+
+def _comparable(params: Mapping) -> dict:
+    """Parameters as JSON would hold them, without the ones that only say where the run goes."""
+    return json.loads(_dump({k: v for k, v in params.items() if k not in NOT_COMPARED}))
+
+
+def params_differ(recorded: Mapping, wanted: Mapping) -> dict[str, tuple]:
+    """``{name: (recorded value, wanted value)}`` for every parameter both name with different values.
+
+    A name only one side holds is not compared: a notebook may record fewer parameters than it
+    declares, and a parameter added later had its default before it was declared.
+    """
+    a, b = _comparable(recorded), _comparable(wanted)
+    return {key: (a[key], b[key]) for key in sorted(set(a) & set(b)) if a[key] != b[key]}
+
+
+def check_run_folder(path: str | os.PathLike, params: Mapping) -> str:
+    """What starting a run with ``params`` in ``path`` means: ``"new"``, ``"same"`` or raises.
+
+    ``"new"``: the folder holds no run. ``"same"``: it holds a run with equal parameters.
+
+    Raises
+    ------
+    RunFolderError
+        When the folder holds a run with other parameters, or a run whose parameters were not
+        recorded (metrics or checkpoints without params.json).
+    """
+    path = Path(path)
+    recorded_file = path / "params.json"
+    if recorded_file.is_file():
+        try:
+            recorded = json.loads(recorded_file.read_text())
+        except ValueError:
+            recorded = None
+        if isinstance(recorded, dict):
+            differ = params_differ(recorded, params)
+            if not differ:
+                return "same"
+            shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:6])
+            more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+            raise RunFolderError(
+                f"{path} already holds another run ({shown}{more}). It is left as it is. Give another "
+                "output_dir (an empty output_dir makes a new dated folder), or pass overwrite=True to replace it."
+            )
+    leftovers = [name for name in ("metrics.jsonl", "final_metrics.json", "load_report.json", "checkpoints", "pretrain")
+                 if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
+    if leftovers or recorded_file.exists():
+        raise RunFolderError(
+            f"{path} holds run files ({', '.join(leftovers or ['params.json'])}) but no readable params.json, so "
+            "it cannot tell which run made them. It is left as it is. Give another output_dir, or pass "
+            "overwrite=True to replace them."
+        )
+    return "new"
+
+
+def clear_run_folder(path: str | os.PathLike) -> None:
+    """Remove what a run wrote into ``path`` (only the files a run writes; nothing else)."""
+    path = Path(path)
+    for name in RUN_ARTIFACTS:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    for stale in path.glob(".*.tmp"):  # temporary files of an interrupted atomic write
+        stale.unlink(missing_ok=True)
+
+
 class Run:
     """One run's folder, its parameters and its metric stream.
 
     Parameters
     ----------
     output_dir
-        The run folder; created with parents.
+        The run folder; created with parents. ``""`` or None makes a new dated folder under
+        ``runs/`` (see :func:`new_run_dir`).
     params
-        Parameters to record in ``params.json`` (typically ``params_of(globals())``).
+        Parameters to record in ``params.json`` (typically ``params_of(globals())``). They
+        identify the run: a folder that holds a run with other parameters is refused.
     tracker
         ``"none"`` (local files only) or ``"wandb"``.
     project, group, job_type
         Passed to ``wandb.init``; sweeps set ``group`` to the sweep name.
+    packages
+        Packages besides the core ones whose versions ``params.json`` records (a workflow's own).
+    resume
+        Keep what an earlier run with the same parameters left (``fit(..., resume=True)``
+        continues from its ``checkpoints/last.pt``). Without it, a run with the same
+        parameters starts again from a clean folder.
+    overwrite
+        Replace a run with other parameters instead of refusing.
+
+    Attributes
+    ----------
+    state
+        ``"new"`` (empty folder), ``"restarted"`` (same parameters, earlier files removed),
+        ``"resumed"`` (same parameters, kept) or ``"overwritten"``.
     """
 
     def __init__(
         self,
-        output_dir: str | os.PathLike,
+        output_dir: str | os.PathLike | None = None,
         *,
         params: Mapping | None = None,
         tracker: str = "none",
         project: str = "workbench",
         group: str | None = None,
         job_type: str | None = None,
+        packages: Iterable[str] = (),
+        resume: bool = False,
+        overwrite: bool = False,
     ):
         if tracker not in TRACKERS:
             raise ValueError(f"tracker={tracker!r} is not one of {TRACKERS}. Use 'none' for local files only.")
-        self.path = Path(output_dir)
+        self.path = Path(output_dir) if output_dir else new_run_dir("runs")
+        self.params = dict(params or {})
+        self.resume = resume
+        try:
+            found = check_run_folder(self.path, self.params)
+        except RunFolderError:
+            if not overwrite:
+                raise
+            found = "overwritten"
+        if found in ("same", "overwritten") and not (resume and found == "same"):
+            clear_run_folder(self.path)
+        self.state = {"new": "new", "same": "resumed" if resume else "restarted"}.get(found, found)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "figures").mkdir(exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
         self.checkpoints.mkdir(exist_ok=True)
-        self.params = dict(params or {})
-        self.save_json("params.json", {**self.params, "versions": package_versions()})
+        self.save_json("params.json", {**self.params, "versions": package_versions(packages)})
         self._wandb = None
         if tracker == "wandb":
             self._wandb = _start_wandb(self, project=project, group=group, job_type=job_type)
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r})"
+        return f"Run({str(self.path)!r}, {self.state})"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<p>run folder <code>{html.escape(str(self.path))}</code> ({self.state})</p>"
 
     # ---- files
     def save_json(self, name: str, obj) -> Path:
