@@ -1,10 +1,17 @@
 import json
 import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from workbench.checkpoints import CheckpointError, read_state_dict, save_weights
+from workbench.checkpoints import CheckpointError, atomic_write, read_state_dict, save_weights
 from workbench.transfer import load_pretrained
 
 from .helpers import TinyNet
@@ -74,11 +81,115 @@ def test_missing_file_and_non_weight_content(tmp_path):
         read_state_dict(tmp_path / "cfg.pt")
 
 
+# A child process that overwrites a checkpoint with new weights through atomic_write, slowly: the
+# safetensors bytes go out in 1 MiB chunks, each flushed to the file. It prints the path it writes
+# to once the first chunk is on disk, so that the test can kill it in the middle of the write.
+SLOW_WRITER = """
+import sys, time
+import torch
+from safetensors.torch import save
+from workbench.checkpoints import atomic_write
+
+data = save({"weight": torch.full((16 * 2**20,), 7.0)})  # 64 MiB
+chunk = 2**20
+
+def write(tmp):
+    with open(tmp, "wb") as fh:
+        for start in range(0, len(data), chunk):
+            fh.write(data[start:start + chunk])
+            fh.flush()
+            if start == 0:
+                print("writing", tmp, len(data), flush=True)
+            time.sleep(0.02)
+
+atomic_write(sys.argv[1], write)
+print("done", flush=True)
+"""
+
+
 def test_interrupted_write_keeps_the_old_file(tmp_path):
+    old = {"weight": torch.randn(1000), "bias": torch.arange(10.0)}
+    path = save_weights(old, tmp_path / "w.safetensors")
+    before = path.read_bytes()
+
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = writer.stdout.readline().split()
+        assert line[:1] == ["writing"], f"the writer did not start writing: {line}, exit code {writer.wait()}"
+        writing, total = Path(line[1]), int(line[2])
+        first = writing.stat().st_size
+        deadline = time.monotonic() + 30
+        while writing.stat().st_size <= first:  # the write is under way: kill it in the middle
+            assert time.monotonic() < deadline, "the file being written did not grow"
+            time.sleep(0.005)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        writer.stdout.close()
+    assert writer.returncode == -signal.SIGKILL
+    assert writing.stat().st_size < total, "the writer finished before it was killed"
+
+    assert path.read_bytes() == before, "a killed write changed the checkpoint at the target path"
+    state = read_state_dict(path)
+    assert set(state) == set(old) and all(torch.equal(state[k], old[k]) for k in old)
+    # what the killed writer leaves is a hidden temporary file, never a file that could pass for a checkpoint
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p != path)
+    assert all(name.startswith(".w.safetensors.") and name.endswith(".tmp") for name in leftovers), leftovers
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     path = save_weights(TinyNet(), tmp_path / "w.safetensors")
     before = path.read_bytes()
     with pytest.raises(TypeError):
         save_weights({"a": torch.zeros(2), "b": "not a tensor"}, path)
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"half") and 1 / 0)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
-    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        written = atomic_write(tmp_path / "atomic.txt", lambda tmp: Path(tmp).write_text("x"))
+        weights = save_weights(TinyNet(), tmp_path / "w", metadata={"epoch": 1})
+    finally:
+        os.umask(previous)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~mask
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (written, weights, tmp_path / "w.json")}
+    assert modes == dict.fromkeys(modes, oct(plain))
+
+
+FSYNC_WRITER = """
+import sys
+from pathlib import Path
+from workbench.checkpoints import atomic_write
+
+atomic_write(sys.argv[1], lambda tmp: Path(tmp).write_text("new"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the system calls")
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after_it(tmp_path):
+    """A power loss must leave the old file or the new one: seen in the system calls the write makes."""
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    log = tmp_path / "strace.log"
+    watched = "trace=fsync,fdatasync,rename,renameat,renameat2"
+    subprocess.run(["strace", "-f", "-y", "-qq", "-o", str(log), "-e", watched, sys.executable, "-c", FSYNC_WRITER,
+                    str(target)], check=True, timeout=120)
+    assert target.read_text() == "new"
+    calls = [line.split(None, 1)[1] for line in log.read_text().splitlines() if str(tmp_path) in line]
+    renames = [i for i, call in enumerate(calls) if call.startswith("rename") and f'"{target}"' in call]
+    assert len(renames) == 1, calls
+    synced_tmp = [i for i, call in enumerate(calls) if call.startswith(("fsync(", "fdatasync("))
+                  and ".state.json." in call and ".tmp>" in call]
+    synced_dir = [i for i, call in enumerate(calls) if call.startswith("fsync(") and f"<{tmp_path}>" in call]
+    assert synced_tmp and synced_tmp[0] < renames[0], f"the temporary file is not synced before the rename: {calls}"
+    assert synced_dir and synced_dir[-1] > renames[0], f"the folder is not synced after the rename: {calls}"
