@@ -1,9 +1,14 @@
 """workbench.sweeps and `workbench sweep | report`: real papermill runs of tests/notebooks/tiny.ipynb."""
 
+import fcntl
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 import yaml
 
 from workbench.cli import main
+from workbench.schedules import SCHEDULES
 from workbench.sweeps import available_cpus, load_spec, run_id, run_sweep, summarize
 
 from .test_execute import TINY, expected_accuracy
@@ -40,6 +46,25 @@ def fix_typo(path: Path) -> None:
 def status_mtimes(sweep: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/status.json")
             if json.loads(p.read_text())["ok"]}
+
+
+def edit_notebook(path: Path, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in the notebook's code cells (``old`` must occur)."""
+    nb = json.loads(path.read_text())
+    found = False
+    for cell in nb["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and old in source:
+            cell["source"] = source.replace(old, new).splitlines(keepends=True)
+            found = True
+    assert found, f"{old!r} is not in {path}"
+    path.write_text(json.dumps(nb, indent=1))
+
+
+def sweep_cli(spec: Path, *args: str) -> subprocess.Popen:
+    """`workbench sweep SPEC ARGS` as a separate driver process."""
+    return subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(spec), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def check_four_run_sweep(sweep: Path, *, workers: int) -> None:
@@ -134,11 +159,65 @@ def test_lr_schedule_spec_matches_the_cell_type_notebook():
     path = REPO / "notebooks" / "sweeps" / "lr_schedule.yaml"
     raw = yaml.safe_load(path.read_text())
     assert raw["name"] == "lr_schedule" and raw["metric"] == "test_macro_f1"
-    assert raw["grid"] == {"lr_scheduler_type": ["constant", "cosine"]} and raw["seeds"] == [0, 1, 2]
-    if not (REPO / raw["notebook"]).is_file():
-        pytest.skip(f"{raw['notebook']} is not written yet")
+    # both schedules warm up the same way; they differ only in what follows (see the spec's comment)
+    assert raw["grid"] == {"lr_scheduler_type": ["constant_with_warmup", "cosine"]} and raw["seeds"] == [0, 1, 2]
+    assert set(raw["grid"]["lr_scheduler_type"]) <= set(SCHEDULES), f"unknown schedule in {path.name}"
+    assert (REPO / raw["notebook"]).is_file(), f"{path.name} runs {raw['notebook']}, which does not exist"
     spec = load_spec(path)  # checks every name against the notebook's parameters cell
     assert len(spec.runs()) == 6
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "notebooks" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_spec_of_the_repository_loads(path):
+    spec = load_spec(path)  # its notebook exists and declares every parameter the spec sets
+    assert spec.runs()
+
+
+def test_run_ids_cover_the_sweep_name_the_notebook_and_the_parameters(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "nb").mkdir(parents=True)
+    shutil.copy(TINY, repo / "nb" / "tiny.ipynb")
+    shutil.copy(TINY, repo / "nb" / "other.ipynb")
+
+    def run_ids(**changes) -> list[str]:
+        spec = {"name": "a", "notebook": "nb/tiny.ipynb", "output_root": "runs", "seeds": [0, 1], **changes}
+        return [rid for rid, _ in load_spec(spec).runs()]
+
+    monkeypatch.chdir(repo)
+    ids = run_ids()
+    assert re.fullmatch(r"seed=0-[0-9a-f]{8}", ids[0]) and ids == run_ids(), "ids are readable and stable"
+    assert not set(run_ids(name="b")) & set(ids), "another sweep name must give other run ids"
+    assert not set(run_ids(notebook="nb/other.ipynb")) & set(ids), "another notebook must give other run ids"
+    assert not set(run_ids(parameters={"epochs": 2})) & set(ids), "other fixed parameters must give other run ids"
+
+    monkeypatch.chdir(tmp_path)
+    shutil.move(repo, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    assert run_ids() == ids, "moving the whole repository must keep the run ids"
+
+    params = {"seed": 0}
+    assert run_id(params, shown=["seed"], sweep="a", notebook="nb/tiny.ipynb") != run_id(
+        params, shown=["seed"], sweep="b", notebook="nb/tiny.ipynb")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../escape", "a\\b", "/tmp/absolute", "two words"])
+def test_a_sweep_name_must_be_one_folder_inside_output_root(tmp_path, name):
+    pattern = rf"name={re.escape(repr(name))} .*[Aa]ccepted: .*letters, digits"
+    with pytest.raises(ValueError, match=pattern):
+        load_spec(write_spec(tmp_path, name=name))
+    with pytest.raises(ValueError, match=pattern):
+        run_sweep({"name": name, "notebook": str(TINY), "output_root": str(tmp_path / "out")}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_root_may_be_any_folder_relative_or_absolute(tmp_path, monkeypatch):
+    absolute = tmp_path / "elsewhere" / "sweeps"
+    assert load_spec(write_spec(tmp_path, output_root=str(absolute))).path == absolute / "tiny"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_spec(write_spec(tmp_path, output_root="../up")).path.resolve() == tmp_path / "up" / "tiny"
+    result = run_sweep(write_spec(tmp_path, output_root=str(absolute), name="abs"), progress=False)
+    assert result.path == absolute / "abs" and list(result.results["status"]) == ["ok"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,3 +302,142 @@ def test_sigterm_keeps_completed_runs_and_a_rerun_finishes_the_rest(tmp_path):
     assert result.n_executed == 3 - len(done)
     assert result.n_failed == 0 and list(result.results["status"]) == ["ok"] * 3
     assert status_mtimes(sweep).items() >= done.items(), "completed runs were executed again"
+
+
+def test_two_sweeps_with_equal_run_ids_share_a_dask_cluster_without_mixing_their_runs(tmp_path):
+    """Same name, notebook and parameters in two output folders: same run ids, but each sweep runs its own."""
+    from distributed import LocalCluster
+
+    specs = []
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        specs.append(write_spec(folder, parameters={"sleep_s": 3.0}, seeds=[0, 1]))
+    assert [rid for rid, _ in load_spec(specs[0]).runs()] == [rid for rid, _ in load_spec(specs[1]).runs()]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        drivers = [sweep_cli(spec, "--executor", "dask", "--scheduler", cluster.scheduler_address) for spec in specs]
+        try:
+            outputs = [driver.communicate(timeout=180) for driver in drivers]
+        finally:
+            for driver in drivers:
+                if driver.poll() is None:
+                    driver.kill()
+    for folder, driver, (out, err) in zip("ab", drivers, outputs):
+        results = pd.read_csv(tmp_path / folder / "out" / "tiny" / "results.csv")
+        assert list(results["status"]) == ["ok", "ok"], f"sweep {folder}: {results.to_dict('records')}\n{err}"
+        assert driver.returncode == 0, err
+
+
+def test_runs_of_an_earlier_notebook_are_counted_and_rerun_only_when_asked(tmp_path, capsys):
+    notebook = tmp_path / "tiny.ipynb"
+    shutil.copy(TINY, notebook)
+    bug = "if seed == 1:\n    raise ValueError('seed 1 is broken')\n"
+    edit_notebook(notebook, "# check the parameters\n", "# check the parameters\n" + bug)
+    spec = write_spec(tmp_path, notebook=str(notebook), seeds=[0, 1])
+    sweep = tmp_path / "out" / "tiny"
+    result = run_sweep(spec, progress=False)
+    assert result.n_failed == 1 and result.n_stale == 0
+    done = status_mtimes(sweep)
+    (seed0,) = done
+
+    edit_notebook(notebook, bug, "")  # the fix
+    with pytest.warns(UserWarning, match=r"1 finished run\(s\) of sweep tiny were made by an earlier .*version of "
+                                         r"tiny.ipynb.*rerun_stale=True"):
+        result = run_sweep(spec, progress=False)
+    assert result.n_executed == 1, "only the failed run may execute again"
+    assert result.n_failed == 0 and result.n_stale == 1
+    assert status_mtimes(sweep)[seed0] == done[seed0]
+
+    result = run_sweep(spec, progress=False, rerun_stale=True)
+    assert result.n_executed == 1 and result.n_stale == 0 and result.n_failed == 0, result.results.to_dict("records")
+    assert status_mtimes(sweep)[seed0] > done[seed0], "the stale run was not executed again"
+    assert result.to_dict()["n_stale"] == 0
+
+    # a status.json from before the notebook's hash was recorded counts as stale too; the CLI says so
+    status_file = next(sweep.glob("seed=1-*/status.json"))
+    status = json.loads(status_file.read_text())
+    del status["notebook_sha256"]
+    status_file.write_text(json.dumps(status))
+    assert main(["sweep", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "0 executed now" in out and "1 finished run(s) were made by an earlier or unknown version" in out
+    assert "--rerun-stale" in out
+    assert main(["sweep", str(spec), "--rerun-stale"]) == 0
+    out = capsys.readouterr().out
+    assert "1 executed now" in out and "finished run(s)" not in out
+    assert run_sweep(spec, progress=False).n_stale == 0
+
+
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_a_run_whose_status_cannot_be_written_fails_alone(tmp_path, capsys, executor):
+    spec = write_spec(tmp_path, seeds=[0, 1])
+    sweep = tmp_path / "out" / "tiny"
+    broken = sweep / load_spec(spec).runs()[1][0]
+    (broken / "status.json").mkdir(parents=True)  # writing status.json there fails with IsADirectoryError
+
+    code = main(["sweep", str(spec), "--executor", executor, "--workers", "2"])
+    captured = capsys.readouterr()
+    assert code == 1
+    results = pd.read_csv(sweep / "results.csv")
+    assert list(results["status"]) == ["ok", "failed"]
+    assert "could not write status.json: IsADirectoryError" in results["error"][1]
+    assert f"{broken.name}: " in captured.err and "could not write status.json" in captured.err
+
+
+def wait_for_lock(lock: Path, pid: int, *, driver: subprocess.Popen | None = None, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not (lock.is_file() and lock.read_text().strip() == str(pid)):
+        if driver is not None:
+            assert driver.poll() is None, f"the driver ended without taking {lock}: {driver.communicate()}"
+        assert time.monotonic() < deadline, f"{lock} did not name pid {pid} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_second_driver_on_the_same_sweep_folder_refuses(tmp_path, capsys):
+    spec = write_spec(tmp_path, parameters={"sleep_s": 3.0})
+    sweep = tmp_path / "out" / "tiny"
+    first = sweep_cli(spec)
+    try:
+        wait_for_lock(sweep / ".sweep.lock", first.pid, driver=first)
+        from workbench.sweeps import SweepLockedError
+
+        with pytest.raises(SweepLockedError, match=rf"{re.escape(str(sweep))} .*pid {first.pid}.*[Ww]ait"):
+            run_sweep(spec, progress=False)
+        assert main(["sweep", str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert str(sweep) in err and f"pid {first.pid}" in err
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert run_sweep(spec, progress=False).n_executed == 0, "the finished driver must have released the lock"
+
+
+def test_the_lock_is_released_when_a_sweep_is_interrupted(tmp_path):
+    spec = write_spec(tmp_path, parameters={"sleep_s": 5.0})
+    sweep = tmp_path / "out" / "tiny"
+    finished = threading.Event()
+    seen = []
+
+    def interrupt_while_running():
+        while not finished.is_set():
+            lock = sweep / ".sweep.lock"
+            if lock.is_file() and lock.read_text().strip() == str(os.getpid()) and list(sweep.glob("*/notebook.ipynb")):
+                seen.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=interrupt_while_running, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(spec, progress=False)
+    finally:
+        finished.set()
+        thread.join()
+    assert seen, "the sweep did not hold the lock while it ran"
+    with open(sweep / ".sweep.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while the lock is still held
+    result = run_sweep(spec, progress=False)
+    assert result.n_executed == 1 and result.n_failed == 0

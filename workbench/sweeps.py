@@ -8,18 +8,44 @@ A sweep is a YAML spec::
     grid: {lr_scheduler_type: [constant, cosine]}    # cartesian product
     seeds: [0, 1, 2]                                 # injected as the parameter `seed`
     metric: test_macro_f1                            # for the comparison figure
-    output_root: runs/sweeps                         # default
+    output_root: runs/sweeps                         # default; relative to the CWD, or absolute
 
 ``grid`` may also be a list of such dicts (as in scikit-learn's ``ParameterGrid``): the runs are
-the union of their products. ``seed`` may then be part of a grid instead of ``seeds``.
+the union of their products. ``seed`` may then be part of a grid instead of ``seeds``. ``name``
+is one folder name (letters, digits and ``. _ - = , +``; not ``.`` or ``..``): the sweep folder
+is ``<output_root>/<name>``.
 
-Each run executes in its own folder ``<output_root>/<name>/<run_id>/`` where ``run_id`` is a
-readable label plus a hash of all its parameters (``lr_scheduler_type=cosine,seed=0-1a2b3c4d``),
-so the same parameters always land in the same folder. A run counts as done once its
-``status.json`` (written last, see :mod:`workbench.execute`) says ``ok``; running the sweep
-again executes only the runs that are missing or failed. At the end the sweep folder holds
-``results.csv`` (one row per run), ``summary.csv`` (mean and std per setting, over seeds) and
-``comparison.png``.
+Run folders
+    Each run executes in its own folder ``<output_root>/<name>/<run_id>/``. The run id is a
+    readable label plus a hash (``lr_scheduler_type=cosine,seed=0-1a2b3c4d``). The hash covers
+    what defines the run: the sweep's name, the notebook's path relative to ``output_root``,
+    and all the run's parameters (the fixed ones included). The same run always lands in the
+    same folder, a different notebook or sweep name gives a different one, and moving the whole
+    project (notebook and output folder together) keeps the ids.
+
+Resuming
+    A run counts as done once its ``status.json`` (written last, see :mod:`workbench.execute`)
+    says ``ok``; running the sweep again executes only the runs that are missing or failed.
+
+Notebook versions
+    ``status.json`` records a hash of the notebook's code cells. When finished runs were made by
+    an earlier version of the notebook (or by one that recorded no hash), the sweep keeps them,
+    says how many (a :class:`StaleRunsWarning` and ``SweepResult.n_stale``), and runs them again
+    only when asked: ``run_sweep(..., rerun_stale=True)`` or ``workbench sweep SPEC --rerun-stale``.
+
+Failures
+    A failed run never stops the others: a notebook error, a run that cannot start and a run
+    whose ``status.json`` cannot be written (a full disk) all end up as ``failed`` rows with
+    their error.
+
+One driver per sweep folder
+    While a sweep runs, its driver holds a lock on ``<sweep folder>/.sweep.lock`` (the file holds
+    the driver's pid). A second driver started on the same folder stops at once with a
+    :class:`SweepLockedError` that names that pid. The operating system drops the lock when the
+    driver ends, however it ends, so a crashed driver never blocks the folder.
+
+At the end the sweep folder holds ``results.csv`` (one row per run), ``summary.csv`` (mean and
+std per setting, over seeds) and ``comparison.png``.
 """
 
 from __future__ import annotations
@@ -34,16 +60,27 @@ import re
 import signal
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["SweepSpec", "SweepResult", "load_spec", "run_sweep", "collect", "summarize", "run_id", "available_cpus",
-           "THREAD_ENV_VARS"]
+__all__ = ["SweepSpec", "SweepResult", "SweepLockedError", "StaleRunsWarning", "load_spec", "run_sweep", "collect",
+           "summarize", "run_id", "available_cpus", "THREAD_ENV_VARS"]
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS")
 SPEC_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "metric", "output_root", "description")
 EXECUTORS = ("local", "dask")
+LOCK_FILE = ".sweep.lock"
+NAME_CHARACTERS = "letters, digits and . _ - = , +"
+
+
+class SweepLockedError(RuntimeError):
+    """Another sweep driver is running on the same sweep folder; the message names its pid."""
+
+
+class StaleRunsWarning(UserWarning):
+    """Finished runs of a sweep were made by an earlier (or unknown) version of its notebook."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +95,7 @@ class SweepSpec:
     Attributes
     ----------
     name
-        Sweep name; also the folder under ``output_root``.
+        Sweep name; also the folder under ``output_root``, so one folder name (see the module docstring).
     notebook
         Absolute path of the notebook.
     parameters
@@ -81,6 +118,11 @@ class SweepSpec:
     metric: str | None = None
     output_root: Path = Path("runs/sweeps")
 
+    def __post_init__(self):
+        _check_name(self.name)
+        self.notebook = Path(self.notebook)
+        self.output_root = Path(self.output_root)
+
     @property
     def path(self) -> Path:
         """The sweep folder ``<output_root>/<name>``."""
@@ -94,9 +136,23 @@ class SweepSpec:
             keys += [k for k in block if k != "seed" and k not in keys]
         return keys
 
+    @property
+    def notebook_key(self) -> str:
+        """The notebook's path relative to ``output_root`` (both resolved), as it enters the run ids.
+
+        Relative, so that moving the project (notebook and output folder together) keeps the ids.
+        """
+        notebook = Path(self.notebook).resolve()
+        try:
+            return Path(os.path.relpath(notebook, self.output_root.resolve())).as_posix()
+        except ValueError:  # Windows: another drive has no relative path
+            return notebook.as_posix()
+
     def runs(self) -> list[tuple[str, dict]]:
         """``[(run_id, params)]`` for every run of the sweep, duplicates removed, in grid order."""
         runs: dict[str, dict] = {}
+        shown = [*self.grid_keys, "seed"]
+        notebook = self.notebook_key
         for block in self.grid or [{}]:
             names = list(block)
             for values in itertools.product(*(block[n] for n in names)):
@@ -104,7 +160,7 @@ class SweepSpec:
                     params = {**self.parameters, **dict(zip(names, values))}
                     if seed is not None:
                         params["seed"] = seed
-                    runs.setdefault(run_id(params, shown=[*self.grid_keys, "seed"]), params)
+                    runs.setdefault(run_id(params, shown=shown, sweep=self.name, notebook=notebook), params)
         return list(runs.items())
 
 
@@ -139,11 +195,10 @@ def load_spec(spec: str | os.PathLike | dict | SweepSpec, *, check_parameters: b
     if unknown:
         raise ValueError(f"sweep spec has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(SPEC_KEYS)}.")
     for key in ("name", "notebook"):
-        if not spec.get(key):
+        if spec.get(key) is None or (key == "notebook" and not spec[key]):
             raise ValueError(f"sweep spec needs {key!r}; it has {', '.join(spec) or 'no keys'}.")
     name = str(spec["name"])
-    if _safe(name) != name:
-        raise ValueError(f"name={name!r} becomes a folder name: use letters, digits and . _ - = , + only.")
+    _check_name(name)
 
     grid = spec.get("grid") or []
     grid = [grid] if isinstance(grid, dict) else grid
@@ -205,17 +260,33 @@ def _check_parameters(spec: SweepSpec) -> None:
     spec.seeds = [coerce_parameters(spec.notebook, {"seed": s}, declared=declared)["seed"] for s in spec.seeds]
 
 
-def run_id(params: dict, *, shown: list[str] | None = None) -> str:
-    """Stable, filesystem-safe folder name for a run: ``<readable part>-<hash of all params>``.
+def run_id(params: dict, *, shown: list[str] | None = None, sweep: str | None = None,
+           notebook: str | None = None) -> str:
+    """Stable, filesystem-safe folder name for a run: ``<readable part>-<hash>``.
+
+    The hash covers ``params``, ``sweep`` and ``notebook``, so runs with equal parameters in
+    different sweeps, or of different notebooks, get different ids.
 
     Parameters
     ----------
     params
-        All parameters of the run.
+        All parameters of the run: the sweep's fixed parameters and the run's own.
     shown
         Names whose values make up the readable part (those present in ``params``).
+    sweep
+        The sweep's name.
+    notebook
+        The notebook's path as the sweep knows it (:attr:`SweepSpec.notebook_key`: relative to
+        ``output_root``).
+
+    Examples
+    --------
+    >>> run_id({"lr": 0.1, "seed": 0}, shown=["seed"], sweep="lr_schedule",
+    ...        notebook="../../notebooks/cell_type_annotation.ipynb")
+    'seed=0-644659ed'
     """
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    defines_the_run = {"sweep": sweep, "notebook": notebook, "parameters": params}
+    digest = hashlib.sha1(json.dumps(defines_the_run, sort_keys=True, default=str).encode()).hexdigest()[:8]
     readable = ",".join(f"{k}={params[k]}" for k in (shown or []) if k in params)
     readable = _safe(readable)[:80]
     return f"{readable}-{digest}" if readable else digest
@@ -223,6 +294,15 @@ def run_id(params: dict, *, shown: list[str] | None = None) -> str:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def _check_name(name: str) -> None:
+    """A sweep name must be one folder name, so that the sweep folder stays inside ``output_root``."""
+    if not isinstance(name, str) or name in ("", ".", "..") or _safe(name) != name:
+        raise ValueError(
+            f"name={name!r} cannot be a sweep name: the sweep's runs go into the folder <output_root>/<name>, "
+            f"so the name must be one folder name. Accepted: {NAME_CHARACTERS} (not empty, not '.' or '..', "
+            "no path separators), e.g. name: lr_schedule. To put the sweep elsewhere, set output_root.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +332,9 @@ class SweepResult:
         Runs executed by this call; the others were complete already and were skipped.
     metric
         The metric of the comparison figure (None when no run reported a numeric metric).
+    n_stale
+        Finished (ok) runs made by an earlier version of the notebook, or by one that recorded no
+        version; their results are in ``results``. ``run_sweep(..., rerun_stale=True)`` runs them again.
     """
 
     name: str
@@ -261,6 +344,7 @@ class SweepResult:
     n_failed: int
     n_executed: int
     metric: str | None = None
+    n_stale: int = 0
 
     @property
     def n_runs(self) -> int:
@@ -278,13 +362,15 @@ class SweepResult:
             "n_runs": self.n_runs,
             "n_failed": self.n_failed,
             "n_executed": self.n_executed,
+            "n_stale": self.n_stale,
             "metric": self.metric,
             "results": _records(self.results),
             "summary": _records(self.summary),
         }
 
     def _repr_html_(self) -> str:
-        head = (f"<b>sweep {html.escape(self.name)}</b>: {self.n_runs} runs, {self.n_failed} failed, "
+        stale = f", {self.n_stale} made by an earlier notebook" if self.n_stale else ""
+        head = (f"<b>sweep {html.escape(self.name)}</b>: {self.n_runs} runs, {self.n_failed} failed{stale}, "
                 f"{self.n_executed} executed now; <code>{html.escape(str(self.path))}</code>")
         parts = [head, self.summary.to_html(index=False, na_rep="")]
         failed = self.results[self.results["status"] != "ok"]
@@ -319,6 +405,7 @@ def run_sweep(
     kernel_name: str = "workbench",
     timeout: float | None = None,
     progress: bool = True,
+    rerun_stale: bool = False,
 ) -> SweepResult:
     """Run every not-yet-completed run of a sweep, then write ``results.csv``, ``summary.csv`` and the figure.
 
@@ -344,11 +431,20 @@ def run_sweep(
         Seconds one cell may run before its run fails; None means no limit.
     progress
         Show a progress bar over runs.
+    rerun_stale
+        Also run again the finished runs that an earlier version of the notebook made (or a
+        version that was not recorded). By default they are kept, and a
+        :class:`StaleRunsWarning` says how many there are.
 
     Returns
     -------
     SweepResult
         A failed run never stops the others; it shows up in ``results`` with its error.
+
+    Raises
+    ------
+    SweepLockedError
+        When another sweep driver is running on the same sweep folder.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}.")
@@ -357,23 +453,79 @@ def run_sweep(
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive integer, e.g. workers=2.")
     spec = load_spec(spec)
-    from .execute import ensure_kernel, read_status
+    from .execute import ensure_kernel, notebook_sha256, read_status
 
-    ensure_kernel(kernel_name)  # once here, so that parallel workers never race to install it
-    runs = spec.runs()
-    todo = [(rid, params) for rid, params in runs if not (read_status(spec.path / rid) or {}).get("ok")]
-    threads = max(1, available_cpus() // workers)
-    jobs = [dict(notebook=str(spec.notebook), parameters=params, output_dir=str((spec.path / rid).resolve()),
-                 kernel_name=kernel_name, timeout=timeout, threads=threads) for rid, params in todo]
+    with _sweep_lock(spec.path):
+        ensure_kernel(kernel_name)  # once here, so that parallel workers never race to install it
+        runs = spec.runs()
+        notebook_version = notebook_sha256(spec.notebook)
+        statuses = {rid: read_status(spec.path / rid) or {} for rid, _ in runs}
+        stale = [rid for rid, _ in runs if _is_stale(statuses[rid], notebook_version)]
+        if stale and not rerun_stale:
+            warnings.warn(
+                f"{len(stale)} finished run(s) of sweep {spec.name} were made by an earlier or unknown version of "
+                f"{spec.notebook.name}; their results are kept. To run them again with the notebook as it is now, "
+                "call run_sweep(..., rerun_stale=True) or `workbench sweep SPEC --rerun-stale`.",
+                StaleRunsWarning, stacklevel=2)
+        todo = [(rid, params) for rid, params in runs
+                if not statuses[rid].get("ok") or (rerun_stale and rid in stale)]
+        threads = max(1, available_cpus() // workers)
+        jobs = [dict(run_id=rid, notebook=str(spec.notebook), parameters=params,
+                     output_dir=str((spec.path / rid).resolve()), kernel_name=kernel_name, timeout=timeout,
+                     threads=threads) for rid, params in todo]
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=spec.name, unit="run",
-              disable=not progress) as bar, _sigterm_as_interrupt():
-        if jobs:
-            run = _run_local if executor == "local" else _run_dask
-            run(jobs, workers=workers, scheduler=scheduler, on_done=lambda: bar.update(1))
-    return collect(spec, n_executed=len(jobs))
+        outcomes: dict[str, dict] = {}
+        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=spec.name, unit="run",
+                  disable=not progress) as bar, _sigterm_as_interrupt():
+            if jobs:
+                run = _run_local if executor == "local" else _run_dask
+                outcomes = run(jobs, workers=workers, scheduler=scheduler, on_done=lambda: bar.update(1))
+        return collect(spec, n_executed=len(jobs), outcomes=outcomes)
+
+
+def _is_stale(status: dict, notebook_version: str) -> bool:
+    """A finished run whose status.json records another notebook version, or none."""
+    return bool(status.get("ok")) and status.get("notebook_sha256") != notebook_version
+
+
+@contextmanager
+def _sweep_lock(folder: Path):
+    """Hold ``<folder>/.sweep.lock`` for the block: one driver per sweep folder.
+
+    ``flock`` locks belong to the open file, so the operating system releases them when the
+    driver exits, however it exits: a dead driver never leaves a stale lock. The file holds the
+    pid of the driver that holds the lock, for the message another driver gives. Without
+    ``fcntl`` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = handle.read().strip()
+            holder = f"pid {pid}" if pid else "a process that has not written its pid yet"
+            stop = f"stop it (kill {pid}; its completed runs are kept)" if pid else "stop it"
+            raise SweepLockedError(
+                f"the sweep folder {folder} is in use by another sweep driver ({holder}; lock file {path}). "
+                f"Wait for that sweep to finish, or {stop}, then run this sweep again.") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.truncate(0)  # the pid of a driver that has ended would only mislead
+    finally:
+        handle.close()  # releases the lock
 
 
 def available_cpus() -> int:
@@ -384,11 +536,18 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _execute_job(job: dict) -> bool:
+def _execute_job(job: dict) -> dict:
     """Run one sweep run (in a worker process): set the thread variables, then execute the notebook.
 
     A run that cannot execute (a bad value, a kernel that does not start) is recorded as failed
-    in its ``status.json`` like a run whose notebook raised, so the sweep carries on.
+    in its ``status.json`` like a run whose notebook raised, so the sweep carries on. When even
+    that record cannot be written (a full disk), the returned outcome carries the error.
+
+    Returns
+    -------
+    dict
+        ``{"ok": bool, "error": str | None}``. Only an interrupt (KeyboardInterrupt, SystemExit)
+        raises; every failure of the run itself is an outcome.
     """
     from .execute import STATUS_FILE, run_notebook
 
@@ -399,18 +558,25 @@ def _execute_job(job: dict) -> bool:
     # 2-core box: 13.5 ms ACTIVE vs 33 us PASSIVE). A value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        # overwrite: the sweep owns its run folders (a folder's name is the hash of what defines its run), so a
+        # re-run replaces what a failed attempt, or an earlier notebook version with other defaults, left there
         result = run_notebook(job["notebook"], parameters=job["parameters"], output_dir=job["output_dir"],
-                              kernel_name=job["kernel_name"], timeout=job["timeout"])
+                              kernel_name=job["kernel_name"], timeout=job["timeout"], overwrite=True)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - recorded as the run's error; the sweep goes on
+        error = f"the run could not execute or record its result: {type(err).__name__}: {err}"
+    else:
+        return {"ok": result.ok, "error": result.error}
+
+    status = {"ok": False, "error": error, "failed_cell": None, "seconds": 0.0}
+    try:
         out = Path(job["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        status = {"ok": False, "error": f"the run could not execute: {type(err).__name__}: {err}", "failed_cell": None,
-                  "seconds": 0.0}
         (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
-        return False
-    return result.ok
+    except Exception as err:  # noqa: BLE001 - the driver records it instead
+        error += f"; could not write status.json: {type(err).__name__}: {err}"
+    return {"ok": False, "error": error}
 
 
 # local process pool ----------------------------------------------------------------------------
@@ -430,7 +596,7 @@ def _worker_sigterm(signum, frame):
     os._exit(128 + signum)
 
 
-def _local_job(job: dict) -> bool:
+def _local_job(job: dict) -> dict:
     global _BUSY
     _BUSY = True
     try:
@@ -441,16 +607,20 @@ def _local_job(job: dict) -> bool:
         _BUSY = False
 
 
-def _run_local(jobs: list[dict], *, workers: int, scheduler, on_done) -> None:
+def _run_local(jobs: list[dict], *, workers: int, scheduler, on_done) -> dict[str, dict]:
+    """Run the jobs in a pool of spawned processes; returns ``{run_id: outcome}`` (see :func:`_execute_job`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_local_worker_init)
+    outcomes = {}
     try:
-        for future in as_completed([pool.submit(_local_job, job) for job in jobs]):
-            future.result()
+        futures = {pool.submit(_local_job, job): job["run_id"] for job in jobs}
+        for future in as_completed(futures):
+            outcomes[futures[future]] = future.result()
             on_done()
+        return outcomes
     except BaseException:
         _stop_workers(pool)
         raise
@@ -473,7 +643,8 @@ def _stop_workers(pool) -> None:
 # dask ------------------------------------------------------------------------------------------
 
 
-def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done) -> None:
+def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done) -> dict[str, dict]:
+    """Run the jobs as Dask tasks; returns ``{run_id: outcome}`` (see :func:`_execute_job`)."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -481,17 +652,28 @@ def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(scheduler if scheduler is not None else cluster)
     futures = []
+    outcomes = {}
     try:
-        futures = [client.submit(_execute_job, job, pure=False, key=f"workbench-run-{Path(job['output_dir']).name}")
-                   for job in jobs]
+        run_ids = {_dask_key(job): job["run_id"] for job in jobs}
+        futures = [client.submit(_execute_job, job, pure=False, key=_dask_key(job)) for job in jobs]
         for future in as_completed(futures):
-            future.result()
+            outcomes[run_ids[future.key]] = future.result()
             on_done()
+        return outcomes
     finally:
         client.cancel(futures)
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _dask_key(job: dict) -> str:
+    """Task key of a run: its id plus a hash of its folder, so that two sweeps sharing a cluster never share a task.
+
+    Equal keys would make the scheduler hand one sweep the other's task: the run would execute only once.
+    """
+    folder_hash = hashlib.sha1(job["output_dir"].encode()).hexdigest()[:8]
+    return f"workbench-run-{folder_hash}-{job['run_id']}"
 
 
 class _sigterm_as_interrupt:
@@ -518,20 +700,38 @@ class _sigterm_as_interrupt:
 # --------------------------------------------------------------------------------------------
 
 
-def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0) -> SweepResult:
+def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
+            outcomes: dict[str, dict] | None = None) -> SweepResult:
     """Read every run folder of the spec and write ``results.csv``, ``summary.csv`` and ``comparison.png``.
 
     Runs that have not finished are listed with status ``pending``.
+
+    Parameters
+    ----------
+    spec
+        Path of the YAML spec, its content as a dict, or a :class:`SweepSpec`.
+    n_executed
+        Runs executed by the caller, reported in the result.
+    outcomes
+        ``{run_id: {"ok": ..., "error": ...}}`` from the workers that ran them. Used for a run whose
+        ``status.json`` could not be written or read, which is then ``failed`` with that error.
     """
     import pandas as pd
 
-    from .execute import METRICS_FILE, STATUS_FILE, _read_json
+    from .execute import METRICS_FILE, STATUS_FILE, _read_json, notebook_sha256
 
     spec = load_spec(spec)
+    outcomes = outcomes or {}
+    notebook_version = notebook_sha256(spec.notebook)
     rows = []
+    n_stale = 0
     for rid, params in spec.runs():
         folder = spec.path / rid
         status = _read_json(folder / STATUS_FILE)
+        if not status and rid in outcomes:
+            status = _status_from_outcome(outcomes[rid], folder / STATUS_FILE)
+        if _is_stale(status, notebook_version):
+            n_stale += 1
         row = {"run_id": rid, "status": ("ok" if status.get("ok") else "failed") if status else "pending",
                "error": status.get("error"), "failed_cell": status.get("failed_cell"), "seconds": status.get("seconds")}
         row.update({k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
@@ -553,7 +753,16 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0) 
     if metric is not None:
         _save_comparison(summary, metric, spec.path / "comparison.png")
     return SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
-                       n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric)
+                       n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
+                       n_stale=n_stale)
+
+
+def _status_from_outcome(outcome: dict, status_file: Path) -> dict:
+    """The row of a run that has no readable status.json, from what its worker returned."""
+    error = outcome.get("error")
+    if outcome.get("ok"):  # the notebook ran, but its record is gone or unreadable
+        error = f"the run finished, but {status_file} could not be read back"
+    return {"ok": False, "error": error, "failed_cell": None, "seconds": None}
 
 
 def summarize(results, *, by: list[str], metrics: list[str]):
