@@ -1,10 +1,11 @@
 # Every target bootstraps .venv itself, so a fresh clone needs only `make demo` or `make test`.
+# No MPLBACKEND here: exported variables reach every Jupyter kernel, and a non-inline backend turns figures
+# into text under `make lab`. The workbench kernelspec sets the inline backend itself (execute.ensure_kernel).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
-export MPLBACKEND ?= Agg
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
@@ -19,8 +20,9 @@ help:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,lab]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,lab,lora]"
 	$(PY) -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
+	$(PY) -c "from workbench.execute import ensure_kernel; ensure_kernel()"  # figures inline in every kernel
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -43,6 +43,14 @@ def test_load_pbmc_keeps_x_sparse_and_splits_stratified():
     few = cell_type.load("", "bulk_labels", label_fraction=0.1, seed=0)
     assert set(few.labelled_idx) <= set(few.train_idx) and set(few.labels[few.labelled_idx]) == set(few.classes)
     assert len(few.labelled_idx) < 0.15 * len(few.train_idx)
+    # validation cells: labelled training cells, apart from those fitted on, stratified, test untouched
+    assert len(data.val_idx) > 0 and not set(data.val_idx) & set(data.labelled_idx)
+    assert set(data.val_idx) <= set(data.train_idx) and not set(data.val_idx) & set(data.test_idx)
+    assert abs(len(data.val_idx) - 0.1 * 560) <= 6
+    counts = data.to_frame()
+    assert (counts["fit (labelled)"].drop("total") >= 1).all()
+    none = cell_type.load("", "bulk_labels", val_fraction=0.0)
+    assert len(none.val_idx) == 0 and len(none.labelled_idx) == 560
     assert "cells" in data.to_dict() and "test" in data.to_frame().columns
 
 
@@ -75,8 +83,9 @@ def test_pretraining_checkpoint_loads_into_the_classifier_like_an_external_one(t
     import workbench as wb
 
     data = cell_type.load(str(write_h5ad(tmp_path / "a.h5ad")), "celltype")
-    ckpt = cell_type.pretrain(data, output_dir=tmp_path, pretrain_epochs=2, progress=False)
-    assert json.loads(ckpt.with_suffix(".json").read_text())["genes"][:2] == ["GENE_000", "GENE_001"]
+    ckpt = cell_type.pretrain(data, pretrain_epochs=2, progress=False, cache_root=tmp_path / "cache")
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["genes"][:2] == ["GENE_000", "GENE_001"] and meta["fingerprint"] == ckpt.parent.name
     model = cell_type.build_model(data)
     report = wb.load_pretrained(model, ckpt, expect_missing=["head.*"])
     assert report.missing == ["head.bias", "head.weight"]
@@ -84,18 +93,72 @@ def test_pretraining_checkpoint_loads_into_the_classifier_like_an_external_one(t
     assert report.loaded_fraction > 0.9
 
 
-def _run(args, cwd=ROOT):
-    return subprocess.run(WORKBENCH + args, capture_output=True, text=True, cwd=cwd, timeout=600)
+def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_path):
+    """Issue 17 A1: pretraining was reused by folder, so seed 1 fine-tuned on seed 0's encoder, which had seen
+    most of seed 1's test cells."""
+    path = write_h5ad(tmp_path / "a.h5ad")
+    cache = tmp_path / "cache"
+
+    def pretrain(data, **kw):
+        return cell_type.pretrain(data, pretrain_epochs=1, progress=False, cache_root=cache, **kw)
+
+    seed0 = cell_type.load(str(path), "celltype", seed=0)
+    first = pretrain(seed0)
+    stamp = first.stat().st_mtime_ns
+    again = pretrain(cell_type.load(str(path), "celltype", seed=0, label_fraction=0.5))  # same cells: reused
+    assert again == first and first.stat().st_mtime_ns == stamp
+    seed1 = cell_type.load(str(path), "celltype", seed=1)
+    assert set(seed1.test_idx) & set(seed0.train_idx)  # the leak this prevents
+    assert pretrain(seed1) != first
+    assert pretrain(seed0, mask_ratio=0.5) != first
+    other = write_h5ad(tmp_path / "b.h5ad", seed=5)  # same shape, other values
+    assert pretrain(cell_type.load(str(other), "celltype", seed=0)) != first
+    assert len(list((cache / "pretrain").glob("*/pretrained.safetensors"))) == 4
+
+
+def executed_figures(path) -> tuple[int, int]:
+    """(image/png outputs, figures shown only as text) in an executed notebook."""
+    outputs = [o for c in json.loads(Path(path).read_text())["cells"] for o in c.get("outputs", [])]
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    text_only = sum("image/png" not in o.get("data", {}) and "<Figure size" in "".join(o.get("data", {}).get("text/plain", ""))
+                    for o in outputs)
+    return images, text_only
+
+
+def _run(args, cwd=ROOT, env=None):
+    return subprocess.run(WORKBENCH + args, capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+
+
+def test_two_seeds_into_one_folder_are_refused_and_the_first_run_stays_intact(tmp_path):
+    """Issue 17 A: `workbench run` of seed 0, then seed 1 into the same folder."""
+    out = tmp_path / "run"
+    fast = ["-p", "epochs", "1", "-p", "pretrained_checkpoint", "none", "-o", str(out)]
+    assert _run(["run", str(NOTEBOOK), *fast]).returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = _run(["run", str(NOTEBOOK), "-p", "seed", "1", *fast])
+    assert proc.returncode == 2
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1 and str(out) in message and "seed: 0 there, 1 now" in message
+    assert "--overwrite" in message or "overwrite" in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same run again (make demo twice) works, and leaves one run's metrics
+    assert _run(["run", str(NOTEBOOK), *fast]).returncode == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_notebook_tiny_run_writes_the_run_folder_contract(tmp_path):
     """Headless papermill run on pbmc68k_reduced with 2 epochs and an external checkpoint path."""
     data = cell_type.load("", "bulk_labels", seed=0)
-    ckpt = cell_type.pretrain(data, output_dir=tmp_path / "pre", pretrain_epochs=1, progress=False)
+    ckpt = cell_type.pretrain(data, pretrain_epochs=1, progress=False)
     out = tmp_path / "run"
+    import os
+
+    env = {**os.environ, "MPLBACKEND": "Agg"}  # as a server or CI shell may export: must not reach the kernel
     proc = _run(["run", str(NOTEBOOK), "-p", "epochs", "2", "-p", "pretrained_checkpoint", str(ckpt),
-                 "-p", "lr_scheduler_type", "constant", "-o", str(out)])
+                 "-p", "lr_scheduler_type", "constant", "-o", str(out)], env=env)
     assert proc.returncode == 0, proc.stderr
+    figures, as_text = executed_figures(out / "notebook.ipynb")
+    assert figures >= 3 and as_text == 0, (figures, as_text)  # issue 14: figures were "<Figure size ...>" text
     final = json.loads((out / "final_metrics.json").read_text())
     for key in ("test_accuracy", "test_macro_f1", "baseline_test_accuracy", "baseline_test_macro_f1"):
         assert 0.0 <= final[key] <= 1.0, key
@@ -105,6 +168,10 @@ def test_notebook_tiny_run_writes_the_run_folder_contract(tmp_path):
     assert params["epochs"] == 2 and params["interactive"] is False and "torch" in params["versions"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+    # issue 14: validation cells score every epoch, and the best checkpoint is chosen on them
+    assert all({"val_loss", "val_accuracy", "val_macro_f1"} <= set(r) for r in rows)
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"] and "val_loss" in best
     report = json.loads((out / "load_report.json").read_text())
     assert report["missing"] == ["head.bias", "head.weight"] and report["loaded_fraction"] > 0.9
     assert (out / "checkpoints" / "best.safetensors").exists() and (out / "checkpoints" / "last.pt").exists()
@@ -122,7 +189,10 @@ def test_bring_your_own_h5ad_through_the_cli(tmp_path):
     assert final["test_accuracy"] > 0.5  # 4 separable types
     summary = json.loads((out / "params.json").read_text())
     assert summary["data_path"] == str(path)
-    assert (out / "pretrained.safetensors").exists()
+    report = json.loads((out / "load_report.json").read_text())
+    source = Path(report["source"])
+    assert source.is_file() and source.parent.parent.name == "pretrain"  # the fingerprinted cache entry
+    assert report["metadata"]["fingerprint"] == source.parent.name and "genes" not in report["metadata"]
 
 
 def test_cli_failure_is_one_readable_message(tmp_path):
@@ -133,16 +203,23 @@ def test_cli_failure_is_one_readable_message(tmp_path):
     assert "label_key='nope' is not a column" in proc.stderr and "cell" in proc.stderr.lower()
 
 
-def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_NUM_THREADS", "1")
-    from workbench.execute import notebook_parameters
+@pytest.mark.parametrize("pretrained_checkpoint", ["none", "pretrain"])
+def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeypatch, pretrained_checkpoint):
+    """The same notebook cells run in-process (the panel's Train) and under papermill; pretraining included,
+    each in a cache of its own so that both really pretrain."""
+    import os
 
-    params = {name: eval(spec["default"]) for name, spec in notebook_parameters(NOTEBOOK).items()}  # noqa: S307
-    params.update(epochs=3, pretrained_checkpoint="none", interactive=False, seed=1)
+    monkeypatch.setenv("TORCH_NUM_THREADS", "1")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
+    params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "seed": 1}
     in_process = cell_type.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
-    proc = _run(["run", str(NOTEBOOK), "-p", "epochs", "3", "-p", "pretrained_checkpoint", "none", "-p", "seed", "1",
-                 "-o", str(tmp_path / "papermill")])
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache_papermill")}
+    proc = _run(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))],
+                 "-o", str(tmp_path / "papermill")], env=env)
     assert proc.returncode == 0, proc.stderr
     a = json.loads((tmp_path / "in_process" / "final_metrics.json").read_text())
     b = json.loads((tmp_path / "papermill" / "final_metrics.json").read_text())
     assert a == b == in_process.final
+    if pretrained_checkpoint == "pretrain":
+        assert len(list((tmp_path / "cache_papermill" / "pretrain").glob("*/pretrained.safetensors"))) == 1
+        assert len(list((tmp_path / "cache_in_process" / "pretrain").glob("*/pretrained.safetensors"))) == 1

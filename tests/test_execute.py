@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.execute import coerce_parameters, ensure_kernel, notebook_parameters, run_notebook
+from workbench.execute import (coerce_parameters, ensure_kernel, notebook_parameters, notebook_sha256,
+                               run_in_process, run_notebook)
 
 TINY = Path(__file__).parent / "notebooks" / "tiny.ipynb"
 
@@ -92,7 +93,8 @@ def test_failing_cell_is_reported_without_raising(tmp_path):
     assert "\n" not in result.error
     assert result.final_metrics == {}
     status = json.loads((out / "status.json").read_text())
-    assert status == {"ok": False, "error": result.error, "failed_cell": 4, "seconds": status["seconds"]}
+    assert status == {"ok": False, "error": result.error, "failed_cell": 4, "seconds": status["seconds"],
+                      "notebook": str(TINY.resolve()), "notebook_sha256": notebook_sha256(TINY)}
 
 
 def test_cell_timeout_is_a_failed_run_too(tmp_path):
@@ -157,3 +159,25 @@ def test_cli_run_unknown_parameter_exits_2(tmp_path, capsys):
     code = main(["run", str(TINY), "-p", "lrr", "1", "-o", str(tmp_path / "run")])
     assert code == 2
     assert "'lrr' is not a parameter of tiny.ipynb" in capsys.readouterr().err
+
+
+def test_a_folder_holding_another_run_is_refused_before_the_kernel_starts(tmp_path):
+    """Issue 17 A: the earlier run, executed notebook included, stays byte for byte; overwrite replaces it."""
+    from workbench.tracking import RunFolderError
+
+    out = tmp_path / "run"
+    assert run_notebook(TINY, parameters={"seed": 0}, output_dir=out).ok
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunFolderError, match="seed: 0 there, 1 now"):
+        run_notebook(TINY, parameters={"seed": 1}, output_dir=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert run_notebook(TINY, parameters={"seed": 0}, output_dir=out).ok  # the same run again is fine
+    assert run_notebook(TINY, parameters={"seed": 1}, output_dir=out, overwrite=True).ok
+    assert json.loads((out / "params.json").read_text())["seed"] == 1
+
+
+def test_run_in_process_runs_the_notebooks_cells_with_the_parameters(tmp_path):
+    namespace = run_in_process(TINY, parameters={"seed": "2", "output_dir": str(tmp_path / "r")})
+    assert namespace["seed"] == 2 and namespace["interactive"] is False
+    assert namespace["final_metrics"]["accuracy"] == expected_accuracy(seed=2)
+    assert json.loads((tmp_path / "r" / "final_metrics.json").read_text()) == namespace["final_metrics"]

@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CELL_TYPE_PARAMETERS = [
     "data_path", "label_key", "pretrained_checkpoint", "strategy", "lr_scheduler_type", "learning_rate",
-    "warmup_ratio", "epochs", "batch_size", "freeze_epochs", "label_fraction", "test_size", "seed",
-    "output_dir", "tracker",
+    "warmup_ratio", "epochs", "batch_size", "freeze_epochs", "backbone_lr_ratio", "label_fraction", "test_size",
+    "val_fraction", "monitor", "patience", "seed", "output_dir", "tracker",
 ]
 
 
 def test_environment_yml_installs_the_package_with_the_python_pyproject_allows():
     env = (ROOT / "environment.yml").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "-e .[test,lab]" in env, "environment.yml must install this package from pyproject (no second list)"
+    assert "-e .[test,lab,lora]" in env, "environment.yml must install this package from pyproject (no second list)"
     python = re.search(r"python=(\d+\.\d+)", env).group(1)
     assert python == "3.11" and ">=3.11" in project["requires-python"]
     assert "torch==2.13.0" in project["dependencies"]
@@ -37,7 +37,19 @@ def test_ci_calls_make_test_and_makefile_bootstraps_the_venv():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("demo:", "test:", "lab:", "bench:", "sweep:"):
         assert re.search(rf"^{target} \$\(STAMP\)", makefile, re.M), target
-    assert "-m venv" in makefile and "ipykernel install" in makefile
+    assert "-m venv" in makefile and "ipykernel install" in makefile and "ensure_kernel()" in makefile
+    # issue 14: an exported MPLBACKEND reached every kernel under `make lab` and figures showed as text
+    assert not re.search(r"^\s*export\s+MPLBACKEND", makefile, re.M)
+
+
+def test_the_project_kernel_draws_figures_inline_whatever_the_shell_exports():
+    """The kernel `make lab` and papermill start: its spec pins the inline backend."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from workbench.execute import INLINE_BACKEND, ensure_kernel
+
+    spec = KernelSpecManager().get_kernel_spec(ensure_kernel("workbench"))
+    assert spec.env.get("MPLBACKEND") == INLINE_BACKEND
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)

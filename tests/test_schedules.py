@@ -9,7 +9,7 @@ from workbench.schedules import SCHEDULES, build_scheduler, lr_curve
 def test_cosine_with_warmup_and_floor():
     curve = lr_curve("cosine", lr=1.0, total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
     lr = curve["lr"].to_numpy()
-    assert curve.attrs == {"schedule": "cosine", "warmup_steps": 10, "total_steps": 100}
+    assert curve.attrs == {"schedule": "cosine", "warmup_steps": 10, "total_steps": 100, "freeze_steps": 0}
     assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
     assert lr[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
@@ -69,3 +69,15 @@ def test_constant_applies_describes_and_plots_the_same_warmup():
     # the schedule that does warm up says so in all three places
     warm = lr_curve("constant_with_warmup", lr=0.1, total_steps=20, warmup_ratio=0.1)
     assert warm.attrs["warmup_steps"] == 2 and warm["lr"].iloc[0] < 0.1
+
+
+def test_preview_marks_the_frozen_backbone_phase():
+    curve = lr_curve("cosine", lr=1.0, total_steps=20, warmup_ratio=0.1, groups={"backbone": 0.1, "head": 1.0},
+                     freeze_steps=5)
+    assert curve["backbone"].iloc[:5].isna().all() and curve["backbone"].iloc[5:].notna().all()
+    assert curve["head"].notna().all() and curve.attrs["freeze_steps"] == 5
+    from workbench.plots import plot_lr_schedule
+
+    fig = plot_lr_schedule(curve)
+    assert "backbone frozen 5" in fig.axes[0].get_title()
+    assert [line.get_label() for line in fig.axes[0].get_lines()][:2] == ["backbone", "head"]

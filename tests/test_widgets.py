@@ -90,24 +90,32 @@ def test_preview_follows_the_fields(make_panel):
     panel = make_panel(values={"epochs": 5, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}, steps_per_epoch=4)
     curve = panel.preview_curve
     assert len(curve) == 5 * 4 and curve.attrs["schedule"] == "constant"
-    assert np.allclose(curve["lr"], 1.0e-3)
+    assert np.allclose(curve["head"], 1.0e-3) and np.allclose(curve["backbone"], 1.0e-3)
+    # issue 14: one line per parameter group, with the freeze phase (backbone at a tenth, frozen 2 epochs)
+    panel.set(backbone_lr_ratio=0.1, freeze_epochs=2)
+    curve = panel.preview_curve
+    assert curve["backbone"].iloc[:8].isna().all() and np.allclose(curve["backbone"].iloc[8:], 1.0e-4)
+    assert curve.attrs["freeze_steps"] == 8
+    panel.set(backbone_lr_ratio=1.0, freeze_epochs=0)
 
     # changing the widgets themselves (as a user does) redraws: cosine with 25% warmup
     panel.fields["lr_scheduler_type"].value = "cosine"
     panel.fields["warmup_ratio"].value = 0.25
-    lr = panel.preview_curve["lr"].to_numpy()
+    lr = panel.preview_curve["head"].to_numpy()
     assert panel.preview_curve.attrs["schedule"] == "cosine" and panel.preview_curve.attrs["warmup_steps"] == 5
     assert lr.argmax() == 5 and np.all(np.diff(lr[:6]) > 0) and np.all(np.diff(lr[5:]) < 0)
     assert lr[0] < 1.0e-3 / 4 and lr[-1] < 1.0e-3 / 10 and np.isclose(lr.max(), 1.0e-3)
 
     panel.fields["learning_rate"].value = 0.01
     panel.fields["epochs"].value = 7
-    assert len(panel.preview_curve) == 7 * 4 and np.isclose(panel.preview_curve["lr"].max(), 0.01)
+    assert len(panel.preview_curve) == 7 * 4 and np.isclose(panel.preview_curve["head"].max(), 0.01)
 
-    estimated = make_panel(values={"epochs": 2, "batch_size": 64})
-    assert len(estimated.preview_curve) == 2 * math.ceil(widgets.ESTIMATED_TRAIN_CELLS / 64)
+    unsized = make_panel(values={"epochs": 2, "batch_size": 64})  # issue 17 E: no cell-type estimate in the core
+    assert unsized.preview_curve is None and "train_size=" in str(unsized.last_error)
+    estimated = make_panel(values={"epochs": 2, "batch_size": 64}, train_size=560)
+    assert len(estimated.preview_curve) == 2 * math.ceil(560 / 64)
     estimated.fields["batch_size"].value = 100
-    assert len(estimated.preview_curve) == 2 * math.ceil(widgets.ESTIMATED_TRAIN_CELLS / 100)
+    assert len(estimated.preview_curve) == 2 * math.ceil(560 / 100)
 
     sized = make_panel(values={"epochs": 3, "batch_size": 32}, train_size=100)
     assert len(sized.preview_curve) == 3 * 4
@@ -204,6 +212,9 @@ def test_train_button_runs_in_a_folder_of_its_own(make_panel, tmp_path):
     notebook_run = tmp_path / "notebook_run"
     assert panel.last_run_dir == notebook_run / "panel" / "001"
     assert (panel.last_run_dir / "final_metrics.json").is_file()
+    # the panel runs the notebook's own cells, so its run folder holds the same files (issue 14: no figures)
+    assert {p.name for p in (panel.last_run_dir / "figures").iterdir()} >= {"training_curves.png", "confusion_matrix.png"}
+    assert (panel.last_run_dir / "metrics.jsonl").is_file()
     assert not (notebook_run / "final_metrics.json").exists() and not (notebook_run / "params.json").exists()
     values, callbacks = calls[0]
     assert values["interactive"] is False and values["output_dir"] == str(panel.last_run_dir)
@@ -214,15 +225,54 @@ def test_train_button_runs_in_a_folder_of_its_own(make_panel, tmp_path):
     assert f"Run folder: {panel.last_run_dir}" in printed(panel.train_out)
 
 
-def test_train_without_a_function_says_how(make_panel):
+def test_errors_in_the_panel_are_one_line(make_panel):
+    """Issue 14: a bad value in Export printed a 5-frame traceback under its one-line message."""
     panel = make_panel()
-    panel.train_button.click()
-    assert isinstance(panel.last_error, RuntimeError) and "train=cell_type.run_workflow" in str(panel.last_error)
-    assert "Training failed: RuntimeError" in printed(panel.train_out)
-    with pytest.raises(RuntimeError, match="no training function"):
-        panel.train()
+    panel.vary["epochs"].value = "3, many"
+    panel.export_button.click()
+    text = printed(panel.sweep_out)
+    assert text.startswith("Export failed: ValueError: parameter epochs='many'") and text.count("\n") == 1
+    assert "Traceback" not in text and isinstance(panel.last_error, ValueError)
     with pytest.raises(TypeError, match="train must be a function"):
         make_panel(train="run_workflow")
+
+
+def test_the_panel_says_what_it_runs_and_gives_the_command(make_panel, tmp_path):
+    panel = make_panel(values={"epochs": 3, "lr_scheduler_type": "constant"})
+    command = panel.command()
+    assert command.startswith(f"workbench run {NOTEBOOK} ") and "-p epochs 3" in command
+    assert "-p lr_scheduler_type constant" in command and "output_dir" not in command
+    panel.fields["seed"].value = 4  # typing in a field updates the command line
+    assert "-p seed 4" in panel.command_html.value
+    html = "".join(getattr(child, "value", "") for child in panel.widget.children)
+    assert "does not edit the notebook's parameters cell" in html
+    assert panel.fields["output_dir"].layout.width == "560px"  # wide enough for a path
+
+
+def test_the_panel_follows_the_open_notebook(tmp_path):
+    """Issue 14: Export and Train used the repository's notebook even when the user worked in a copy."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    copy = tmp_path / "my_copy.ipynb"
+    copy.write_bytes(NOTEBOOK.read_bytes())
+    fallback = widgets.panel(fallback=NOTEBOOK)  # no kernel here: the fallback, with a note saying so
+    assert fallback.notebook == NOTEBOOK and "no __session__" in fallback.note and fallback.note_html.value
+    shell = InteractiveShell.instance()
+    try:
+        shell.user_ns["__session__"] = str(copy)  # what JupyterLab's kernel holds
+        opened = widgets.panel(fallback=NOTEBOOK)
+    finally:
+        InteractiveShell.clear_instance()
+    assert opened.notebook == copy and opened.note == ""
+    assert opened.sweep_dir == tmp_path / "sweeps" and str(copy) in opened.command()
+    opened.sweep_dir_field.value = str(tmp_path / "elsewhere")  # or a folder the user types
+    path = opened.export_sweep("mine")
+    assert path == tmp_path / "elsewhere" / "mine.yaml"
+    assert yaml.safe_load(path.read_text())["notebook"].endswith("my_copy.ipynb")
+
+
+def make_panel_metric(notebook) -> str:
+    return widgets.panel(notebook).metric_field.value
 
 
 def test_any_notebook_gets_a_panel(tmp_path):
@@ -243,6 +293,8 @@ def test_any_notebook_gets_a_panel(tmp_path):
     panel.set(hidden=[1, 2])
     assert panel.values() == {"hidden": [1, 2], "mode": "fast", "scale": 2.5}
     assert panel.preview_curve is None and "hidden" not in panel.vary and panel.seeds_field.disabled
+    assert panel.metric_field.value == ""  # no workflow named in its metadata: no headline metric to offer
+    assert make_panel_metric(NOTEBOOK) == "test_macro_f1"  # the cell-type workflow's first headline metric
     assert panel.sweep_dir == tmp_path / "sweeps"
     with pytest.raises(ValueError, match="declares no output_dir parameter"):
         panel.train()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
 __all__ = ["main"]
@@ -56,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a parameter; repeat for several (VALUE is converted to the declared type)")
     run.add_argument("-o", "--output-dir", type=Path, default=None,
-                     help="run folder (default: runs/<notebook name>/<timestamp>)")
+                     help="run folder (default: a new runs/<notebook name>/<timestamp>-<id>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a run with other parameters that the run folder already holds (default: refuse)")
     run.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
     run.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
     run.add_argument("--log-output", action="store_true", help="echo the notebook's output while it runs")
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (with --executor dask)")
     sweep.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+    sweep.add_argument("--rerun-stale", action="store_true",
+                       help="also run again the finished runs that an earlier version of the notebook made "
+                            "(default: keep them and say how many)")
     sweep.set_defaults(command=_cmd_sweep, name="sweep")
 
     report = commands.add_parser("report", help="print the results of a sweep folder or a run folder")
@@ -80,19 +84,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args) -> int:
     from .execute import run_notebook
+    from .tracking import new_run_dir
 
     if args.log_output:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs the output at INFO
-    out = args.output_dir or Path("runs") / args.notebook.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.output_dir or new_run_dir(Path("runs") / args.notebook.stem)
     params = {}
     for name, value in args.parameter:
         if name in params:
             raise ValueError(f"parameter {name!r} is given twice (-p {name} {params[name]} and -p {name} {value}).")
         params[name] = value
     result = run_notebook(args.notebook, parameters=params, output_dir=out, kernel_name=args.kernel,
-                          timeout=args.timeout, log_output=args.log_output)
+                          timeout=args.timeout, log_output=args.log_output, overwrite=args.overwrite)
     if not result.ok:
         print(f"workbench run: {args.notebook.name} failed: {result.error}\n"
               f"  executed notebook with the traceback: {result.notebook_path}", file=sys.stderr)
@@ -104,13 +109,27 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .sweeps import run_sweep
+    import warnings
 
-    result = run_sweep(args.spec, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
-                       kernel_name=args.kernel, timeout=args.timeout)
+    from .sweeps import StaleRunsWarning, SweepLockedError, load_spec, run_sweep
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StaleRunsWarning)  # said below, with the command-line option
+            result = run_sweep(args.spec, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
+                               kernel_name=args.kernel, timeout=args.timeout, rerun_stale=args.rerun_stale)
+    except SweepLockedError as err:
+        print(f"workbench sweep: error: {err}", file=sys.stderr)
+        return 2
     print(f"sweep {result.name}: {result.n_runs} runs, {result.n_failed} failed, {result.n_executed} executed now")
-    print(_headline(result.summary, result.metric).to_string(index=False, na_rep=""))
+    from .tasks import headline_metrics
+
+    headline = _headline(result.summary, [result.metric, *headline_metrics(load_spec(args.spec).notebook)])
+    print(headline.to_string(index=False, na_rep=""))
     print(f"results: {result.path / 'results.csv'}\nsummary: {result.path / 'summary.csv'}")
+    if result.n_stale:
+        print(f"sweep {result.name}: {result.n_stale} finished run(s) were made by an earlier or unknown version "
+              f"of the notebook; their results are kept. To run them again: workbench sweep {args.spec} --rerun-stale")
     if result.n_failed:
         failed = result.results[result.results["status"] == "failed"]
         lines = "\n".join(f"  {row.run_id}: {row.error}" for row in failed.itertuples())
@@ -119,20 +138,31 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _headline(summary, metric: str | None):
+def _headline(summary, metrics):
     """The columns worth reading in a terminal: the setting, counts, and the headline metrics.
 
-    summary.csv keeps every metric; this picks ``metric`` plus accuracy / macro-F1 and their
-    baseline counterparts when present (mean and std of each).
+    summary.csv keeps every metric; this picks ``metrics`` (the sweep's own metric, then the
+    workflow's ``HEADLINE_METRICS``), mean and std of each, where present. With none of them
+    present it shows everything.
     """
-    wanted = [metric] if metric else []
-    wanted += ["test_accuracy", "test_macro_f1", "baseline_test_accuracy", "baseline_test_macro_f1"]
     columns = ["setting", "n", "n_failed"]
-    for name in dict.fromkeys(wanted):
+    for name in dict.fromkeys(m for m in metrics if m):
         columns += [c for c in (f"{name}_mean", f"{name}_std") if c in summary.columns and c not in columns]
-    if len(columns) == 3:  # none of the usual metrics: show everything
+    if len(columns) == 3:
         return summary
     return summary[[c for c in columns if c in summary.columns]].round(4)
+
+
+def _notebook_of_sweep(folder: Path) -> str | None:
+    """The notebook a sweep folder's runs executed (recorded in each run's status.json)."""
+    for status in sorted(folder.glob("*/status.json")):
+        try:
+            notebook = json.loads(status.read_text()).get("notebook")
+        except (OSError, ValueError):
+            continue
+        if notebook:
+            return notebook
+    return None
 
 
 def _cmd_report(args) -> int:
@@ -140,9 +170,11 @@ def _cmd_report(args) -> int:
     if (folder / "summary.csv").is_file():
         import pandas as pd
 
+        from .tasks import headline_metrics
+
         summary = pd.read_csv(folder / "summary.csv")
         print(f"sweep {folder.name}")
-        print(_headline(summary, None).to_string(index=False, na_rep=""))
+        print(_headline(summary, headline_metrics(_notebook_of_sweep(folder))).to_string(index=False, na_rep=""))
         if (folder / "results.csv").is_file():
             results = pd.read_csv(folder / "results.csv")
             failed = results[results["status"] != "ok"]

@@ -16,11 +16,20 @@ run that was interrupted.
 Parameter values are converted to the type the notebook's parameters cell declares
 (``lr: float = 1.0e-3``) or, without an annotation, to the type of its default value, so
 ``"1e-3"`` from YAML or the command line reaches the notebook as the float ``0.001``.
+
+A run folder holds one run (see :mod:`workbench.tracking`): before a kernel starts,
+:func:`run_notebook` refuses a folder that holds a run with other parameters, unless
+``overwrite=True``, so the earlier run's files (its executed notebook included) stay as they were.
+
+:func:`run_in_process` runs the same notebook's code cells in this Python process, with the
+same parameters: the widget panel's Train button and the tests use it, so the notebook is the
+one definition of a workflow's steps.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import html
 import json
 import os
@@ -33,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunResult", "run_notebook", "notebook_parameters", "coerce_parameters", "ensure_kernel", "read_status"]
+__all__ = ["RunResult", "run_notebook", "run_in_process", "notebook_parameters", "notebook_defaults",
+           "coerce_parameters", "ensure_kernel", "read_status", "notebook_sha256"]
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "final_metrics.json"
@@ -142,6 +152,18 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict]:
                "default": info["default"], "help": info["help"]}
         for name, info in found.items()
     }
+
+
+def notebook_defaults(notebook: str | os.PathLike, *, declared: dict[str, dict] | None = None) -> dict:
+    """The default values of the notebook's parameters (those whose source is a plain literal)."""
+    declared = notebook_parameters(notebook) if declared is None else declared
+    out = {}
+    for name, info in declared.items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            continue
+    return out
 
 
 def _declared_type(annotation: str, default: str) -> str | None:
@@ -262,11 +284,19 @@ def _to_int(value: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+#: The kernel's matplotlib backend: inline, so figures are images in JupyterLab and in executed notebooks,
+#: whatever MPLBACKEND the shell that started Jupyter or papermill exported (Agg there gave text-only figures).
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
 def ensure_kernel(kernel_name: str = "workbench") -> str:
-    """Make sure a Jupyter kernelspec called ``kernel_name`` exists.
+    """Make sure a Jupyter kernelspec called ``kernel_name`` exists and draws figures inline.
 
     When it is missing, a kernelspec running this Python (``sys.executable``) is installed into
-    ``sys.prefix``, so a fresh machine never fails with ``NoSuchKernel``.
+    ``sys.prefix``, so a fresh machine never fails with ``NoSuchKernel``. A kernelspec that runs
+    this Python gets ``MPLBACKEND`` set to the inline backend in its ``env``: a kernel inherits
+    the environment of whoever starts it, and a non-inline backend there (``MPLBACKEND=Agg``,
+    common on servers and in CI) turns every figure into the text ``<Figure size ...>``.
 
     Returns
     -------
@@ -275,10 +305,22 @@ def ensure_kernel(kernel_name: str = "workbench") -> str:
     """
     from jupyter_client.kernelspec import KernelSpecManager
 
-    if kernel_name not in KernelSpecManager().find_kernel_specs():
+    manager = KernelSpecManager()
+    specs = manager.find_kernel_specs()
+    if kernel_name not in specs:
         from ipykernel.kernelspec import install
 
         install(kernel_name=kernel_name, display_name=f"Python ({kernel_name})", prefix=sys.prefix)
+        specs = manager.find_kernel_specs()
+    spec_file = Path(specs[kernel_name]) / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    ours = Path(spec.get("argv", [""])[0]).resolve() == Path(sys.executable).resolve()
+    if ours and spec.get("env", {}).get("MPLBACKEND") != INLINE_BACKEND:
+        spec.setdefault("env", {})["MPLBACKEND"] = INLINE_BACKEND
+        try:
+            spec_file.write_text(json.dumps(spec, indent=1))
+        except OSError:  # a read-only system kernelspec: leave it, figures may then render as text
+            pass
     return kernel_name
 
 
@@ -296,6 +338,7 @@ def run_notebook(
     timeout: float | None = None,
     log_output: bool = False,
     raise_on_error: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Execute ``notebook`` with ``parameters`` into the run folder ``output_dir``.
 
@@ -319,6 +362,9 @@ def run_notebook(
     raise_on_error
         Raise a RuntimeError carrying the readable message when the notebook fails, instead of
         returning a failed result.
+    overwrite
+        Replace a run with other parameters that the folder already holds. Without it such a
+        folder is refused (:class:`workbench.tracking.RunFolderError`) before anything is written.
 
     Returns
     -------
@@ -329,7 +375,8 @@ def run_notebook(
     Raises
     ------
     ValueError
-        Before anything runs, for an unknown parameter name or a value of the wrong type.
+        Before anything runs, for an unknown parameter name or a value of the wrong type, or
+        (as ``RunFolderError``) for a folder that holds another run.
     KeyboardInterrupt
         When the run is interrupted; no ``status.json`` is written then.
     """
@@ -339,12 +386,18 @@ def run_notebook(
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
     declared = notebook_parameters(notebook)
     values = coerce_parameters(notebook, parameters, declared=declared)
-    if "interactive" in declared and "interactive" not in values:
-        values["interactive"] = False  # a headless run: no widget panel, no live plots
     if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
         values.setdefault("interactive", False)
 
+    from .tracking import RunFolderError, check_run_folder, clear_run_folder
+
     out = Path(output_dir).resolve()
+    try:
+        check_run_folder(out, {**notebook_defaults(notebook, declared=declared), **values})
+    except RunFolderError:
+        if not overwrite:
+            raise
+        clear_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, METRICS_FILE):  # a folder describes one run: drop what an earlier attempt left
         (out / stale).unlink(missing_ok=True)
@@ -381,7 +434,8 @@ def run_notebook(
     metrics = _read_json(out / METRICS_FILE)
     result = RunResult(ok=error is None, output_dir=out, notebook_path=executed, error=error, seconds=seconds,
                        final_metrics=metrics, failed_cell=failed_cell, parameters=values)
-    status = {"ok": result.ok, "error": error, "failed_cell": failed_cell, "seconds": round(seconds, 3)}
+    status = {"ok": result.ok, "error": error, "failed_cell": failed_cell, "seconds": round(seconds, 3),
+              "notebook": str(notebook), "notebook_sha256": notebook_sha256(notebook)}
     (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
     if error is not None and raise_on_error:
         raise RuntimeError(f"{notebook.name} failed: {error} (executed notebook: {executed})")
@@ -404,6 +458,61 @@ def _kernel_sockets():
         return
     with tempfile.TemporaryDirectory(prefix="wb-kernel-") as folder:
         yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})
+
+
+def notebook_sha256(notebook: str | os.PathLike) -> str:
+    """Content hash of a notebook's code cells (sources only: outputs and metadata do not count).
+
+    A run's ``status.json`` records it, so a sweep can tell which finished runs an earlier version
+    of the notebook made.
+    """
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    text = "\n\x00".join("".join(c.get("source", "")) for c in cells if c.get("cell_type") == "code")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_in_process(notebook: str | os.PathLike, *, parameters: dict | None = None) -> dict:
+    """Run the notebook's code cells in this process with ``parameters``; return its namespace.
+
+    The parameters cell runs first, then the given values (converted to the declared types, as
+    for :func:`run_notebook`; ``interactive`` is False unless given) replace its defaults, then
+    every other code cell runs in order, in one namespace, as a kernel would run them. Nothing is
+    displayed: figures and tables reach the run folder through the notebook's own calls.
+
+    Parameters
+    ----------
+    notebook
+        Path to a notebook with a cell tagged ``parameters``.
+    parameters
+        ``{name: value}`` for the parameters cell; ``output_dir`` may be among them.
+
+    Returns
+    -------
+    dict
+        The notebook's global namespace after the last cell (e.g. ``ns["result"]``).
+    """
+    import nbformat
+
+    notebook = Path(notebook)
+    declared = notebook_parameters(notebook)
+    values = coerce_parameters(notebook, parameters, declared=declared)
+    if "interactive" in declared:
+        values.setdefault("interactive", False)
+    cells = nbformat.read(str(notebook), as_version=4).cells
+    namespace: dict = {"__name__": "__main__"}
+    for position, cell in enumerate(cells, start=1):
+        if cell.cell_type != "code":
+            continue
+        source = cell.source
+        magic = next((line for line in source.splitlines() if line.lstrip().startswith(("%", "!"))), None)
+        if magic is not None:
+            raise ValueError(f"{notebook.name} cell {position} uses IPython syntax ({magic.strip()!r}), which only a "
+                             "kernel runs. Write it as Python (e.g. subprocess.run instead of !cmd) or run the "
+                             "notebook with run_notebook.")
+        exec(compile(source, f"<{notebook.name} cell {position}>", "exec"), namespace)  # noqa: S102 - our notebook
+        if "parameters" in cell.metadata.get("tags", []):
+            namespace.update(values)
+    return namespace
 
 
 def read_status(output_dir: str | os.PathLike) -> dict | None:

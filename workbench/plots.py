@@ -82,17 +82,22 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     schedule = curve.attrs.get("schedule")
     warmup_steps = curve.attrs.get("warmup_steps") or 0
     total_steps = curve.attrs.get("total_steps")
+    freeze_steps = curve.attrs.get("freeze_steps") or 0
 
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     for column in curve.columns:
         ax.plot(curve.index, curve[column], label=str(column))
     if warmup_steps > 0:
         ax.axvline(warmup_steps, color="grey", linestyle="--", linewidth=1, label=f"end of warmup ({warmup_steps})")
+    if freeze_steps > 0:
+        ax.axvspan(0, freeze_steps, color="tab:blue", alpha=0.08, label=f"backbone frozen ({freeze_steps} steps)")
 
     if title is None:
         parts = [f"{schedule} schedule" if schedule else "Learning-rate schedule"]
         if warmup_steps:
             parts.append(f"warmup {warmup_steps} steps")
+        if freeze_steps:
+            parts.append(f"backbone frozen {freeze_steps}")
         if total_steps:
             parts.append(f"{total_steps} steps in total")
         title = ", ".join(parts)
@@ -100,7 +105,7 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     ax.set_xlabel(curve.index.name or "step")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    if len(curve.columns) > 1 or warmup_steps > 0:
+    if len(curve.columns) > 1 or warmup_steps > 0 or freeze_steps > 0:
         ax.legend(frameon=False)
     plt.close(fig)
     return fig

@@ -144,6 +144,7 @@ def lr_curve(
     lr: float,
     total_steps: int,
     groups: Sequence[str] | dict[str, float] | None = None,
+    freeze_steps: int = 0,
     **kwargs,
 ):
     """The planned learning rate at every step, per parameter group, before training.
@@ -157,6 +158,10 @@ def lr_curve(
     groups
         Group names (all at ``lr``) or ``{group: lr multiplier}``, e.g.
         ``{"backbone": 0.1, "head": 1.0}`` for a backbone at a tenth of the head's rate.
+    freeze_steps
+        Steps during which the backbone is frozen (``fit(freeze_epochs=...)``): groups whose
+        name starts with ``backbone`` are NaN there (nothing is learned, whatever the schedule
+        says), and ``attrs["freeze_steps"]`` records it for the plot.
 
     Returns
     -------
@@ -180,6 +185,10 @@ def lr_curve(
         if name != "plateau":
             scheduler.step()
     frame = pd.DataFrame(rows, columns=list(groups), index=pd.RangeIndex(total_steps, name="step"))
+    freeze_steps = min(int(freeze_steps), total_steps)
+    for column in frame.columns:
+        if freeze_steps and str(column).startswith("backbone"):
+            frame.loc[: freeze_steps - 1, column] = float("nan")
     warm = scheduler.lr_lambdas[0].warmup_steps if hasattr(scheduler, "lr_lambdas") else 0
-    frame.attrs.update(schedule=name, warmup_steps=warm, total_steps=total_steps)
+    frame.attrs.update(schedule=name, warmup_steps=warm, total_steps=total_steps, freeze_steps=freeze_steps)
     return frame

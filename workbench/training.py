@@ -287,21 +287,43 @@ class GradualUnfreeze(Callback):
 
 
 class LiveCurves(Callback):
-    """Redraw the training curves in the notebook after every epoch."""
+    """Redraw the training curves in the notebook after every epoch; one figure per cell.
 
-    def __init__(self):
+    Parameters
+    ----------
+    enabled
+        False makes it inert (headless runs), so a notebook can always pass it.
+
+    The cell ends with ``curves.final(fig)``: the live figure is replaced by the final one (the
+    best epoch marked), and nothing is shown twice; when nothing was drawn live, ``final``
+    returns ``fig`` for the cell to show.
+    """
+
+    def __init__(self, *, enabled: bool = True):
+        self.enabled = enabled
         self.handle = None
 
     def on_epoch_end(self, trainer, logs):
-        from IPython.display import display
-
+        if not self.enabled:
+            return
         from .plots import plot_history
 
-        fig = plot_history(trainer.history)
+        self._show(plot_history(trainer.history))
+
+    def _show(self, fig) -> None:
+        from IPython.display import display
+
         if self.handle is None:
             self.handle = display(fig, display_id=True)
         else:
             self.handle.update(fig)
+
+    def final(self, fig):
+        """Show ``fig`` in place of the live curves; return it when there were none."""
+        if self.handle is None:
+            return fig
+        self.handle.update(fig)
+        return None
 
 
 # --------------------------------------------------------------------------- loop

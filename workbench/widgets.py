@@ -38,7 +38,6 @@ import math
 import os
 import re
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,11 @@ from typing import Any
 from .execute import coerce_parameters, notebook_parameters
 from .training import LiveCurves
 
-__all__ = ["panel", "ParameterPanel", "OutputCurves", "parse_options", "ESTIMATED_TRAIN_CELLS"]
+__all__ = ["panel", "ParameterPanel", "OutputCurves", "parse_options"]
 
-#: Cells in the training split of the bundled dataset (pbmc68k_reduced: 700 cells, test_size 0.2).
-#: Without ``steps_per_epoch`` or ``train_size``, the LR preview assumes
-#: ``ceil(ESTIMATED_TRAIN_CELLS / batch_size)`` optimizer steps per epoch.
-ESTIMATED_TRAIN_CELLS = 560
-
-#: Parameters the LR preview reads; the preview needs the first four (warmup_ratio is optional).
-PREVIEW_NAMES = ("lr_scheduler_type", "learning_rate", "epochs", "batch_size", "warmup_ratio")
+#: Parameters the LR preview reads; the preview needs the first four (the others are optional).
+PREVIEW_NAMES = ("lr_scheduler_type", "learning_rate", "epochs", "batch_size", "warmup_ratio", "backbone_lr_ratio",
+                 "freeze_epochs")
 
 #: Parameters without a "vary" field: the run folder is the sweep's business, the panel is never
 #: shown in a sweep run, and seeds have a field of their own.
@@ -63,6 +58,7 @@ NOT_VARIED = ("output_dir", "interactive", "seed")
 _OPTION = re.compile(r"""^["']?([A-Za-z0-9_.\-/]+)["']?\s*(\(.*\))?$""")
 _SWEEP_NAME = re.compile(r"^[A-Za-z0-9._=,+-]+$")
 _WIDTH = {"description_width": "170px"}
+_WIDE = {"width": "560px"}  # room for paths and the listed options
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,14 +67,15 @@ _WIDTH = {"description_width": "170px"}
 
 
 def panel(
-    notebook: str | os.PathLike,
+    notebook: str | os.PathLike | None = None,
     *,
+    fallback: str | os.PathLike | None = None,
     values: Mapping | None = None,
     train: Callable | None = None,
     sweep_dir: str | os.PathLike | None = None,
     steps_per_epoch: int | None = None,
     train_size: int | None = None,
-    metric: str = "test_macro_f1",
+    metric: str | None = None,
 ) -> ParameterPanel:
     """A widget panel over the parameters cell of ``notebook``.
 
@@ -86,13 +83,18 @@ def panel(
     ----------
     notebook
         Path of the ``.ipynb`` file whose cell tagged ``parameters`` declares the parameters.
+        None: the notebook open in JupyterLab (the kernel's ``__session__``), so that Train and
+        Export sweep follow the user's own copy of a workflow notebook.
+    fallback
+        The notebook to use when ``notebook`` is None and no open notebook is known (a kernel
+        started outside JupyterLab); the panel then says so.
     values
         ``{name: value}`` overriding the notebook's defaults, typically the notebook's current
         values (``wb.params_of(globals())``). Names must be parameters of the notebook.
     train
         Function that trains for a parameter dict and returns a result, called as
-        ``train(values, callbacks=[OutputCurves(...)])``, e.g. ``cell_type.run_workflow``.
-        Without it the Train tab says how to enable it.
+        ``train(values, callbacks=[OutputCurves(...)])``. Default: run the panel's notebook in
+        this process (:func:`workbench.execute.run_in_process`) and return its ``result``.
     sweep_dir
         Folder the exported sweep specs go to; default: ``sweeps/`` next to the notebook
         (``notebooks/sweeps`` for the workflow notebooks), whatever the working directory.
@@ -101,10 +103,10 @@ def panel(
         ``ceil(train_size / batch_size)``, which follows the batch_size field.
     train_size
         Training examples per epoch (e.g. ``len(data.labelled_idx)``), used when
-        ``steps_per_epoch`` is not given. Default: ``ESTIMATED_TRAIN_CELLS`` (560, the training
-        cells of the bundled pbmc68k_reduced), an estimate only.
+        ``steps_per_epoch`` is not given. With neither, the LR tab says that it needs one.
     metric
-        Initial value of the sweep's ``metric`` field (the final metric its comparison figure shows).
+        Initial value of the sweep's ``metric`` field (the final metric its comparison figure
+        shows). Default: the first of the notebook's workflow's ``HEADLINE_METRICS``.
 
     Returns
     -------
@@ -115,11 +117,41 @@ def panel(
     --------
     >>> p = panel("notebooks/cell_type_annotation.ipynb", values={"epochs": 5})  # doctest: +SKIP
     >>> p.set(lr_scheduler_type="constant")                                      # doctest: +SKIP
-    >>> p.preview_curve["lr"].nunique()                                          # doctest: +SKIP
+    >>> p.preview_curve["head"].nunique()                                        # doctest: +SKIP
     1
     """
-    return ParameterPanel(notebook, values=values, train=train, sweep_dir=sweep_dir,
+    path, note = resolve_notebook(notebook, fallback)
+    made = ParameterPanel(path, values=values, train=train, sweep_dir=sweep_dir,
                           steps_per_epoch=steps_per_epoch, train_size=train_size, metric=metric)
+    made.note = note
+    if note:
+        made.note_html.value = f"<small style='color:#a60'>{_escape(note)}</small>"
+    return made
+
+
+def open_notebook() -> Path | None:
+    """The notebook open in JupyterLab: the kernel's ``__session__`` (an absolute path there), or None."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    session = shell.user_ns.get("__session__") if shell is not None else None
+    if session and str(session).endswith(".ipynb") and Path(session).is_file():
+        return Path(session)
+    return None
+
+
+def resolve_notebook(notebook, fallback) -> tuple[Path, str]:
+    """``(notebook to use, note for the user)``: the given one, else the open one, else ``fallback``."""
+    if notebook is not None:
+        return Path(notebook), ""
+    found = open_notebook()
+    if found is not None:
+        return found, ""
+    if fallback is None:
+        raise ValueError("panel() needs a notebook: none was given and the kernel does not say which notebook is "
+                         "open (no __session__, e.g. outside JupyterLab). Pass panel('path/to.ipynb').")
+    return Path(fallback), (f"The open notebook is not known here (no __session__), so Train and Export use "
+                            f"{fallback}.")
 
 
 def parse_options(help_text: str) -> tuple[list[str], bool]:
@@ -179,7 +211,7 @@ class ParameterPanel:
     """
 
     def __init__(self, notebook, *, values=None, train=None, sweep_dir=None, steps_per_epoch=None,
-                 train_size=None, metric="test_macro_f1"):
+                 train_size=None, metric=None):
         import ipywidgets as w
 
         self.notebook_given = str(notebook)
@@ -193,13 +225,17 @@ class ParameterPanel:
                             f"got {type(train).__name__}.")
         for arg, given in (("steps_per_epoch", steps_per_epoch), ("train_size", train_size)):
             if given is not None and (not isinstance(given, int) or isinstance(given, bool) or given < 1):
-                raise ValueError(f"{arg}={given!r}: give a positive int, or None for the default "
-                                 f"(steps per epoch = ceil(train_size / batch_size), train_size "
-                                 f"{ESTIMATED_TRAIN_CELLS}).")
+                raise ValueError(f"{arg}={given!r}: give a positive int (steps per epoch = "
+                                 "ceil(train_size / batch_size)), or None.")
         self.sweep_dir = Path(sweep_dir) if sweep_dir is not None else self.notebook.parent / "sweeps"
+        self.note = ""
         self.steps_per_epoch = steps_per_epoch
-        self.train_size = train_size or ESTIMATED_TRAIN_CELLS
-        self._train_fn = train
+        self.train_size = train_size
+        if metric is None:
+            from .tasks import headline_metrics
+
+            metric = next(iter(headline_metrics(self.notebook)), "")
+        self._train_fn = train if train is not None else self._run_notebook
         self.preview_curve = None
         self.last_result = None
         self.last_run_dir = None
@@ -232,6 +268,11 @@ class ParameterPanel:
                 if name in self.fields:
                     self.fields[name].observe(self._on_preview_change, names="value")
             self._draw_preview()
+        self.note_html = w.HTML("")
+        self.command_html = w.HTML("")
+        for field in self.fields.values():
+            field.observe(self._update_command, names="value")
+        self._update_command()
         self.widget = self._layout()
 
     # -- widgets -----------------------------------------------------------------------------
@@ -241,6 +282,7 @@ class ParameterPanel:
 
         kind, help_text = info["type"], info["help"] or ""
         common = {"description": name, "tooltip": help_text or name, "style": _WIDTH}
+        wide = {**common, "layout": w.Layout(**_WIDE)}
         if kind == "int":
             return w.IntText(**common)
         if kind == "float":
@@ -252,14 +294,14 @@ class ParameterPanel:
             self.options[name] = options
             return w.Dropdown(options=options, **common)
         if options:  # listed words plus free text, e.g. "pretrain | none | a checkpoint path"
-            return w.Combobox(options=options, ensure_option=False, placeholder=" | ".join(options), **common)
-        return w.Text(**common)
+            return w.Combobox(options=options, ensure_option=False, placeholder=" | ".join(options), **wide)
+        return w.Text(**wide)
 
     def _make_sweep_fields(self, *, seed, metric: str) -> None:
         import ipywidgets as w
 
         self.vary = {
-            name: w.Text(description=name, placeholder=self._vary_hint(name), style=_WIDTH,
+            name: w.Text(description=name, placeholder=self._vary_hint(name), style=_WIDTH, layout=w.Layout(**_WIDE),
                          tooltip=f"comma-separated {info['type'] or 'str'} values to sweep over")
             for name, info in self.parameters.items()
             if name not in NOT_VARIED and info["type"] not in ("list", "dict")
@@ -270,6 +312,8 @@ class ParameterPanel:
         self.name_field = w.Text(description="sweep name", value=f"{self.notebook.stem}_sweep", style=_WIDTH)
         self.metric_field = w.Text(description="metric", value=metric or "", style=_WIDTH,
                                    tooltip="final metric for the comparison figure (empty: the first numeric one)")
+        self.sweep_dir_field = w.Text(description="spec folder", value=str(self.sweep_dir), style=_WIDTH,
+                                      layout=w.Layout(**_WIDE), tooltip="the YAML goes to <spec folder>/<name>.yaml")
 
     def _layout(self):
         import ipywidgets as w
@@ -281,15 +325,43 @@ class ParameterPanel:
         train_page = w.VBox([self.train_button, self.train_out, self.curves_out, self.result_out])
         sweep_page = w.VBox([
             w.HTML("<small>Vary a parameter by listing values, separated by commas; the others keep the values "
-                   "above. The spec is written to <code>" + _escape(str(self.sweep_dir)) + "/&lt;name&gt;.yaml</code>."
-                   "</small>"),
-            *self.vary.values(), self.seeds_field, self.metric_field, self.name_field,
+                   "above. The spec is written to <code>&lt;spec folder&gt;/&lt;name&gt;.yaml</code>.</small>"),
+            *self.vary.values(), self.seeds_field, self.metric_field, self.name_field, self.sweep_dir_field,
             self.export_button, self.sweep_out,
         ])
         tabs = w.Tab(children=[self.preview_out, train_page, sweep_page])
         tabs.titles = ("LR schedule", "Train", "Export sweep")
-        title = w.HTML(f"<b>{_escape(self.notebook.name)}</b>: parameters")
-        return w.VBox([title, w.VBox(rows), tabs])
+        title = w.HTML(f"<b>{_escape(self.notebook.name)}</b>: parameters <small>({_escape(str(self.notebook))})</small>")
+        says = w.HTML("<small>This panel does not edit the notebook's parameters cell: Train runs these values in a "
+                      "folder of its own. To keep them, copy the command below or edit the parameters cell.</small>")
+        return w.VBox([title, self.note_html, says, w.VBox(rows), w.HTML("<small>same run from a terminal:</small>"),
+                       self.command_html, tabs])
+
+    def command(self) -> str:
+        """The ``workbench run`` command for the current values (those that differ from the notebook's defaults)."""
+        import shlex
+
+        defaults = {name: self._default_value(name) for name in self.parameters}
+        parts = ["workbench", "run", str(self.notebook)]
+        try:
+            values = self.values()
+        except ValueError as err:
+            return f"(no command: {err})"
+        for name, value in values.items():
+            if name in ("output_dir", "interactive") or value == defaults.get(name):
+                continue
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            parts += ["-p", name, text]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def _default_value(self, name: str) -> Any:
+        try:
+            return ast.literal_eval(self.parameters[name]["default"])
+        except (ValueError, SyntaxError):
+            return None
+
+    def _update_command(self, change=None) -> None:
+        self.command_html.value = f"<code style='user-select:all'>{_escape(self.command())}</code>"
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -384,9 +456,16 @@ class ParameterPanel:
         v = self.values()
         if v["epochs"] < 1 or v["batch_size"] < 1:
             raise ValueError(f"epochs={v['epochs']} and batch_size={v['batch_size']} must both be at least 1.")
+        if self.steps_per_epoch is None and self.train_size is None:
+            raise ValueError("the preview needs the steps per epoch: build the panel with train_size= (the number of "
+                             "training examples) or steps_per_epoch=.")
         per_epoch = self.steps_per_epoch or math.ceil(self.train_size / v["batch_size"])
+        groups = None
+        if "backbone_lr_ratio" in v or "freeze_epochs" in v:  # one line per parameter group, freeze phase marked
+            groups = {"backbone": v.get("backbone_lr_ratio", 1.0), "head": 1.0}
         return lr_curve(v["lr_scheduler_type"], lr=v["learning_rate"], total_steps=v["epochs"] * per_epoch,
-                        warmup_ratio=v.get("warmup_ratio", 0.0))
+                        warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
+                        freeze_steps=v.get("freeze_epochs", 0) * per_epoch)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -398,9 +477,6 @@ class ParameterPanel:
         Training curves are redrawn after every epoch in the Train tab; the result (its table)
         is shown below them and kept as :attr:`last_result`.
         """
-        if self._train_fn is None:
-            raise RuntimeError("This panel has no training function: build it with "
-                               "panel(..., train=cell_type.run_workflow) (any train(values, callbacks=[...])).")
         params = self.values()
         if "output_dir" not in params:
             raise ValueError(f"{self.notebook.name} declares no output_dir parameter, so a panel run has no run "
@@ -417,6 +493,15 @@ class ParameterPanel:
         _show_in(self.result_out, result)
         _say(self.train_out, f"Done. Run folder: {run_dir}")
         return result
+
+    def _run_notebook(self, values: dict, *, callbacks=()):
+        """The default training function: this panel's notebook, run in this process; its ``result``."""
+        from .execute import run_in_process
+        from .training import extra_callbacks
+
+        with extra_callbacks(callbacks):
+            namespace = run_in_process(self.notebook, parameters=values)
+        return namespace.get("result")
 
     def _on_train(self, button) -> None:
         button.disabled = True
@@ -508,6 +593,7 @@ class ParameterPanel:
 
         from .sweeps import load_spec
 
+        self.sweep_dir = Path(self.sweep_dir_field.value.strip() or self.sweep_dir).expanduser()
         spec = self.sweep_spec(name, output_root=output_root)
         path = self.sweep_dir / f"{spec['name']}.yaml"
         header = (f"# Sweep exported from the widget panel of {self.notebook.name}.\n"
@@ -591,8 +677,8 @@ class _errors_into:
         if error is None or not isinstance(error, Exception):
             return False
         self.owner.last_error = error
-        lines = traceback.format_exception(kind, error, tb)[-6:]
-        _say(self.output, f"{self.what}: {type(error).__name__}: {error}\n\n{''.join(lines)}", error=True)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        _say(self.output, f"{self.what}: {type(error).__name__}: {first}", error=True)
         return True
 
 

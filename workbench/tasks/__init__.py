@@ -1,4 +1,44 @@
 """One module per workflow: its data, its model and its pretraining objective.
 
 - :mod:`workbench.tasks.cell_type`: cell-type annotation from single-cell expression.
+
+A workflow module declares what the core needs to know about it, so the core never names a
+workflow's metrics or packages itself:
+
+``NOTEBOOK``
+    its notebook; the notebook names the module back in its metadata
+    (``{"workbench": {"task": "workbench.tasks.cell_type"}}``), read by :func:`workflow_of`;
+``HEADLINE_METRICS``
+    the final metrics a terminal summary and the panel's sweep export show first;
+``PACKAGES``
+    packages besides the core ones whose versions each run records;
+``run_workflow(params, *, callbacks=())``
+    its notebook's steps, in this process (the widget panel's Train button).
 """
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["workflow_of", "headline_metrics"]
+
+
+def workflow_of(notebook: str | os.PathLike | None) -> ModuleType | None:
+    """The task module a notebook names in its metadata (``workbench.task``), or None."""
+    if notebook is None:
+        return None
+    try:
+        name = json.loads(Path(notebook).read_text())["metadata"]["workbench"]["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return import_module(name)
+
+
+def headline_metrics(notebook: str | os.PathLike | None) -> tuple[str, ...]:
+    """The ``HEADLINE_METRICS`` of the notebook's workflow; empty when it names none."""
+    module = workflow_of(notebook)
+    return tuple(getattr(module, "HEADLINE_METRICS", ())) if module is not None else ()

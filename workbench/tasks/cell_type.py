@@ -14,7 +14,9 @@ Pretraining
     cell's genes is zeroed and the encoder + a small decoder reconstruct the masked values. It
     only sees the training cells, without labels. The checkpoint it writes is loaded into the
     classifier through :func:`workbench.load_pretrained`, the path a user's external
-    checkpoint takes.
+    checkpoint takes. It is cached by fingerprint (:mod:`workbench.cache`): the data's content,
+    the exact training cells and every pretraining setting. A run reuses an encoder only when
+    all of them are equal, so a sweep over fine-tuning settings pretrains once per split.
 Baseline
     Logistic regression on the same features, split and labelled cells (the model behind
     CellTypist).
@@ -34,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import splits
+from ..cache import cached, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
 
@@ -52,10 +55,22 @@ __all__ = [
     "baseline",
     "evaluate",
     "run_workflow",
+    "HEADLINE_METRICS",
+    "PACKAGES",
 ]
 
 #: The workflow's notebook (in a source checkout), for the widget panel and tests.
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "cell_type_annotation.ipynb"
+
+#: Final metrics a terminal summary shows first (``workbench sweep`` / ``report``); the first is the primary one.
+HEADLINE_METRICS = ("test_macro_f1", "test_accuracy", "baseline_test_macro_f1", "baseline_test_accuracy")
+
+#: Packages whose versions each run records besides the core ones.
+PACKAGES = ("anndata", "scanpy", "scipy")
+
+#: Settings of the pretraining step: each is part of the pretrained encoder's fingerprint.
+PRETRAIN_SETTINGS = ("hidden", "dropout", "weight_decay", "pretrain_epochs", "pretrain_lr", "pretrain_batch_size",
+                     "mask_ratio")
 
 #: Architecture and training settings the notebook does not expose as parameters.
 DEFAULTS = {
@@ -117,14 +132,23 @@ class CellData:
     train_idx: np.ndarray
     test_idx: np.ndarray
     labelled_idx: np.ndarray
+    val_idx: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
     source: str = ""
     label_key: str = ""
     features: str = ""
     y: np.ndarray = field(init=False)
+    _content_hash: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         index = {c: i for i, c in enumerate(self.classes)}
         self.y = np.array([index[c] for c in self.labels], dtype=np.int64)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of the expression values and the gene names (computed once)."""
+        if self._content_hash is None:
+            self._content_hash = fingerprint(content_hash(self.X), self.genes)
+        return self._content_hash
 
     @property
     def n_genes(self) -> int:
@@ -140,7 +164,8 @@ class CellData:
     def to_frame(self):
         import pandas as pd
 
-        parts = {"train (labelled)": self.labelled_idx, "train (all)": self.train_idx, "test": self.test_idx}
+        parts = {"fit (labelled)": self.labelled_idx, "validation": self.val_idx, "train (all)": self.train_idx,
+                 "test": self.test_idx}
         frame = pd.DataFrame({name: pd.Series(self.labels[idx]).value_counts() for name, idx in parts.items()})
         frame = frame.reindex(self.classes).fillna(0).astype(int)
         frame.loc["total"] = frame.sum()
@@ -150,7 +175,8 @@ class CellData:
         return {
             "source": self.source, "label_key": self.label_key, "features": self.features,
             "cells": int(self.X.shape[0]), "genes": self.n_genes, "classes": list(self.classes),
-            "train": len(self.train_idx), "labelled": len(self.labelled_idx), "test": len(self.test_idx),
+            "train": len(self.train_idx), "labelled": len(self.labelled_idx), "val": len(self.val_idx),
+            "test": len(self.test_idx),
         }
 
     def summary(self) -> str:
@@ -158,7 +184,8 @@ class CellData:
         return (
             f"{self.source}: {self.X.shape[0]} cells x {self.n_genes} genes ({kind}, {self.features}), "
             f"{len(self.classes)} classes in obs[{self.label_key!r}]; train {len(self.train_idx)} "
-            f"({len(self.labelled_idx)} labelled), test {len(self.test_idx)}"
+            f"({len(self.labelled_idx)} labelled for fitting, {len(self.val_idx)} for validation), "
+            f"test {len(self.test_idx)}"
         )
 
     def __repr__(self) -> str:
@@ -230,6 +257,7 @@ def load(
     *,
     test_size: float = 0.2,
     label_fraction: float = 1.0,
+    val_fraction: float = 0.1,
     seed: int = 0,
     features: str = "auto",
 ) -> CellData:
@@ -246,6 +274,10 @@ def load(
     label_fraction
         Fraction of the training cells whose labels fine-tuning may use (at least one per
         type); the rest stay unlabeled for pretraining.
+    val_fraction
+        Fraction of the labelled training cells held out for validation (model selection and
+        early stopping), stratified: ``round(val_fraction * n)`` cells of each type, so a type
+        with few labelled cells keeps them all for fitting. ``0`` means no validation set.
     features
         ``"raw"`` (``adata.raw.X``), ``"X"`` or ``"auto"`` (raw when present).
     """
@@ -266,9 +298,16 @@ def load(
     X, genes, where = _features(adata, features)
     train_idx, test_idx = splits.holdout(labels, test_size=test_size, seed=seed)
     labelled = train_idx[splits.few_shot(labels[train_idx], fraction=label_fraction, seed=seed)] if label_fraction < 1 else train_idx
+    if not 0.0 <= val_fraction <= 0.5:
+        raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 0.5]: the share of labelled training cells "
+                         "held out for validation, e.g. 0.1; 0 for none.")
+    val = np.array([], dtype=np.int64)
+    if val_fraction > 0:
+        val = labelled[splits.few_shot(labels[labelled], fraction=val_fraction, seed=seed, min_per_class=0)]
     return CellData(
         X=X, labels=labels, classes=sorted(set(labels)), genes=genes, train_idx=train_idx, test_idx=test_idx,
-        labelled_idx=np.sort(labelled), source=source, label_key=label_key, features=where,
+        labelled_idx=np.sort(np.setdiff1d(labelled, val)), val_idx=np.sort(val), source=source, label_key=label_key,
+        features=where,
     )
 
 
@@ -340,33 +379,51 @@ def build_model(data: CellData, **overrides) -> CellTypeClassifier:
 # --------------------------------------------------------------------------- steps
 
 
-def pretrain(data: CellData, *, output_dir, seed: int = 0, progress: bool = True, **overrides) -> Path:
+def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
     """Masked-expression pretraining on the training cells (no labels); returns the checkpoint.
 
-    Writes ``<output_dir>/pretrain/`` (its own run folder: metrics, resume state) and
-    ``<output_dir>/pretrained.safetensors`` with a JSON sidecar naming the genes.
+    The result is cached under ``<cache root>/pretrain/<fingerprint>/`` (see
+    :mod:`workbench.cache`), where the fingerprint covers the data's content, the exact training
+    cells, ``seed`` and every setting in :data:`PRETRAIN_SETTINGS`. An entry is reused only when
+    all of them are equal; an interrupted pretraining resumes from its own ``last.pt``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``pretrained.safetensors``, with a JSON sidecar naming the genes and the fingerprint.
     """
-    from ..tracking import Run
-    from ..training import fit
-
     cfg = {**DEFAULTS, **overrides}
-    torch.manual_seed(seed)
-    model = MaskedExpressionModel(data.n_genes, hidden=tuple(cfg["hidden"]), dropout=cfg["dropout"], mask_ratio=cfg["mask_ratio"])
-    run = Run(Path(output_dir) / "pretrain", params={k: cfg[k] for k in cfg if k.startswith(("pretrain", "mask", "hidden"))})
-    batches = data.batches(data.train_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
-    fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
-        schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
-    meta = {"task": "cell_type", "objective": "masked_expression", "genes": data.genes, "hidden": list(cfg["hidden"]),
-            "cells": len(data.train_idx), "seed": seed}
-    return save_weights(model, Path(output_dir) / "pretrained.safetensors", metadata=meta)
+    settings = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in PRETRAIN_SETTINGS}
+    settings.update(seed=seed, objective="masked_expression")
+    key = fingerprint(data.content_hash, data.train_idx, settings)
+
+    def build(folder: Path) -> None:
+        from ..tracking import Run
+        from ..training import fit
+
+        torch.manual_seed(seed)
+        model = MaskedExpressionModel(data.n_genes, hidden=tuple(cfg["hidden"]), dropout=cfg["dropout"],
+                                      mask_ratio=cfg["mask_ratio"])
+        run = Run(folder / "run", params=settings, resume=True)
+        batches = data.batches(data.train_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
+        fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
+            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
+        meta = {"task": "cell_type", "objective": "masked_expression", "genes": data.genes, "fingerprint": key,
+                "cells": len(data.train_idx), **settings}
+        save_weights(model, folder / "pretrained.safetensors", metadata=meta)
+
+    describe = {"data": data.source, "data_hash": data.content_hash, "train_cells": len(data.train_idx), **settings}
+    folder = cached("pretrain", key, build, root=cache_root, describe=describe)
+    return folder / "pretrained.safetensors"
 
 
-def pretrained(data: CellData, pretrained_checkpoint: str, *, output_dir, seed: int = 0, progress: bool = True):
+def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
+               cache_root=None):
     """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` | ``"none"`` | a path."""
     if pretrained_checkpoint == "none":
         return None
     if pretrained_checkpoint == "pretrain":
-        return pretrain(data, output_dir=output_dir, seed=seed, progress=progress)
+        return pretrain(data, seed=seed, progress=progress, cache_root=cache_root)
     if not Path(pretrained_checkpoint).exists():
         raise FileNotFoundError(
             f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an existing file. "
@@ -375,18 +432,47 @@ def pretrained(data: CellData, pretrained_checkpoint: str, *, output_dir, seed: 
     return pretrained_checkpoint
 
 
+#: What ``finetune(monitor=...)`` accepts, and whether larger is better.
+MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
+
+
 def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_size: int = 32,
              lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1, strategy: str = "full",
-             freeze_epochs: int = 0, seed: int = 0, run=None, callbacks=(), progress: bool = True):
-    """Supervised fine-tuning on the labelled training cells; returns the History."""
+             freeze_epochs: int = 0, backbone_lr_ratio: float = 1.0, monitor: str = "val_loss", patience: int = 0,
+             seed: int = 0, run=None, callbacks=(), progress: bool = True):
+    """Supervised fine-tuning on the labelled training cells; returns the History.
+
+    Every epoch is scored on the validation cells (``val_loss``, ``val_accuracy``,
+    ``val_macro_f1``); ``monitor`` picks the best epoch, whose weights the model holds at the
+    end (and ``best.safetensors`` in the run folder). ``patience > 0`` stops after that many
+    epochs without improvement. The test cells are not touched. Without validation cells the
+    best epoch is the one with the lowest training loss.
+    """
     from ..training import fit
 
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor={monitor!r} is not one of {', '.join(MONITORS)}.")
+    has_val = len(data.val_idx) > 0
     batches = data.batches(data.labelled_idx, batch_size=batch_size, shuffle=True, seed=seed)
+    val = data.batches(data.val_idx, batch_size=256) if has_val else None
     return fit(
         model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
         schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy, freeze_epochs=freeze_epochs,
-        run=run, callbacks=callbacks, progress=progress, seed=seed, log_every=100,
+        backbone_lr_ratio=backbone_lr_ratio, val_data=val, evaluate=_validation_metrics if has_val else None,
+        monitor=monitor if has_val else "train_loss", mode=MONITORS[monitor] if has_val else "min",
+        patience=patience or None, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
+        log_every=100,
     )
+
+
+def _validation_metrics(model, batches) -> dict:
+    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches."""
+    preds, truth = [], []
+    for x, y in batches:
+        preds.append(model(x).argmax(1))
+        truth.append(y)
+    scores = classification_metrics(torch.cat(truth).numpy(), torch.cat(preds).numpy())
+    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 
 def baseline(data: CellData, *, seed: int = 0) -> dict:
@@ -435,21 +521,16 @@ def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
     return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=data.classes), final=final)
 
 
-def run_workflow(params: Mapping, *, progress: bool = False, callbacks=()) -> Evaluation:
-    """The notebook's steps, in-process, for the same parameters (used by the widget panel and tests)."""
-    from ..tracking import Run
-    from ..transfer import load_pretrained
+def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
+    """Run the workflow's notebook in this process for ``params``; return its evaluation.
 
-    p = dict(params)
-    set_threads()
-    torch.manual_seed(p["seed"])
-    run = Run(p["output_dir"], params=p, tracker=p.get("tracker", "none"))
-    data = load(p["data_path"], p["label_key"], test_size=p["test_size"], label_fraction=p["label_fraction"], seed=p["seed"])
-    model = build_model(data)
-    source = pretrained(data, p["pretrained_checkpoint"], output_dir=run.path, seed=p["seed"], progress=progress)
-    if source is not None:
-        load_pretrained(model, source, expect_missing=["head.*"], run=run)
-    finetune(model, data, epochs=p["epochs"], learning_rate=p["learning_rate"], batch_size=p["batch_size"],
-             lr_scheduler_type=p["lr_scheduler_type"], warmup_ratio=p["warmup_ratio"], strategy=p["strategy"],
-             freeze_epochs=p["freeze_epochs"], seed=p["seed"], run=run, callbacks=callbacks, progress=progress)
-    return evaluate(model, data, run=run, seed=p["seed"])
+    The notebook's own cells run (:func:`workbench.execute.run_in_process`), so the widget
+    panel's Train button and a papermill run follow the same steps. ``callbacks`` join every
+    ``fit`` of the run (the panel's live curves).
+    """
+    from ..execute import run_in_process
+    from ..training import extra_callbacks
+
+    with extra_callbacks(callbacks):
+        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
+    return namespace["result"]
