@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help venv demo test lab sweep bench clean
+.PHONY: help venv demo test test-browser lab sweep bench clean
 
 help:
 	@echo "make demo   - cell-type annotation on scanpy's bundled pbmc68k_reduced (real data)"
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Real-browser test of `make lab`'s path; `make test` skips it (screenshots: runs/browser/).
+test-browser: $(STAMP)
+	$(PY) -m pytest -q tests/browser
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -130,8 +130,8 @@ def run_bare(x, y, *, epochs, seed):
             torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["grad_clip"])
             opt.step()
             sched.step()
-            running += loss.detach()
-            n += 1
+            running += loss.detach() * xb.shape[0]  # the epoch loss is a mean over samples, as fit reports it
+            n += xb.shape[0]
         losses.append(running.item() / n)
         times.append(time.perf_counter() - t)
     return times, losses, model

@@ -117,8 +117,11 @@ def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_p
 
 
 def executed_figures(path) -> tuple[int, int]:
-    """(image/png outputs, figures shown only as text) in an executed notebook."""
-    outputs = [o for c in json.loads(Path(path).read_text())["cells"] for o in c.get("outputs", [])]
+    """(image/png outputs, figures shown only as text) in an executed notebook; no cell shows two figures."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    per_cell = [sum("image/png" in o.get("data", {}) for o in c.get("outputs", [])) for c in cells]
+    assert max(per_cell) <= 1, f"one figure per cell, got {per_cell}"
+    outputs = [o for c in cells for o in c.get("outputs", [])]
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     text_only = sum("image/png" not in o.get("data", {}) and "<Figure size" in "".join(o.get("data", {}).get("text/plain", ""))
                     for o in outputs)
@@ -171,7 +174,8 @@ def test_notebook_tiny_run_writes_the_run_folder_contract(tmp_path):
     # issue 14: validation cells score every epoch, and the best checkpoint is chosen on them
     assert all({"val_loss", "val_accuracy", "val_macro_f1"} <= set(r) for r in rows)
     best = json.loads((out / "checkpoints" / "best.json").read_text())
-    assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"] and "val_loss" in best
+    top = max(r["val_macro_f1"] for r in rows)
+    assert best["epoch"] == [r for r in rows if r["val_macro_f1"] == top][-1]["epoch"] and "val_macro_f1" in best
     report = json.loads((out / "load_report.json").read_text())
     assert report["missing"] == ["head.bias", "head.weight"] and report["loaded_fraction"] > 0.9
     assert (out / "checkpoints" / "best.safetensors").exists() and (out / "checkpoints" / "last.pt").exists()
@@ -223,3 +227,22 @@ def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeyp
     if pretrained_checkpoint == "pretrain":
         assert len(list((tmp_path / "cache_papermill" / "pretrain").glob("*/pretrained.safetensors"))) == 1
         assert len(list((tmp_path / "cache_in_process" / "pretrain").glob("*/pretrained.safetensors"))) == 1
+
+
+def test_run_all_after_changing_the_seed_needs_no_new_output_dir(tmp_path, monkeypatch):
+    """Issue 17: the notebook's default output_dir used to be one fixed folder that every run reused."""
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    for seed in (0, 1):
+        namespace = cell_type_notebook(seed=seed)
+        folders.append(namespace["run"].path)
+        assert json.loads((folders[-1] / "params.json").read_text())["seed"] == seed
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent == Path("runs/cell_type")
+    assert len((folders[0] / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def cell_type_notebook(**params):
+    """The notebook's cells, in this process, with tiny settings (as Run All in JupyterLab runs them)."""
+    from workbench.execute import run_in_process
+
+    return run_in_process(NOTEBOOK, parameters={"epochs": 1, "pretrained_checkpoint": "none", **params})

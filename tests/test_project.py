@@ -33,9 +33,10 @@ def test_environment_yml_installs_the_package_with_the_python_pyproject_allows()
 
 
 def test_ci_calls_make_test_and_makefile_bootstraps_the_venv():
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test\n" in ci and "make test-browser" in ci
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("demo:", "test:", "lab:", "bench:", "sweep:"):
+    for target in ("demo:", "test:", "test-browser:", "lab:", "bench:", "sweep:"):
         assert re.search(rf"^{target} \$\(STAMP\)", makefile, re.M), target
     assert "-m venv" in makefile and "ipykernel install" in makefile and "ensure_kernel()" in makefile
     # issue 14: an exported MPLBACKEND reached every kernel under `make lab` and figures showed as text

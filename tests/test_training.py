@@ -213,3 +213,17 @@ def test_dict_batches_and_loss_fn():
     assert history.rows[-1]["step"] == 8
     with pytest.raises(TypeError, match="loss_fn=lambda model, batch"):
         wb.fit(torch.nn.Linear(10, 2), batches, epochs=1, lr=0.1, progress=False)
+
+
+def test_a_tie_in_the_monitored_metric_goes_to_the_later_epoch(tmp_path):
+    """A small validation set ties often; the later epoch (trained longer) becomes best.safetensors."""
+    scores = iter([0.5, 0.8, 0.8, 0.6])
+
+    def evaluate(model, data):
+        return {"val_score": next(scores)}
+
+    run = wb.Run(tmp_path)
+    history = wb.fit(TinyNet(), toy_loader(), evaluate=evaluate, epochs=4, lr=0.05, monitor="val_score", mode="max",
+                     run=run, progress=False)
+    assert history.best_epoch == 2
+    assert json.loads((run.checkpoints / "best.json").read_text())["epoch"] == 2

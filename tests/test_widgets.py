@@ -101,6 +101,7 @@ def test_preview_follows_the_fields(make_panel):
     # changing the widgets themselves (as a user does) redraws: cosine with 25% warmup
     panel.fields["lr_scheduler_type"].value = "cosine"
     panel.fields["warmup_ratio"].value = 0.25
+    assert "cosine schedule, warmup 5 steps" in panel.preview_title.value
     lr = panel.preview_curve["head"].to_numpy()
     assert panel.preview_curve.attrs["schedule"] == "cosine" and panel.preview_curve.attrs["warmup_steps"] == 5
     assert lr.argmax() == 5 and np.all(np.diff(lr[:6]) > 0) and np.all(np.diff(lr[5:]) < 0)

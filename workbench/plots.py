@@ -85,8 +85,9 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     freeze_steps = curve.attrs.get("freeze_steps") or 0
 
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    for column in curve.columns:
-        ax.plot(curve.index, curve[column], label=str(column))
+    styles = ["-", "--", ":", "-."]  # groups at the same rate overlap: a line style each keeps all visible
+    for i, column in enumerate(curve.columns):
+        ax.plot(curve.index, curve[column], label=str(column), linestyle=styles[i % len(styles)])
     if warmup_steps > 0:
         ax.axvline(warmup_steps, color="grey", linestyle="--", linewidth=1, label=f"end of warmup ({warmup_steps})")
     if freeze_steps > 0:

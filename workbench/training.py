@@ -100,8 +100,9 @@ class History:
         scored = [r for r in self.rows if _finite(r.get(self.monitor))]
         if not scored:
             return None
-        pick = min if self.mode == "min" else max
-        return pick(scored, key=lambda r: r[self.monitor])["epoch"]
+        sign = 1 if self.mode == "min" else -1
+        best = min(sign * r[self.monitor] for r in scored)
+        return [r for r in scored if sign * r[self.monitor] == best][-1]["epoch"]  # a tie goes to the later epoch
 
     def to_frame(self):
         import pandas as pd
@@ -224,7 +225,10 @@ class EarlyStopping(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """Keep the best weights by ``monitor`` (``best.safetensors``), the top-k and every N epochs."""
+    """Keep the best weights by ``monitor`` (``best.safetensors``), the top-k and every N epochs.
+
+    On a tie the later epoch becomes the best one (as in :attr:`History.best_epoch`).
+    """
 
     def __init__(
         self,
@@ -244,7 +248,8 @@ class ModelCheckpoint(Callback):
     def on_validation_end(self, trainer, logs):
         value = _check_monitor(self.monitor, logs)
         meta = {"epoch": trainer.epoch, "step": trainer.global_step, self.monitor: value}
-        if _improved(value, self.best, mode=self.mode):
+        # a tie goes to the later epoch: it trained longer, and a small validation set ties often
+        if _improved(value, self.best, mode=self.mode) or (_finite(value) and value == self.best):
             self.best = value
             save_weights(trainer.model, self.directory / "best.safetensors", metadata=meta)
         if self.save_top_k > 1 and _finite(value):

@@ -252,6 +252,7 @@ class ParameterPanel:
                 self.fields[name].value = value
 
         self.preview_out, self.sweep_out = w.Output(), w.Output()
+        self.preview_title = w.HTML("")  # the plan in words (also the figure's title), readable without the image
         self.train_out, self.curves_out, self.result_out = w.Output(), w.Output(), w.Output()
         self.train_button = w.Button(description="Train", icon="play", button_style="primary",
                                      tooltip="train in this process with the values above, into <output_dir>/panel/NNN")
@@ -292,7 +293,7 @@ class ParameterPanel:
         options, open_ended = parse_options(help_text) if kind in ("str", None) else ([], False)
         if options and not open_ended:
             self.options[name] = options
-            return w.Dropdown(options=options, **common)
+            return w.Dropdown(options=options, **wide)  # the default width cuts off e.g. constant_with_warmup
         if options:  # listed words plus free text, e.g. "pretrain | none | a checkpoint path"
             return w.Combobox(options=options, ensure_option=False, placeholder=" | ".join(options), **wide)
         return w.Text(**wide)
@@ -309,8 +310,9 @@ class ParameterPanel:
         self.seeds_field = w.Text(description="seeds", value="" if seed is None else str(seed), style=_WIDTH,
                                   placeholder="e.g. 0, 1, 2", disabled="seed" not in self.parameters,
                                   tooltip="values of seed; each setting runs once per seed (empty: seed as above)")
-        self.name_field = w.Text(description="sweep name", value=f"{self.notebook.stem}_sweep", style=_WIDTH)
-        self.metric_field = w.Text(description="metric", value=metric or "", style=_WIDTH,
+        self.name_field = w.Text(description="sweep name", value=f"{self.notebook.stem}_sweep", style=_WIDTH,
+                                 layout=w.Layout(**_WIDE))
+        self.metric_field = w.Text(description="metric", value=metric or "", style=_WIDTH, layout=w.Layout(**_WIDE),
                                    tooltip="final metric for the comparison figure (empty: the first numeric one)")
         self.sweep_dir_field = w.Text(description="spec folder", value=str(self.sweep_dir), style=_WIDTH,
                                       layout=w.Layout(**_WIDE), tooltip="the YAML goes to <spec folder>/<name>.yaml")
@@ -329,7 +331,7 @@ class ParameterPanel:
             *self.vary.values(), self.seeds_field, self.metric_field, self.name_field, self.sweep_dir_field,
             self.export_button, self.sweep_out,
         ])
-        tabs = w.Tab(children=[self.preview_out, train_page, sweep_page])
+        tabs = w.Tab(children=[w.VBox([self.preview_title, self.preview_out]), train_page, sweep_page])
         tabs.titles = ("LR schedule", "Train", "Export sweep")
         title = w.HTML(f"<b>{_escape(self.notebook.name)}</b>: parameters <small>({_escape(str(self.notebook))})</small>")
         says = w.HTML("<small>This panel does not edit the notebook's parameters cell: Train runs these values in a "
@@ -442,6 +444,7 @@ class ParameterPanel:
         from .plots import plot_lr_schedule
 
         figure = plot_lr_schedule(self.preview_curve)
+        self.preview_title.value = f"<b>{_escape(figure.axes[0].get_title())}</b>"
         _show_in(self.preview_out, figure)
         plt.close(figure)
 
@@ -488,7 +491,8 @@ class ParameterPanel:
         for output in (self.train_out, self.curves_out, self.result_out):
             output.clear_output()
         _say(self.train_out, f"Training in {run_dir} ...")
-        result = self._train_fn(params, callbacks=[OutputCurves(self.curves_out)])
+        with _capture(self.train_out):  # what the run prints (folder, schedule, progress) goes to the Train tab
+            result = self._train_fn(params, callbacks=[OutputCurves(self.curves_out)])
         self.last_result, self.last_run_dir = result, run_dir
         _show_in(self.result_out, result)
         _say(self.train_out, f"Done. Run folder: {run_dir}")
@@ -697,6 +701,13 @@ def _show_in(output, obj) -> None:
     output.clear_output(wait=True)
     with output:
         display(obj)
+
+
+def _capture(output):
+    """Inside a kernel, the Output widget's context (prints land in it); elsewhere, nothing."""
+    import contextlib
+
+    return output if _in_kernel() else contextlib.nullcontext()
 
 
 def _say(output, text: str, *, error: bool = False) -> None:
