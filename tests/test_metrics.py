@@ -178,3 +178,24 @@ def test_import_does_not_pull_torch():
     code = "import sys, workbench.metrics, workbench.splits; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_grouped_regression_metrics_overall_and_per_group():
+    from scipy.stats import pearsonr, spearmanr
+
+    from workbench.metrics import grouped_regression_metrics
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=40)
+    pred = truth + rng.normal(scale=0.5, size=40)
+    groups = np.array(["b"] * 20 + ["a"] * 20)
+    frame = grouped_regression_metrics(truth, pred, groups)
+    assert list(frame.index) == ["overall", "a", "b"] and list(frame.columns) == ["n", "pearson", "spearman", "r2", "mse"]
+    assert frame.loc["a", "n"] == 20
+    assert frame.loc["overall", "pearson"] == pytest.approx(pearsonr(truth, pred).statistic)
+    assert frame.loc["b", "spearman"] == pytest.approx(spearmanr(truth[:20], pred[:20]).statistic)
+    assert frame.loc["a", "mse"] == pytest.approx(np.mean((truth[20:] - pred[20:]) ** 2))
+    constant = grouped_regression_metrics([1.0, 1.0, 2.0], [0.5, 0.7, 2.0], ["x", "x", "y"])
+    assert math.isnan(constant.loc["x", "pearson"]) and math.isnan(constant.loc["y", "r2"])
+    with pytest.raises(ValueError, match="groups has 2 labels but y_true has 3"):
+        grouped_regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], ["a", "b"])

@@ -183,3 +183,19 @@ def test_metric_comparison_grouped_bars():
     assert len(fig.axes[0].patches) == 2
     with pytest.raises(ValueError, match="'f1' not found"):
         plot_metric_comparison(table, metrics=["f1"])
+
+
+def test_importance_bars_largest_on_top_with_error_bars():
+    from workbench.plots import plot_importance
+
+    frame = pd.DataFrame({"feature": ["medium", "od600", "drug"], "importance": [0.3, -0.01, 0.1],
+                          "std": [0.02, 0.01, 0.03]})
+    fig = plot_importance(frame, xlabel="drop in Pearson")
+    assert isinstance(fig, Figure) and _is_closed(fig)
+    (ax,) = fig.axes
+    widths = [bar.get_width() for bar in ax.patches]
+    assert widths == [-0.01, 0.1, 0.3]  # barh draws bottom-up: the largest is on top
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["od600", "drug", "medium"]
+    assert ax.get_xlabel() == "drop in Pearson"
+    with pytest.raises(ValueError, match="'importance' not found"):
+        plot_importance(frame.rename(columns={"importance": "score"}))

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["classification_metrics", "regression_metrics", "confusion_matrix", "MetricsTable"]
+__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,3 +415,54 @@ class MetricsTable:
         if not self.results:
             return "MetricsTable(empty)"
         return "MetricsTable\n" + self.to_frame().to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+
+
+# --------------------------------------------------------------------------------------------
+# regression metrics per group (e.g. per experimental condition)
+# --------------------------------------------------------------------------------------------
+
+
+def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
+    """Pearson, Spearman, R² and MSE over all samples and within each group.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        One value per sample (1-D), same length.
+    groups
+        A group label per sample (e.g. the experimental condition).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row ``overall`` then one per group (sorted), columns ``n``, ``pearson``,
+        ``spearman``, ``r2``, ``mse``. Correlations of a group with constant values, and R² of
+        a group with one sample, are NaN.
+    """
+    from scipy.stats import spearmanr
+    from sklearn import metrics as skm
+
+    y_true = _as_1d(y_true, name="y_true").astype(float)
+    y_pred = _as_1d(y_pred, name="y_pred").astype(float)
+    groups = _as_1d(groups, name="groups")
+    _check_same_length(y_true, y_pred)
+    if len(groups) != len(y_true):
+        raise ValueError(f"groups has {len(groups)} labels but y_true has {len(y_true)} samples; give one per sample.")
+    _check_no_missing(y_true, name="y_true")
+    _check_no_missing(y_pred, name="y_pred")
+
+    def scores(t: np.ndarray, p: np.ndarray) -> dict:
+        constant = len(t) < 2 or np.ptp(t) == 0 or np.ptp(p) == 0
+        return {
+            "n": len(t),
+            "pearson": math.nan if constant else _pearson(t, p),
+            "spearman": math.nan if constant else float(spearmanr(t, p).statistic),
+            "r2": math.nan if len(t) < 2 else float(skm.r2_score(t, p)),
+            "mse": float(skm.mean_squared_error(t, p)),
+        }
+
+    rows = {"overall": scores(y_true, y_pred)}
+    for group in sorted(set(groups.tolist()), key=str):
+        mask = groups == group
+        rows[str(group)] = scores(y_true[mask], y_pred[mask])
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("group")

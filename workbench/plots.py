@@ -28,6 +28,7 @@ __all__ = [
     "plot_sweep_comparison",
     "plot_predictions",
     "plot_metric_comparison",
+    "plot_importance",
 ]
 
 
@@ -411,5 +412,42 @@ def plot_metric_comparison(table, *, metrics: Sequence[str] | None = None) -> Fi
     ax.set_title("Model comparison")
     ax.margins(y=0.15)
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# feature importance
+# --------------------------------------------------------------------------------------------
+
+
+def plot_importance(importance: pd.DataFrame, *, title: str | None = None, xlabel: str = "importance") -> Figure:
+    """Horizontal bars of feature importance (e.g. permutation importance), largest on top.
+
+    Parameters
+    ----------
+    importance
+        Columns ``feature`` and ``importance``, optionally ``std`` (drawn as error bars).
+    title
+        Figure title; default ``"Feature importance"``.
+    xlabel
+        Label of the importance axis, e.g. ``"drop in test Pearson when shuffled"``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One bar per feature, with a zero line.
+    """
+    frame = _frame_of(importance, name="importance")
+    _check_columns(frame, ["feature", "importance"], name="plot_importance")
+    if frame.empty:
+        raise ValueError("importance has no rows; nothing to plot.")
+    frame = frame.sort_values("importance")
+    errors = frame["std"].to_numpy(dtype=float) if "std" in frame else None
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(frame) + 1.2), layout="constrained")
+    ax.barh(frame["feature"].astype(str), frame["importance"].to_numpy(dtype=float), xerr=errors, color="tab:blue")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title or "Feature importance")
     plt.close(fig)
     return fig

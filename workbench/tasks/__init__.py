@@ -1,6 +1,7 @@
 """One module per workflow: its data, its model and its pretraining objective.
 
 - :mod:`workbench.tasks.cell_type`: cell-type annotation from single-cell expression.
+- :mod:`workbench.tasks.regulatory`: expression under new experimental conditions, LoRA against full fine-tuning.
 
 A workflow module declares what the core needs to know about it, so the core never names a
 workflow's metrics or packages itself:

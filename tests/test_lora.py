@@ -1,0 +1,122 @@
+"""LoRA through peft: coverage report, adapters-only save and reload, merge."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from workbench import lora
+from workbench.transfer import unwrap
+
+pytest.importorskip("peft")
+
+
+class Toy(nn.Module):
+    """An encoder of linear layers and a norm, a condition embedding, a head."""
+
+    lora_targets = ("encoder", "head")
+    lora_train_fully = ("embedding",)
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(5, 4)
+        self.stem = nn.Linear(6, 16)
+        self.encoder = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 16))
+        self.head = nn.Linear(20, 1)
+
+    def forward(self, x, c):
+        return self.head(torch.cat([self.encoder(self.stem(x)), self.embedding(c)], dim=1))
+
+
+def toy(seed=0):
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def inputs():
+    torch.manual_seed(1)
+    return torch.randn(8, 6), torch.randint(0, 5, (8,))
+
+
+def train_adapters(model):
+    """Give the adapters non-zero values (peft starts lora_B at zero, which would make every check trivial)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def test_coverage_report_names_matched_and_rejected_modules_and_the_trainable_fraction():
+    wrapped, report = lora.apply_lora(toy(), rank=2)
+    assert [m["module"] for m in report.matched] == ["encoder.0", "encoder.3", "head"]
+    assert report.matched[0]["shape"] == "16 x 16" and report.matched[0]["lora_params"] == 2 * (16 + 16)
+    reasons = {r["module"]: r["reason"] for r in report.rejected}
+    assert "outside the LoRA targets" in reasons["stem"]
+    assert "nn.Linear layers only" in reasons["encoder.1"]  # the LayerNorm
+    assert "trained in full" in reasons["embedding"]
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert report.trainable == trainable == 2 * (32 + 32 + 21) + 20  # adapters + the embedding table
+    assert report.total == sum(p.numel() for p in toy().parameters())
+    assert report.fraction == pytest.approx(trainable / report.total)
+    frame = report.to_frame()
+    assert list(frame["status"]).count("adapted") == 3 and "LayerNorm" in set(frame["type"])
+    assert json.loads(json.dumps(report.to_dict()))["fraction"] == pytest.approx(report.fraction)
+    assert "<table" in report._repr_html_() and "3 layers adapted" in report._repr_html_()
+
+
+def test_merged_model_equals_the_adapter_model():
+    wrapped, _ = lora.apply_lora(toy(), rank=4)
+    train_adapters(wrapped)
+    x = inputs()
+    wrapped.eval()
+    with torch.no_grad():
+        expected = wrapped(*x)
+        merged = lora.merge(wrapped)
+        assert type(merged) is Toy and not any("lora_" in n for n, _ in merged.named_parameters())
+        assert torch.allclose(merged(*x), expected, atol=1e-5)
+        assert not torch.allclose(toy()(*x), expected, atol=1e-3)  # the adapters changed something
+        assert torch.equal(wrapped(*x), expected)  # merge worked on a copy
+
+
+def test_adapters_saved_alone_reload_onto_the_base_model(tmp_path):
+    base_state = toy().state_dict()
+    wrapped, _ = lora.apply_lora(toy(), rank=2)
+    train_adapters(wrapped)
+    folder = lora.save_adapters(wrapped, tmp_path / "adapters")
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert saved and all("lora_" in k or "embedding" in k for k in saved), sorted(saved)  # not the frozen base
+    assert sum(t.numel() for t in saved.values()) == sum(t.numel() for t in lora.trainable_state(wrapped).values())
+    fresh = Toy()
+    fresh.load_state_dict(base_state)
+    loaded = lora.load_adapters(fresh, folder)
+    x = inputs()
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(*x), wrapped(*x), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapters(Toy(), tmp_path)
+
+
+def test_trainable_state_holds_adapters_and_fully_trained_parts_only():
+    wrapped, report = lora.apply_lora(toy(), rank=2)
+    state = lora.trainable_state(wrapped)
+    assert sum(t.numel() for t in state.values()) == report.trainable
+    assert all("lora_" in k or "embedding" in k for k in state)
+    unwrap(wrapped).load_state_dict(state, strict=False)  # named as the user's module names them
+
+
+def test_bad_arguments_say_what_is_accepted():
+    with pytest.raises(ValueError, match="rank=0 must be a whole number >= 1"):
+        lora.apply_lora(toy(), rank=0)
+    with pytest.raises(ValueError, match=r"targets=\['decoder'\] match no nn.Linear.*\['embedding', 'stem'"):
+        lora.apply_lora(toy(), targets=["decoder"])
+    plain = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="declares no lora_targets"):
+        lora.apply_lora(plain)
+    with pytest.raises(TypeError, match="save_adapters needs the peft model"):
+        lora.save_adapters(plain, "x")
+    with pytest.raises(TypeError, match="merge needs a peft model"):
+        lora.merge(plain)
