@@ -25,7 +25,7 @@ from importlib import import_module
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["workflow_of", "headline_metrics"]
+__all__ = ["workflow_of", "headline_metrics", "set_threads"]
 
 
 def workflow_of(notebook: str | os.PathLike | None) -> ModuleType | None:
@@ -43,3 +43,16 @@ def headline_metrics(notebook: str | os.PathLike | None) -> tuple[str, ...]:
     """The ``HEADLINE_METRICS`` of the notebook's workflow; empty when it names none."""
     module = workflow_of(notebook)
     return tuple(getattr(module, "HEADLINE_METRICS", ())) if module is not None else ()
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` torch threads (default: ``$TORCH_NUM_THREADS``, which sweep workers set).
+
+    A workflow notebook calls it first, so that parallel sweep runs share the cores instead of
+    each starting one thread per core.
+    """
+    import torch
+
+    threads = threads or int(os.environ.get("TORCH_NUM_THREADS", 0)) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

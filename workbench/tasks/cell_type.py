@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import splits
+from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
@@ -87,13 +88,6 @@ DEFAULTS = {
 
 
 # --------------------------------------------------------------------------- data
-
-
-def set_threads(threads: int | None = None) -> int:
-    """Use ``threads`` torch threads (default: ``$TORCH_NUM_THREADS``, set by sweep workers)."""
-    threads = threads or int(os.environ.get("TORCH_NUM_THREADS", 0)) or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return threads
 
 
 class ExpressionBatches:

@@ -57,6 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..cache import cached, content_hash, fingerprint
+from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..training import Callback
@@ -98,13 +99,6 @@ PRETRAIN_SETTINGS = ("width", "layers", "heads", "ff_mult", "condition_dim", "fu
 
 #: How an older version of this model named its weights (``old prefix -> new prefix``).
 LEGACY_KEY_MAP = {"blocks.": "encoder.", "cond.": "conditions.", "expr_head.": "head."}
-
-
-def set_threads(threads: int | None = None) -> int:
-    """Use ``threads`` torch threads (default: ``$TORCH_NUM_THREADS``, set by sweep workers)."""
-    threads = threads or int(os.environ.get("TORCH_NUM_THREADS", 0)) or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return threads
 
 
 # --------------------------------------------------------------------------- simulation

@@ -1,0 +1,28 @@
+"""workbench.tasks: what every workflow shares (threads, the workflow a notebook names)."""
+
+from pathlib import Path
+
+import torch
+
+from workbench.tasks import headline_metrics, set_threads, workflow_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_set_threads_follows_the_sweep_workers_variable(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("TORCH_NUM_THREADS", "1")
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_each_workflow_notebook_names_its_task_module():
+    for notebook, task in [("cell_type_annotation.ipynb", "cell_type"), ("regulatory_lora.ipynb", "regulatory")]:
+        module = workflow_of(ROOT / "notebooks" / notebook)
+        assert module.__name__ == f"workbench.tasks.{task}"
+        assert module.NOTEBOOK == ROOT / "notebooks" / notebook
+        assert headline_metrics(module.NOTEBOOK) == tuple(module.HEADLINE_METRICS) and module.PACKAGES is not None
+    assert workflow_of(ROOT / "tests" / "notebooks" / "tiny.ipynb") is None
