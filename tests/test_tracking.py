@@ -89,3 +89,20 @@ def test_versions_name_the_workflows_packages_not_a_fixed_list(tmp_path):
     assert "anndata" not in core and "torch" in core
     own = json.loads((wb.Run(tmp_path / "b", packages=["anndata"]).path / "params.json").read_text())["versions"]
     assert "anndata" in own
+
+
+def test_only_rank_0_touches_the_run_folder(tmp_path, monkeypatch):
+    """Under torchrun the same code runs on every rank: rank 1 must neither clear nor write rank 0's folder."""
+    folder = tmp_path / "r"
+    run0 = wb.Run(folder, params={"seed": 0})
+    run0.log({"epoch": 0, "train_loss": 1.0})
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.setenv("RANK", "1")
+    run1 = wb.Run(folder, params={"seed": 0})  # "same params" would clear the folder on rank 0
+    run1.log({"epoch": 0, "train_loss": 2.0})
+    run1.finish({"acc": 1.0})
+    run1.save_json("x.json", {})
+    other = wb.Run(tmp_path / "never", params={"seed": 1})
+    assert run1.state == "not written on this rank" and not (tmp_path / "never").exists()
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert other.writes is False

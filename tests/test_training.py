@@ -227,3 +227,15 @@ def test_a_tie_in_the_monitored_metric_goes_to_the_later_epoch(tmp_path):
                      run=run, progress=False)
     assert history.best_epoch == 2
     assert json.loads((run.checkpoints / "best.json").read_text())["epoch"] == 2
+
+
+def test_best_checkpoint_of_a_peft_model_restores(tmp_path):
+    """best.safetensors holds the user's module names, so restore_best works on a peft-wrapped model."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TinyNet(), peft.LoraConfig(r=2, target_modules=["0"], lora_alpha=2))
+    history = wb.fit(model, toy_loader(), val_data=toy_loader(64, seed=3), epochs=3, lr=0.05, run=wb.Run(tmp_path),
+                     restore_best=True, progress=False)
+    saved = read_state_dict(tmp_path / "checkpoints" / "best.safetensors")
+    assert not any(k.startswith("base_model.") for k in saved) and history.best_epoch is not None

@@ -43,7 +43,7 @@ _EXPORTS = {
     "run_in_process": "execute",
     "run_sweep": "sweeps",
 }
-_SUBMODULES = {"cache", "checkpoints", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
+_SUBMODULES = {"cache", "checkpoints", "distributed", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
                "execute", "sweeps", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -24,6 +24,10 @@ A folder holds exactly one run. ``Run(folder, params=...)`` on a folder that alr
 
 ``new_run_dir(root)`` gives a fresh dated folder, so that a notebook run with the default
 ``output_dir=""`` never lands on an earlier run.
+
+Under torchrun (several processes), only rank 0 touches the folder: on other ranks ``Run``
+neither checks nor creates it, and every method that writes does nothing, so the same code runs
+unchanged on every rank.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 
 from .checkpoints import atomic_write
 
-__all__ = ["Run", "RunFolderError", "params_of", "package_versions", "new_run_dir", "CORE_PACKAGES"]
+__all__ = ["Run", "RunFolderError", "params_of", "package_versions", "new_run_dir", "process_rank", "CORE_PACKAGES"]
 
 _JSON_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
@@ -94,6 +98,16 @@ def _json_default(value):
 
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
+
+
+def process_rank() -> int:
+    """This process's rank under torch.distributed / torchrun (``RANK``), 0 otherwise."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def new_run_dir(root: str | os.PathLike = "runs", *, label: str = "") -> Path:
@@ -226,6 +240,12 @@ class Run:
         self.path = Path(output_dir) if output_dir else new_run_dir("runs")
         self.params = dict(params or {})
         self.resume = resume
+        self.checkpoints = self.path / "checkpoints"
+        self._wandb = None
+        self.writes = process_rank() == 0  # under torchrun, rank 0 alone writes the run folder
+        if not self.writes:
+            self.state = "not written on this rank"
+            return
         try:
             found = check_run_folder(self.path, self.params)
         except RunFolderError:
@@ -237,10 +257,8 @@ class Run:
         self.state = {"new": "new", "same": "resumed" if resume else "restarted"}.get(found, found)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "figures").mkdir(exist_ok=True)
-        self.checkpoints = self.path / "checkpoints"
         self.checkpoints.mkdir(exist_ok=True)
         self.save_json("params.json", {**self.params, "versions": package_versions(packages)})
-        self._wandb = None
         if tracker == "wandb":
             self._wandb = _start_wandb(self, project=project, group=group, job_type=job_type)
 
@@ -254,6 +272,8 @@ class Run:
 
     # ---- files
     def save_json(self, name: str, obj) -> Path:
+        if not self.writes:
+            return self.path / name
         text = _dump(obj)
         return atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
 
@@ -262,12 +282,15 @@ class Run:
 
     def save_figure(self, fig, name: str) -> Path:
         path = self.path / "figures" / (name if name.endswith(".png") else f"{name}.png")
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        if self.writes:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
         return path
 
     def log(self, row: Mapping) -> None:
         """Append one row (an epoch) to metrics.jsonl and to wandb when enabled."""
         row = dict(row)
+        if not self.writes:
+            return
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
         if self._wandb is not None:
@@ -275,6 +298,8 @@ class Run:
 
     def rewrite_metrics(self, rows) -> None:
         """Replace metrics.jsonl with ``rows`` (used on resume; wandb is not rewound)."""
+        if not self.writes:
+            return
         text = "".join(json.dumps(dict(r), default=_json_default) + "\n" for r in rows)
         atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
@@ -293,7 +318,7 @@ class Run:
                 raise TypeError(f"final metric {k!r} is {v!r}; final_metrics.json holds numbers only.")
             flat[k] = v
         if final_metrics is not None:
-            self.save_json("final_metrics.json", flat)
+            self.save_json("final_metrics.json", flat)  # a no-op on ranks other than 0
         if self._wandb is not None:
             self._wandb.summary.update(flat)
             self._wandb.finish()

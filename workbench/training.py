@@ -18,12 +18,17 @@ history without training again.
 The epoch's ``train_loss`` and ``val_loss`` are means over samples: each batch's (mean) loss
 is weighted by its number of samples, read from the first dimension of the batch's first
 tensor. Where a batch holds no tensor to read it from, every batch counts once.
+
+The loop is a few named pieces on :class:`Trainer` (restore, train, train_epoch, train_step,
+validate, end_epoch, save_state); the same pieces run in one process and under ``torchrun``,
+where ``fit`` trains with DistributedDataParallel (see :mod:`workbench.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import random
 import time
@@ -36,7 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import load_state, save_state, save_weights
+from .checkpoints import CheckpointError, load_state, save_state, save_weights
+from .distributed import DistContext, set_epoch
+from .distributed import context as dist_context
 from .schedules import build_scheduler, describe
 from .transfer import apply_strategy, param_groups, unwrap
 
@@ -246,15 +253,17 @@ class ModelCheckpoint(Callback):
         self.top: list[list] = []  # [score, filename]
 
     def on_validation_end(self, trainer, logs):
+        if not trainer.is_main:  # under DDP, rank 0 alone writes the run folder
+            return
         value = _check_monitor(self.monitor, logs)
         meta = {"epoch": trainer.epoch, "step": trainer.global_step, self.monitor: value}
         # a tie goes to the later epoch: it trained longer, and a small validation set ties often
         if _improved(value, self.best, mode=self.mode) or (_finite(value) and value == self.best):
             self.best = value
-            save_weights(trainer.model, self.directory / "best.safetensors", metadata=meta)
+            save_weights(unwrap(trainer.model), self.directory / "best.safetensors", metadata=meta)
         if self.save_top_k > 1 and _finite(value):
             name = f"top-epoch{trainer.epoch:03d}.safetensors"
-            save_weights(trainer.model, self.directory / name, metadata=meta)
+            save_weights(unwrap(trainer.model), self.directory / name, metadata=meta)
             self.top.append([value, name])
             self.top.sort(key=lambda t: t[0], reverse=self.mode == "max")
             for _, stale in self.top[self.save_top_k:]:
@@ -262,7 +271,7 @@ class ModelCheckpoint(Callback):
                 (self.directory / stale).with_suffix(".json").unlink(missing_ok=True)
             self.top = self.top[: self.save_top_k]
         if self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0:
-            save_weights(trainer.model, self.directory / f"epoch{trainer.epoch:03d}.safetensors", metadata=meta)
+            save_weights(unwrap(trainer.model), self.directory / f"epoch{trainer.epoch:03d}.safetensors", metadata=meta)
 
     def state_dict(self):
         return {"best": self.best, "top": self.top}
@@ -309,7 +318,7 @@ class LiveCurves(Callback):
         self.handle = None
 
     def on_epoch_end(self, trainer, logs):
-        if not self.enabled:
+        if not self.enabled or not trainer.is_main:
             return
         from .plots import plot_history
 
@@ -387,17 +396,61 @@ def _set_rng_state(state: dict, loader) -> None:
         generator.set_state(state["loader"])
 
 
-class Trainer:
-    """The state one :func:`fit` call works on; callbacks receive it."""
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module's forward, so that DDP's forward sees the whole loss."""
 
-    def __init__(self, model, optimizer, scheduler, history, *, device, run, quiet):
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class Trainer:
+    """The state one :func:`fit` call works on, and the named pieces of its loop; callbacks receive it.
+
+    The pieces, in the order :func:`fit` calls them: :meth:`restore` (resume state),
+    :meth:`train` (all epochs), :meth:`train_epoch`, :meth:`train_step`, :meth:`validate`,
+    :meth:`end_epoch` (logs, callbacks, :meth:`save_state`). The same pieces serve one process
+    and many: the collectives of :class:`workbench.distributed.DistContext` are no-ops in one process.
+
+    Attributes
+    ----------
+    model
+        The caller's module (never the DDP wrapper).
+    epoch, global_step
+        Where training is.
+    is_main
+        True on the process that writes the run folder (rank 0, or the only process).
+    """
+
+    def __init__(self, model, optimizer, scheduler, history, *, device, run, quiet, dist=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.history, self.device, self.run = history, device, run
+        self.dist = dist or DistContext()
         self.epoch = 0
         self.global_step = 0
         self.should_stop = False
         self.freeze_report = None
-        self._quiet = quiet
+        self._quiet = quiet or not self.dist.is_main
+        self.callbacks: list[Callback] = []
+        self.settings: dict = {}
+        self.loss_fn: Callable = _default_loss
+        self.autocast = contextlib.nullcontext
+        self.scaler = None
+        self.grad_clip: float | None = None
+        self.log_every = 50
+        self.last_path: Path | None = None
+        self.forward_loss: Callable = None  # loss_fn on the model, or through its DDP wrapper
+        self._params: list[torch.Tensor] = []  # what grad_clip clips
+        self._per_step_schedule = True
+        self._wrapped_for: tuple | None = None
+        self._bar = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
 
     def stop(self, reason: str) -> None:
         self.should_stop = True
@@ -408,6 +461,218 @@ class Trainer:
             from tqdm.auto import tqdm
 
             tqdm.write(text)
+
+    def where(self) -> str:
+        return f"epoch {self.epoch}, step {self.global_step}"
+
+    # ---- state save and restore
+    def state_dict(self, train_data) -> dict:
+        """Everything a resume needs (rank 0's model, optimizer, ...; every rank's RNG states)."""
+        rng = self.dist.gather_objects(_rng_state(train_data))
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "callbacks": {key: cb.state_dict() for key, cb in _keyed(self.callbacks).items()},
+            "history": self.history.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": rng[0],
+            **({"rng_ranks": rng} if self.dist.enabled else {}),
+            "stopped": self.should_stop,
+            "settings": self.settings,
+        }
+
+    def save_state(self, train_data) -> None:
+        """Write ``last.pt`` on rank 0; every rank waits until it is on disk."""
+        if self.last_path is None and not self.dist.enabled:
+            return
+        state = self.state_dict(train_data)
+        if self.last_path is not None:
+            save_state(state, self.last_path)
+        self.dist.barrier()
+
+    def restore(self, *, resume: bool, train_data, epochs: int) -> tuple[int, bool]:
+        """Load ``last.pt`` (rank 0 reads it, every rank gets it); ``(first epoch, finished)``."""
+        payload = None
+        if self.is_main and resume and self.last_path is not None and self.last_path.exists():
+            try:
+                state = load_state(self.last_path)
+                _check_settings(state.get("settings"), self.settings, self.last_path)
+                payload = {"state": state}
+            except (ValueError, CheckpointError) as err:
+                payload = {"error": err}
+        payload = self.dist.broadcast_object(payload)
+        if payload is None:
+            return 0, False
+        if "error" in payload:
+            raise payload["error"]
+        state = payload["state"]
+        self.load_state_dict(state, train_data)
+        start_epoch = state["epoch"] + 1
+        finished = state["stopped"] or start_epoch >= epochs
+        if finished:
+            why = f"it stopped: {self.history.stop_reason}" if state["stopped"] else f"all {epochs} epochs are done"
+            self.log_line(f"{self.last_path}: nothing to resume, {why}; returning its history without training")
+        else:
+            self.log_line(f"resumed from {self.last_path} at epoch {start_epoch}, step {self.global_step}")
+        return start_epoch, finished
+
+    def load_state_dict(self, state: dict, train_data) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        saved = state["callbacks"]
+        for key, cb in _keyed(self.callbacks).items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        self.history.rows, self.history.lr_trace = state["history"]["rows"], state["history"]["lr_trace"]
+        self.history.stop_reason = state["history"].get("stop_reason", "")
+        self.global_step = state["global_step"]
+        if self.run is not None:
+            self.run.rewrite_metrics(self.history.rows)  # drop rows logged after the state was saved
+        _set_rng_state(state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"], train_data)
+
+    # ---- the loop
+    def train(self, train_data, val_data, evaluate, *, start_epoch: int, epochs: int, progress: bool) -> None:
+        """Epochs ``start_epoch .. epochs - 1``, until done or stopped."""
+        from tqdm.auto import tqdm
+
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        self._bar = tqdm(total=epochs * len(train_data), initial=self.global_step, desc="fit", leave=True,
+                         disable=not progress or not self.is_main)
+        try:
+            for epoch in range(start_epoch, epochs):
+                self.epoch = epoch
+                started = time.perf_counter()
+                train_loss = self.train_epoch(train_data)
+                if train_loss is None:
+                    break
+                logs = {"epoch": epoch, "step": self.global_step, "train_loss": train_loss}
+                logs.update(self.validate(val_data, evaluate))
+                self.end_epoch(logs, started, train_data)
+                if self.should_stop:
+                    self.log_line(self.history.stop_reason)
+                    break
+        finally:
+            self._bar.close()
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+
+    def train_epoch(self, train_data) -> float | None:
+        """One pass over ``train_data``; the epoch's mean loss per sample (None: it became NaN/inf)."""
+        for cb in self.callbacks:
+            cb.on_epoch_start(self)
+        set_epoch(train_data, self.epoch)
+        self._wrap()
+        self.model.train()
+        running = torch.zeros((), device=self.device)
+        seen = 0  # samples (or batches, where a batch does not say its size)
+        for batch in train_data:
+            batch = move_to(batch, self.device)
+            loss = self.train_step(batch)
+            n = _batch_len(batch)
+            running += loss.detach() * n
+            seen += n
+            self._bar.update(1)
+            if self.global_step % self.log_every == 0:
+                value = self._mean(running, seen)
+                if not math.isfinite(value):
+                    return self._bad_loss(value)
+                self._bar.set_postfix(epoch=self.epoch, loss=f"{value:.4g}", refresh=False)
+        value = self._mean(running, seen)
+        return value if math.isfinite(value) else self._bad_loss(value)
+
+    def train_step(self, batch) -> torch.Tensor:
+        """Forward, backward, (clip,) optimizer and scheduler step on one batch; its loss."""
+        opt = self.optimizer
+        with self.autocast():
+            loss = self.forward_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        self.history.lr_trace.append([g["lr"] for g in opt.param_groups])
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+            opt.step()
+        if self._per_step_schedule:
+            self.scheduler.step()
+        self.global_step += 1
+        return loss
+
+    def validate(self, val_data, evaluate) -> dict:
+        """``val_loss`` and ``evaluate``'s metrics, averaged over ranks (weighted by their samples)."""
+        if val_data is None and evaluate is None:
+            return {}
+        self.model.eval()
+        total, n, metrics = None, 1, {}
+        with torch.no_grad(), self.autocast():
+            if val_data is not None:
+                total, n = _sum_loss(self.model, val_data, self.loss_fn, self.device)
+            if evaluate is not None:
+                metrics = {k: float(v) for k, v in evaluate(self.model, val_data).items()}
+        if not self.dist.enabled:
+            return ({} if total is None else {"val_loss": total / max(1, n)}) | metrics
+        names = ([] if total is None else ["val_loss"]) + sorted(metrics)
+        values = ([] if total is None else [total]) + [metrics[k] * n for k in sorted(metrics)]
+        *sums, count = self.dist.sum([*values, n], self.device)
+        return {k: s / max(1, count) for k, s in zip(names, sums)}
+
+    def end_epoch(self, logs: dict, started: float, train_data) -> None:
+        """Learning rates and time into ``logs``; callbacks, metrics.jsonl and ``last.pt``."""
+        history = self.history
+        logs.update({f"lr_{name}": g["lr"] for name, g in zip(history.group_names, self.optimizer.param_groups)})
+        logs["time_s"] = time.perf_counter() - started
+        if not self._per_step_schedule:
+            self.scheduler.step(_check_monitor(history.monitor, logs))
+        history.rows.append(logs)
+        for cb in self.callbacks:
+            cb.on_validation_end(self, logs)
+        if self.run is not None:
+            self.run.log(logs)
+        self.save_state(train_data)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, logs)
+        self._bar.set_postfix(epoch=self.epoch, loss=f"{logs['train_loss']:.4g}",
+                              **{k: f"{v:.4g}" for k, v in logs.items() if k.startswith("val_")})
+
+    def _mean(self, running: torch.Tensor, seen: int) -> float:
+        """The running loss per sample, over every rank (the host sync of a logging point)."""
+        if not self.dist.enabled:
+            return running.item() / max(1, seen)
+        total, count = self.dist.sum([running.item(), seen], self.device)
+        return total / max(1, count)
+
+    def _bad_loss(self, value: float) -> None:
+        where = self.run.checkpoints / "best.safetensors" if self.run is not None else "no run folder"
+        self.stop(
+            f"loss became {value} in epoch {self.epoch} (step {self.global_step}); training stopped. "
+            f"The best checkpoint so far is kept ({where}). Lower the learning rate, add grad_clip=1.0, "
+            "or check the inputs for NaN/inf."
+        )
+        warnings.warn(self.history.stop_reason, stacklevel=5)
+        return None
+
+    def _wrap(self) -> None:
+        """Wrap the model in DDP, again whenever the set of trainable tensors changed (unfreezing)."""
+        if not self.dist.enabled:
+            return
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable == self._wrapped_for:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.forward_loss = DistributedDataParallel(_LossModule(self.model, self.loss_fn), device_ids=ids)
+        self._wrapped_for = trainable
 
 
 def _build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9):
@@ -464,6 +729,7 @@ def fit(
     device: str | torch.device | None = None,
     seed: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> History:
     """Train ``model`` on ``train_data`` and return its :class:`History`.
 
@@ -513,207 +779,139 @@ def fit(
         ``Run(..., resume=True)``). Every setting in :data:`SETTINGS` must equal the saved one.
     log_every
         Steps between reads of the running loss (the only host syncs in the hot loop).
+    device
+        Default: ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU.
+    seed
+        Seeds torch before training; also the seed of the DistributedSampler under DDP (default 0).
+    distributed
+        None: train with DDP when a process group is initialised or torchrun started this
+        process with ``WORLD_SIZE`` > 1 (see :mod:`workbench.distributed`); True: the same, but
+        refuse to run in one process; False: train in this process alone. Under DDP ``batch_size``
+        is per process, rank 0 alone writes ``run`` (the ``run`` and ``resume`` of other ranks are
+        not used), and every rank returns the same history.
     """
+    _check_args(epochs=epochs, optimizer=optimizer)
+    dist = dist_context(distributed)
+    if dist.is_main:
+        _check_resume(run, resume)
+    device = dist.device(device)
+    train_data = dist.shard_train(train_data, seed=seed)
+    val_data = dist.shard_eval(val_data)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device)
+    settings = _settings(
+        epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
+        lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
+        steps_per_epoch=len(train_data), strategy=strategy, freeze_epochs=freeze_epochs,
+        backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed, world_size=dist.world_size,
+    )
+    trainer = None
+    with dist.watch(lambda: trainer.where() if trainer is not None else "setup"):
+        _check_same_settings(dist, settings)
+        trainer = _setup(
+            model, dist=dist, settings=settings, strategy=strategy, freeze_epochs=freeze_epochs, lr=lr,
+            optimizer=optimizer, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio, schedule=schedule,
+            warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, monitor=monitor or (
+                "val_loss" if val_data is not None else "train_loss"), mode=mode, patience=patience,
+            min_delta=min_delta, save_top_k=save_top_k, save_every=save_every, callbacks=callbacks,
+            run=run if dist.is_main else None, device=device, loss_fn=loss_fn or _default_loss, amp=amp,
+            grad_clip=grad_clip, log_every=log_every, progress=progress,
+        )
+        start_epoch, finished = trainer.restore(resume=resume, train_data=train_data, epochs=epochs)
+        if not finished:
+            trainer.log_line(f"{describe(trainer.scheduler)}; {trainer.freeze_report.summary()}; device={device}"
+                             + (f"; rank {dist.rank} of {dist.world_size}" if dist.enabled else ""))
+            trainer.train(train_data, val_data, evaluate, start_epoch=start_epoch, epochs=epochs, progress=progress)
+        _restore_best(trainer, restore_best)
+    return trainer.history
+
+
+def _check_args(*, epochs: int, optimizer: str) -> None:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+
+
+def _check_resume(run, resume: bool) -> None:
     if resume and run is None:
         raise ValueError("resume=True needs run= (the run folder that holds checkpoints/last.pt).")
     if resume and not getattr(run, "resume", True):
         raise ValueError(f"resume=True, but {run!r} was opened without resume=True, which cleared what the earlier "
                          "run left. Open it with wb.Run(output_dir, params=..., resume=True).")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loss_fn = loss_fn or _default_loss
-    monitor = monitor or ("val_loss" if val_data is not None else "train_loss")
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.to(device)
 
-    # Freeze first, so the table is shown before training; every parameter goes into the optimizer.
-    settings = _settings(
-        epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
-        lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
-        steps_per_epoch=len(train_data), strategy=strategy, freeze_epochs=freeze_epochs,
-        backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed,
-    )
+
+def _check_same_settings(dist: DistContext, settings: dict) -> None:
+    """Under DDP every rank must train with the same settings (and as many steps per epoch)."""
+    if not dist.enabled:
+        return
+    every = dist.gather_objects(settings)
+    differ = [f"rank {r}: {k}={s[k]!r} (rank 0: {every[0][k]!r})" for r, s in enumerate(every) for k in SETTINGS
+              if s[k] != every[0][k]]
+    if differ:
+        raise ValueError(f"The ranks were given different settings: {'; '.join(differ[:6])}. Every rank must call "
+                         "fit with the same arguments and as many batches per epoch (a different count would hang "
+                         "the gradient averaging).")
+
+
+def _setup(model, *, dist, settings, strategy, freeze_epochs, lr, optimizer, weight_decay, backbone_lr_ratio,
+           schedule, warmup_ratio, min_lr_ratio, monitor, mode, patience, min_delta, save_top_k, save_every,
+           callbacks, run, device, loss_fn, amp, grad_clip, log_every, progress) -> Trainer:
+    """Freezing, optimizer, schedule, callbacks: the :class:`Trainer` before its first epoch.
+
+    Freezing comes first, so its table is shown before training; every parameter goes into the optimizer.
+    """
     if strategy is None:  # keep the caller's freezing: name exactly the tensors that are frozen now
         strategy = [name for name, p in unwrap(model).named_parameters() if not p.requires_grad]
     unfreeze = GradualUnfreeze(epochs=freeze_epochs, then=strategy) if freeze_epochs > 0 else None
     freeze_report = apply_strategy(model, "frozen_backbone" if unfreeze else strategy)
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio)
     opt = _build_optimizer(optimizer, groups, lr=lr)
-    steps_per_epoch = len(train_data)
     scheduler = build_scheduler(
-        opt, schedule, total_steps=max(1, epochs * steps_per_epoch), warmup_ratio=warmup_ratio,
-        min_lr_ratio=min_lr_ratio, mode=mode,
+        opt, schedule, total_steps=max(1, settings["epochs"] * settings["steps_per_epoch"]),
+        warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, mode=mode,
     )
-    per_step_schedule = schedule != "plateau"
     history = History(group_names=[g["name"] for g in groups], monitor=monitor, mode=mode)
-    trainer = Trainer(model, opt, scheduler, history, device=device, run=run, quiet=not progress)
+    trainer = Trainer(model, opt, scheduler, history, device=device, run=run, quiet=not progress, dist=dist)
     trainer.freeze_report = freeze_report
+    trainer.settings, trainer.loss_fn, trainer.grad_clip, trainer.log_every = settings, loss_fn, grad_clip, log_every
+    trainer.forward_loss = functools.partial(loss_fn, model)
+    trainer.autocast = _autocast(amp, device)
+    trainer.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    trainer._params = [p for g in opt.param_groups for p in g["params"]]
+    trainer._per_step_schedule = schedule != "plateau"
+    trainer.last_path = run.checkpoints / "last.pt" if run is not None else None
 
     cbs: list[Callback] = [unfreeze] if unfreeze else []
     if patience is not None:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta))
     if run is not None:
-        cbs.append(ModelCheckpoint(run.checkpoints, monitor=monitor, mode=mode, save_top_k=save_top_k, every_n_epochs=save_every))
-    cbs += list(callbacks) + list(_EXTRA_CALLBACKS.get())
-
-    start_epoch = 0
-    last_path = run.checkpoints / "last.pt" if run is not None else None
-    finished = False
-    if resume and last_path.exists():
-        state = load_state(last_path)
-        _check_settings(state.get("settings"), settings, last_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        saved = state["callbacks"]
-        for key, cb in _keyed(cbs).items():
-            if key in saved:
-                cb.load_state_dict(saved[key])
-        history.rows, history.lr_trace = state["history"]["rows"], state["history"]["lr_trace"]
-        history.stop_reason = state["history"].get("stop_reason", "")
-        trainer.global_step = state["global_step"]
-        start_epoch = state["epoch"] + 1
-        run.rewrite_metrics(history.rows)  # drop rows logged after the state was saved
-        _set_rng_state(state["rng"], train_data)
-        finished = state["stopped"] or start_epoch >= epochs
-        if finished:
-            why = f"it stopped: {history.stop_reason}" if state["stopped"] else f"all {epochs} epochs are done"
-            trainer.log_line(f"{last_path}: nothing to resume, {why}; returning its history without training")
-        else:
-            trainer.log_line(f"resumed from {last_path} at epoch {start_epoch}, step {trainer.global_step}")
-    if finished:
-        _restore_best(model, run, restore_best)
-        return history
-
-    trainer.log_line(f"{describe(scheduler)}; {freeze_report.summary()}; device={device}")
-    autocast = _autocast(amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for cb in cbs:
-        cb.on_fit_start(trainer)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=epochs * steps_per_epoch, initial=trainer.global_step, disable=not progress, desc="fit", leave=True)
-    try:
-        for epoch in range(start_epoch, epochs):
-            trainer.epoch = epoch
-            started = time.perf_counter()
-            for cb in cbs:
-                cb.on_epoch_start(trainer)
-            model.train()
-            running = torch.zeros((), device=device)
-            seen = 0  # samples (or batches, where a batch does not say its size)
-            bad_loss = None
-            for batch in train_data:
-                batch = move_to(batch, device)
-                with autocast():
-                    loss = loss_fn(model, batch)
-                opt.zero_grad(set_to_none=True)
-                history.lr_trace.append([g["lr"] for g in opt.param_groups])
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if grad_clip:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                if per_step_schedule:
-                    scheduler.step()
-                n = _batch_len(batch)
-                running += loss.detach() * n
-                seen += n
-                trainer.global_step += 1
-                bar.update(1)
-                if trainer.global_step % log_every == 0:
-                    value = running.item() / seen
-                    if not math.isfinite(value):
-                        bad_loss = value
-                        break
-                    bar.set_postfix(epoch=epoch, loss=f"{value:.4g}", refresh=False)
-            train_loss = running.item() / max(1, seen)
-            if bad_loss is not None or not math.isfinite(train_loss):
-                where = run.checkpoints / "best.safetensors" if run is not None else "no run folder"
-                trainer.stop(
-                    f"loss became {train_loss} in epoch {epoch} (step {trainer.global_step}); training stopped. "
-                    f"The best checkpoint so far is kept ({where}). Lower the learning rate, add grad_clip=1.0, "
-                    "or check the inputs for NaN/inf."
-                )
-                warnings.warn(history.stop_reason, stacklevel=2)
-                break
-
-            logs = {"epoch": epoch, "step": trainer.global_step, "train_loss": train_loss}
-            if val_data is not None or evaluate is not None:
-                model.eval()
-                with torch.no_grad(), autocast():
-                    if val_data is not None:
-                        logs["val_loss"] = _mean_loss(model, val_data, loss_fn, device)
-                    if evaluate is not None:
-                        logs.update({k: float(v) for k, v in evaluate(model, val_data).items()})
-            logs.update({f"lr_{name}": g["lr"] for name, g in zip(history.group_names, opt.param_groups)})
-            logs["time_s"] = time.perf_counter() - started
-            if not per_step_schedule:
-                scheduler.step(_check_monitor(monitor, logs))
-            history.rows.append(logs)
-            for cb in cbs:
-                cb.on_validation_end(trainer, logs)
-            if run is not None:
-                run.log(logs)
-            if last_path is not None:
-                save_state(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "callbacks": {key: cb.state_dict() for key, cb in _keyed(cbs).items()},
-                        "history": history.state_dict(),
-                        "epoch": epoch,
-                        "global_step": trainer.global_step,
-                        "rng": _rng_state(train_data),
-                        "stopped": trainer.should_stop,
-                        "settings": settings,
-                    },
-                    last_path,
-                )
-            for cb in cbs:
-                cb.on_epoch_end(trainer, logs)
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4g}", **{k: f"{v:.4g}" for k, v in logs.items() if k.startswith("val_")})
-            if trainer.should_stop:
-                trainer.log_line(history.stop_reason)
-                break
-    finally:
-        bar.close()
-    for cb in cbs:
-        cb.on_fit_end(trainer)
-    _restore_best(model, run, restore_best)
-    return history
+        cbs.append(ModelCheckpoint(run.checkpoints, monitor=monitor, mode=mode, save_top_k=save_top_k,
+                                   every_n_epochs=save_every))
+    trainer.callbacks = cbs + list(callbacks) + list(_EXTRA_CALLBACKS.get())
+    return trainer
 
 
-def _restore_best(model, run, restore_best: bool) -> None:
-    best = run.checkpoints / "best.safetensors" if run is not None else None
-    if restore_best and best is not None and best.exists():
+def _restore_best(trainer: Trainer, restore_best: bool) -> None:
+    """Load ``best.safetensors`` back (rank 0 reads it and sends the weights to the other ranks)."""
+    if not restore_best:
+        return
+    best = trainer.run.checkpoints / "best.safetensors" if trainer.run is not None else None
+    found = trainer.dist.broadcast_object(best is not None and best.exists())
+    if found and trainer.is_main:
         from .transfer import load_pretrained
 
-        load_pretrained(model, best)
+        load_pretrained(trainer.model, best)
+    if found:
+        trainer.dist.broadcast_module(trainer.model)
 
 
 def _settings(**values) -> dict:
     """The training settings as plain values (what ``last.pt`` stores and a resume compares)."""
-    import torch.distributed as dist
-
     strategy = values["strategy"]
     values["strategy"] = "as set by the caller" if strategy is None else (
         strategy if isinstance(strategy, str) else list(strategy))
-    values["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {k: values[k] for k in SETTINGS}
 
 
@@ -756,12 +954,12 @@ def _keyed(callbacks: Sequence[Callback]) -> dict[str, Callback]:
     return out
 
 
-def _mean_loss(model, batches, loss_fn, device) -> float:
-    """Mean loss per sample over ``batches`` (batch means weighted by batch size)."""
+def _sum_loss(model, batches, loss_fn, device) -> tuple[float, int]:
+    """Summed loss over the samples of ``batches`` (batch means times batch sizes), and their number."""
     total = torch.zeros((), device=device)
     n = 0
     for batch in batches:
         size = _batch_len(batch)
         total += loss_fn(model, move_to(batch, device)).detach().float() * size
         n += size
-    return total.item() / max(1, n)
+    return total.item(), n

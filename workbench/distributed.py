@@ -1,0 +1,360 @@
+"""Training on several processes: what :func:`workbench.fit` does under ``torchrun``.
+
+The engine is torch.distributed (DistributedDataParallel), with gloo on the CPU and nccl on
+GPUs. A script that calls ``wb.fit`` runs unchanged under::
+
+    torchrun --nproc_per_node 2 train.py                          # one machine
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d \\
+             --rdzv-endpoint HOST:29500 --rdzv-id job1 train.py  # several machines (run on each)
+
+What changes when ``fit`` finds a process group (see :func:`context`):
+
+* Each process trains on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU.
+* The model is wrapped in DistributedDataParallel, so gradients are averaged across ranks.
+* ``train_data``: a ``DataLoader`` over a map-style dataset is rebuilt with a
+  ``DistributedSampler`` (same batch size *per process*, so the global batch is
+  ``batch_size * world_size``; shuffling follows the original loader; seed ``fit(seed=...)``
+  or 0; ``set_epoch`` every epoch). A loader that already has a ``DistributedSampler`` is used
+  as it is. Anything else cannot be sharded by ``fit`` and raises :class:`ShardingError`,
+  unless it is wrapped in :class:`PerRank`, which says that each rank already yields its own
+  shard (every rank must then yield the same number of batches).
+* ``val_data`` (a map-style ``DataLoader``) is split across ranks without padding.
+* Logged losses and metrics are averaged across ranks (weighted by samples) at the end of an
+  epoch and at ``log_every`` steps; never per step.
+* Only rank 0 writes the run folder; other ranks never touch it. Rank 0 reads ``last.pt`` on
+  resume and sends it to the others, so the run folder need not be on a shared disk.
+* A rank that dies makes the others stop with :class:`RankFailedError`, naming the dead rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+__all__ = ["DistContext", "context", "PerRank", "ShardingError", "RankFailedError", "TORCHRUN_VARS"]
+
+#: The environment variables torchrun sets for every process.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Seconds a collective (and a barrier while rank 0 writes a checkpoint) may wait before it fails;
+#: ``WORKBENCH_DDP_TIMEOUT_S`` overrides it when ``fit`` starts the process group itself.
+DEFAULT_TIMEOUT_S = 600.0
+#: Seconds the surviving ranks wait for each other after a collective failed, to name the missing ranks.
+ROLL_CALL_S = 2.0
+
+
+class ShardingError(ValueError):
+    """``train_data`` cannot be split across ranks by ``fit``; the message says what to pass instead."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank died or stopped answering; the message names it and how to resume."""
+
+
+class LauncherStopped(RuntimeError):
+    """This process got SIGTERM from its launcher (torchrun stops every worker when one of them fails)."""
+
+
+class PerRank:
+    """Batches that each rank already shards itself (``fit`` uses them as they are under DDP).
+
+    Every rank must yield the same number of batches per epoch; ``fit`` checks ``len`` on
+    every rank before training.
+
+    Parameters
+    ----------
+    batches
+        Any iterable of batches with a length (this rank's shard).
+    """
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name):  # batch_size, sampler, generator of the wrapped loader
+        if name == "batches":
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: its rank, the world size, its device."""
+
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes the run folder (rank 0)."""
+        return self.rank == 0
+
+    def device(self, wanted=None) -> torch.device:
+        """``wanted``, else ``cuda:LOCAL_RANK`` (distributed) or ``cuda`` when CUDA is available, else the CPU."""
+        if wanted is not None:
+            device = torch.device(wanted)
+            if self.enabled and device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", self.local_rank)
+            return device
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if self.enabled else torch.device("cuda")
+
+    # ---- collectives (no-ops in one process)
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over ranks of a few numbers (one all_reduce)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every rank, in rank order (on every rank)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into ``module`` on every rank."""
+        if self.enabled:
+            for tensor in module.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    # ---- data
+    def shard_train(self, data, *, seed: int | None):
+        """``data`` split across ranks (see the module docstring); ``data`` itself in one process."""
+        if not self.enabled or isinstance(data, PerRank):
+            return data
+        loader = data
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            raise ShardingError(
+                f"train_data is a {type(data).__name__}; under DDP (world size {self.world_size}) fit can split only "
+                "a torch DataLoader over a map-style dataset (it rebuilds it with a DistributedSampler). Pass "
+                "DataLoader(dataset, batch_size=...), or, when each rank already yields its own shard, wrap it: "
+                "workbench.distributed.PerRank(train_data)."
+            )
+        from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+        sampler = loader.sampler if loader.batch_size is not None else loader.batch_sampler.sampler
+        if isinstance(sampler, DistributedSampler):
+            return loader
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset) or loader.batch_size is None or not \
+                isinstance(sampler, (RandomSampler, SequentialSampler)):
+            kind = ("an IterableDataset" if isinstance(loader.dataset, torch.utils.data.IterableDataset)
+                    else "a custom batch_sampler" if loader.batch_size is None else f"a {type(sampler).__name__}")
+            raise ShardingError(
+                f"train_data is a DataLoader with {kind}; under DDP fit can split only a DataLoader with batch_size= "
+                "and shuffle=True/False over a map-style dataset. Give the loader a DistributedSampler yourself, "
+                "or wrap it in workbench.distributed.PerRank(...) when each rank already yields its own shard."
+            )
+        sampler = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=isinstance(sampler, RandomSampler), seed=seed or 0,
+                                     drop_last=loader.drop_last)
+        return _rebuild(loader, sampler)
+
+    def shard_eval(self, data):
+        """A map-style validation ``DataLoader`` split across ranks without padding; other data as given."""
+        if not self.enabled or not isinstance(data, torch.utils.data.DataLoader) or data.batch_size is None \
+                or isinstance(data.dataset, torch.utils.data.IterableDataset):
+            return data
+        return _rebuild(data, _Shard(len(data.dataset), self.rank, self.world_size))
+
+    # ---- failures
+    @contextlib.contextmanager
+    def watch(self, where):
+        """Within the block, a failed collective or the launcher's SIGTERM becomes :class:`RankFailedError`.
+
+        ``where()`` says where training was (``"epoch 2, step 19"``) for the message.
+        """
+        old = None
+        if self.enabled:
+            with contextlib.suppress(ValueError):  # ValueError: not the main thread, keep the handler
+                old = signal.signal(signal.SIGTERM, _raise_launcher_stopped)
+        try:
+            yield
+        except Exception as err:
+            self.check_peers(err, where())
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+    def check_peers(self, err: BaseException, where: str) -> None:
+        """Raise :class:`RankFailedError` naming the missing ranks when ``err`` is a failed collective."""
+        if not self.enabled or not _is_comm_error(err):
+            return
+        missing = _roll_call(self.rank, self.world_size)
+        if missing is None:
+            who = "rank 0 stopped answering (it hosts the rendezvous store, which no longer answers)"
+        elif missing:
+            who = ", ".join(f"rank {r}" for r in missing) + " stopped answering"
+        elif isinstance(err, LauncherStopped):
+            who = "no rank is missing, but the launcher stopped this process (Ctrl-C, or a failure it saw first)"
+        else:
+            who = "no rank is missing (every rank answered the roll call), so a collective timed out or was mismatched"
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise RankFailedError(
+            f"rank {self.rank} of {self.world_size} stops at {where}: {who} ({first}). "
+            "The last complete state is the run's checkpoints/last.pt (written at the end of every epoch): "
+            "relaunch the same torchrun command, with the same number of processes, and resume=True."
+        ) from err
+
+
+def context(distributed: bool | None = None) -> DistContext:
+    """This process's :class:`DistContext`, starting the process group from torchrun's variables if needed.
+
+    Parameters
+    ----------
+    distributed
+        None: distributed when a process group is initialised, or when torchrun's variables say
+        ``WORLD_SIZE`` > 1. True: the same, but one process is an error. False: one process,
+        even inside a process group (each rank then trains on its own).
+    """
+    import torch.distributed as dist
+
+    if distributed is False or not dist.is_available():
+        if distributed:
+            raise RuntimeError("distributed=True, but this torch build has no torch.distributed.")
+        return DistContext()
+    if not dist.is_initialized():
+        launched = all(name in os.environ for name in TORCHRUN_VARS)
+        if not launched or (int(os.environ["WORLD_SIZE"]) == 1 and distributed is None):
+            if distributed:
+                missing = [name for name in TORCHRUN_VARS if name not in os.environ]
+                raise RuntimeError(
+                    f"distributed=True, but no process group is initialised and torchrun's variables {missing} are "
+                    "not set. Launch the script with `torchrun --nproc_per_node N script.py`, call "
+                    "torch.distributed.init_process_group() first, or pass distributed=None."
+                )
+            return DistContext()
+        _init_from_env()
+    if dist.get_world_size() == 1 and distributed is None:
+        return DistContext()
+    return DistContext(enabled=True, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _init_from_env() -> None:
+    import torch.distributed as dist
+
+    timeout = float(os.environ.get("WORKBENCH_DDP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+class _Shard(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once across ranks (no padding)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _rebuild(loader, sampler):
+    """``loader`` with another sampler; every other setting kept."""
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        persistent_workers=loader.persistent_workers, **extra,
+    )
+
+
+def set_epoch(data, epoch: int) -> None:
+    """Call ``set_epoch`` on the DistributedSampler of ``data``, if it has one."""
+    sampler = getattr(data, "sampler", None)
+    if not hasattr(sampler, "set_epoch"):
+        sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def _raise_launcher_stopped(signum, frame):
+    raise LauncherStopped("this process got SIGTERM from its launcher")
+
+
+def _is_comm_error(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, (LauncherStopped, getattr(dist, "DistError", ()))):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Connection closed by peer", "Connection reset", "NCCL", "Timed out"))
+
+
+def _roll_call(rank: int, world_size: int) -> list[int] | None:
+    """Ranks that do not check in within :data:`ROLL_CALL_S` (None when the store is gone).
+
+    A launcher's SIGTERM (torchrun stops the other workers when one dies) is held back for
+    these seconds, so that the message naming the dead rank reaches the log.
+    """
+    import torch.distributed as dist
+
+    held = _hold_sigterm()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"workbench/alive/{rank}", "1")
+        missing = [r for r in range(world_size) if r != rank]
+        deadline = time.monotonic() + ROLL_CALL_S
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.1)
+            missing = [r for r in missing if not store.check([f"workbench/alive/{r}"])]
+        return missing
+    except Exception:  # noqa: BLE001  (the store itself died with its host)
+        return None
+    finally:
+        if held is not None:
+            signal.signal(signal.SIGTERM, held)
+
+
+def _hold_sigterm():
+    try:
+        return signal.signal(signal.SIGTERM, lambda *_: None)
+    except ValueError:  # not the main thread
+        return None
