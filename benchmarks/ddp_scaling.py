@@ -36,7 +36,7 @@ def worker(args) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import workbench as wb
-    from loop_parity import loss_fn, make_data, make_model
+    from loop_parity import EpochTimer, loss_fn, make_data, make_model
     from workbench.distributed import context
 
     ctx = context()
@@ -44,16 +44,6 @@ def worker(args) -> None:
     x, y = make_data(args.samples)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), shuffle=True,
                                        batch_size=args.global_batch // int(os.environ.get("WORLD_SIZE", 1)))
-
-    class EpochTimer(wb.Callback):
-        def __init__(self):
-            self.times = []
-
-        def on_epoch_start(self, trainer):
-            self._t = time.perf_counter()
-
-        def on_epoch_end(self, trainer, logs):
-            self.times.append(time.perf_counter() - self._t)
 
     timer = EpochTimer()
     history = wb.fit(make_model(0), data, loss_fn=loss_fn, epochs=args.epochs, lr=1e-3, weight_decay=0.01,

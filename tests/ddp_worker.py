@@ -3,9 +3,8 @@
 ``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT RUN_DIR [options]``
 
 Every rank trains :class:`PlainNet` (no dropout, no BatchNorm: DDP with a per-process batch of
-B/2 then computes exactly the gradients of one process with batch B) with ``wb.fit``. Rank 0
-opens the run folder RUN_DIR; the other ranks open their own folder ``--other-run-dir/rank<r>``,
-so that anything ``fit`` wrote on them would show there. Each rank saves its final weights to
+B/2 then computes exactly the gradients of one process with batch B) with ``wb.fit``. Every rank
+opens the same run folder RUN_DIR, as user code does; only rank 0 may write to it. Each rank saves its final weights to
 ``OUT/final_rank<r>.safetensors``; rank 0 also ``OUT/history.json``.
 """
 
@@ -73,7 +72,6 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--other-run-dir", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resume", action="store_true")

@@ -59,3 +59,14 @@ def test_two_processes_asking_at_once_build_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] == str(tmp_path / "cache" / "pretrain" / "same")
     assert (tmp_path / "builds.log").read_text() == "built\n"
+
+
+def test_code_version_follows_the_source_file(tmp_path, monkeypatch):
+    from workbench.cache import code_version
+
+    module = tmp_path / "pretrain_code.py"
+    module.write_text("OBJECTIVE = 'masked'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = code_version("pretrain_code")
+    module.write_text("OBJECTIVE = 'contrastive'\n")
+    assert code_version("pretrain_code") != first and "torch" in first

@@ -22,10 +22,10 @@ LAUNCH_TIMEOUT_S = 120
 
 
 def launch(tmp, name, run_dir, *options, timeout_s=30):
-    """Run the worker under torchrun (2 processes): OUT is tmp/name, rank 1's own run folder tmp/others-name."""
+    """Run the worker under torchrun (2 processes): OUT is tmp/name; every rank opens RUN_DIR."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_DDP_TIMEOUT_S": str(timeout_s)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tmp / name), str(run_dir), "--other-run-dir", str(tmp / f"others-{name}"), *options]
+           str(tmp / name), str(run_dir), *options]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
 
 
@@ -71,8 +71,7 @@ def test_rank_zero_alone_writes_the_run_folder(ddp_run):
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert len(list(ddp_run.rglob("metrics.jsonl"))) == 1
     assert (ddp_run / "run" / "checkpoints" / "last.pt").exists()
-    # every rank opened the same folder (rank 1's Run neither cleared nor wrote it); nothing went elsewhere
-    assert not (ddp_run / "others-ddp").exists()
+    # every rank opened this same folder: had rank 1's Run cleared or written it, the rows or last.pt above would show it
 
 
 def test_killed_rank_is_named_then_resume_matches_an_uninterrupted_run(ddp_run, tmp_path):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cache_root", "fingerprint", "content_hash", "cached", "file_lock"]
+__all__ = ["cache_root", "fingerprint", "content_hash", "code_version", "cached", "file_lock"]
 
 ENV_VAR = "WORKBENCH_CACHE"
 
@@ -64,6 +64,21 @@ def _update_array(digest, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     digest.update(f"{array.dtype.str}:{array.shape}".encode())
     digest.update(memoryview(array).cast("B"))
+
+
+def code_version(module_name: str) -> dict:
+    """What version of the code made an entry: torch's version and a hash of the module's source file.
+
+    Put it into a fingerprint so that an edit to the pretraining code (a new objective, a bug fix)
+    builds the entry anew instead of reusing what the old code made.
+    """
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(module_name)
+    source = Path(module.__file__).read_bytes()
+    return {"torch": torch.__version__, module_name: hashlib.sha256(source).hexdigest()[:16]}
 
 
 def fingerprint(*parts) -> str:

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
-from ..cache import cached, content_hash, fingerprint
+from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
 
@@ -378,7 +378,7 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
 
     The result is cached under ``<cache root>/pretrain/<fingerprint>/`` (see
     :mod:`workbench.cache`), where the fingerprint covers the data's content, the exact training
-    cells, ``seed`` and every setting in :data:`PRETRAIN_SETTINGS`. An entry is reused only when
+    cells, ``seed``, every setting in :data:`PRETRAIN_SETTINGS` and this module's source. An entry is reused only when
     all of them are equal; an interrupted pretraining resumes from its own ``last.pt``.
 
     Returns
@@ -389,7 +389,7 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
     cfg = {**DEFAULTS, **overrides}
     settings = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in PRETRAIN_SETTINGS}
     settings.update(seed=seed, objective="masked_expression")
-    key = fingerprint(data.content_hash, data.train_idx, settings)
+    key = fingerprint(data.content_hash, data.train_idx, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
         from ..tracking import Run

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cache import cached, content_hash, fingerprint
+from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, grouped_regression_metrics
@@ -650,7 +650,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
                          "pretrained_checkpoint='none' (from scratch) or a checkpoint path.")
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS} | {"seed": seed, "objective": "expression_on_source"}
-    key = fingerprint(data.content_hash, data.source_idx, data.vocab, settings)
+    key = fingerprint(data.content_hash, data.source_idx, data.vocab, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
         from ..tracking import Run
