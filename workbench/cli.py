@@ -3,6 +3,7 @@
 ::
 
     workbench run notebooks/cell_type_annotation.ipynb -p learning_rate 1e-3 -p epochs 2
+    workbench run notebooks/cell_type_annotation.ipynb --nproc 2 -o runs/ct_ddp      # DDP, 2 processes
     workbench sweep notebooks/sweeps/lr_schedule.yaml --workers 2
     workbench report runs/sweeps/lr_schedule
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
     run.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
     run.add_argument("--log-output", action="store_true", help="echo the notebook's output while it runs")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="train on N processes with torchrun (DDP; rank 0 writes the run folder, no executed "
+                          "notebook). Several machines: see `python -m workbench.launch --help` (default: 1)")
     run.set_defaults(command=_cmd_run, name="run")
 
     sweep = commands.add_parser("sweep", help="run a grid sweep from a YAML spec (resumable)")
@@ -96,6 +101,8 @@ def _cmd_run(args) -> int:
         if name in params:
             raise ValueError(f"parameter {name!r} is given twice (-p {name} {params[name]} and -p {name} {value}).")
         params[name] = value
+    if args.nproc > 1:
+        return _run_distributed(args, params, Path(out))
     result = run_notebook(args.notebook, parameters=params, output_dir=out, kernel_name=args.kernel,
                           timeout=args.timeout, log_output=args.log_output, overwrite=args.overwrite)
     if not result.ok:
@@ -105,6 +112,39 @@ def _cmd_run(args) -> int:
     print(f"run folder: {result.output_dir} ({result.seconds:.1f} s)")
     if result.final_metrics:
         print(_metrics_table(result.final_metrics))
+    return 0
+
+
+def _run_distributed(args, params: dict, out: Path) -> int:
+    """``workbench run --nproc N``: check everything here, then torchrun N ranks of :mod:`workbench.launch`."""
+    import subprocess
+
+    from .execute import check_values, coerce_parameters, notebook_defaults, notebook_parameters
+    from .launch import torchrun_command
+    from .tracking import RunFolderError, check_run_folder, clear_run_folder
+
+    declared = notebook_parameters(args.notebook)
+    values = coerce_parameters(args.notebook, params, declared=declared)
+    check_values(args.notebook, values, declared=declared)
+    out = out.resolve()
+    try:
+        check_run_folder(out, {**notebook_defaults(args.notebook, declared=declared), **values})
+    except RunFolderError:
+        if not args.overwrite:
+            raise
+        clear_run_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "status.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    done = subprocess.run(torchrun_command(args.notebook, params, out, nproc=args.nproc))
+    if done.returncode != 0:
+        print(f"workbench run: {args.notebook.name} failed on {args.nproc} processes (exit {done.returncode}); "
+              f"the ranks' tracebacks are above. Run folder: {out}", file=sys.stderr)
+        return 1
+    print(f"run folder: {out} ({time.perf_counter() - start:.1f} s, {args.nproc} processes)")
+    metrics = out / "final_metrics.json"
+    if metrics.is_file():
+        print(_metrics_table(json.loads(metrics.read_text())))
     return 0
 
 

@@ -24,7 +24,6 @@ Baseline
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import splits
+from ..batches import IndexBatches
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
@@ -122,29 +122,21 @@ PARAMETERS = Spec(
 # --------------------------------------------------------------------------- data
 
 
-class ExpressionBatches:
+class ExpressionBatches(IndexBatches):
     """Mini-batches ``(x, y)`` from a (sparse) cells x genes matrix, densified per batch.
 
     Has a length and a ``generator`` (its shuffling RNG), so :func:`workbench.fit` can
-    checkpoint and restore the data order on resume.
+    checkpoint and restore the data order on resume; shards itself under DDP.
     """
 
     def __init__(self, X, y, *, batch_size: int, shuffle: bool, seed: int = 0):
+        super().__init__(X.shape[0], batch_size=batch_size, shuffle=shuffle, seed=seed)
         self.X, self.y = X, torch.as_tensor(y, dtype=torch.long)
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
-        return math.ceil(self.X.shape[0] / self.batch_size)
-
-    def __iter__(self):
-        n = self.X.shape[0]
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size].numpy()
-            rows = self.X[idx]
-            dense = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
-            yield torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), self.y[idx]
+    def take(self, idx):
+        rows = self.X[idx]
+        dense = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
+        return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), self.y[idx]
 
 
 @dataclass

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..batches import TensorBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import save_weights
@@ -399,22 +400,8 @@ def write_zarr(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-class RegulatoryBatches:
-    """Mini-batches ``(regions, categorical, numeric, target)``; has a length and a ``generator``."""
-
-    def __init__(self, tensors, *, batch_size: int, shuffle: bool, seed: int = 0):
-        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.tensors[0]) / self.batch_size)
-
-    def __iter__(self):
-        n = len(self.tensors[0])
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield tuple(t[idx] for t in self.tensors)
+class RegulatoryBatches(TensorBatches):
+    """Mini-batches ``(regions, categorical, numeric, target)``; has a length and a ``generator``, shards under DDP."""
 
 
 @dataclass
