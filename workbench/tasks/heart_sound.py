@@ -75,6 +75,9 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
+from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..schedules import SCHEDULES
+from ..tracking import TRACKERS
 from ..training import Callback
 
 __all__ = [
@@ -82,7 +85,7 @@ __all__ = [
     "ContrastiveModel", "simulate", "write_layout", "read_folder", "load", "build_model", "pretrain", "pretrained",
     "finetune", "train_batches", "strategy_of", "watch_gradients", "baseline", "band_power_features", "evaluate",
     "examples", "open_log", "run_workflow",
-    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK",
+    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "PARAMETERS",
 ]
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "heart_sound_classification.ipynb"
@@ -111,6 +114,31 @@ LOCATIONS = ("AV", "PV", "TV", "MV")
 MIN_SECONDS = 1.0
 #: PASCAL folder names that mean one of the task's classes.
 PASCAL_ALIASES = {"extrastole": "extrasystole", "artefact": "artifact"}
+
+#: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
+PARAMETERS = Spec(
+    data_path=Text(),
+    task=Choice(*TASKS),
+    mode=Choice(*MODES),
+    shot_ratio=Real(gt=0, le=1),
+    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
+    pretrain_epochs=Integer(ge=1),
+    epochs=Integer(ge=1),
+    learning_rate=Real(gt=0),
+    encoder_lr_ratio=Real(ge=0),
+    lr_scheduler_type=Choice(*SCHEDULES),
+    warmup_ratio=Real(ge=0, lt=1),
+    batch_size=Integer(ge=1),
+    segment_seconds=Real(ge=0.5),
+    sample_rate=Integer(ge=1000),
+    save_every=Integer(ge=0),
+    seed=Integer(ge=0),
+    output_dir=Text(),
+    tracker=Choice(*TRACKERS),
+    wandb_project=Text(nonempty=True),
+    watch=Flag(),
+    interactive=Flag(),
+)
 
 #: Settings of the pretraining step: each is part of the pretrained encoder's fingerprint.
 PRETRAIN_SETTINGS = ("widths", "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "temperature",
