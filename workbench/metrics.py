@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable"]
+__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
+           "sensitivity_specificity", "roc_pr_curves"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +218,65 @@ def _recall_of(y_true: np.ndarray, y_pred: np.ndarray, cls) -> float:
     if not is_cls.any():
         return math.nan
     return float((y_pred[is_cls] == cls).mean())
+
+
+def sensitivity_specificity(y_true, y_pred, *, labels: Sequence) -> dict[str, float]:
+    """``sensitivity`` and ``specificity``; one-vs-rest macro averages for three or more classes.
+
+    Two classes: the recall of ``labels[1]`` (the positive class) and of ``labels[0]``, as in
+    :func:`classification_metrics`. More: for each class present in ``y_true``, TP / (TP + FN)
+    and TN / (TN + FP) with that class as positive (scikit-learn's multilabel confusion
+    matrix), averaged over those classes.
+    """
+    from sklearn.metrics import multilabel_confusion_matrix
+
+    y_true = _as_1d(y_true, name="y_true")
+    y_pred = _as_1d(y_pred, name="y_pred")
+    _check_same_length(y_true, y_pred)
+    labels = list(labels)
+    if len(labels) == 2:
+        return {"sensitivity": _recall_of(y_true, y_pred, labels[1]), "specificity": _recall_of(y_true, y_pred, labels[0])}
+    present = [c for c in labels if (y_true == c).any()]
+    if not present:
+        return {"sensitivity": math.nan, "specificity": math.nan}
+    cms = multilabel_confusion_matrix(y_true, y_pred, labels=present)  # per class [[tn, fp], [fn, tp]]
+    tn, fp, fn, tp = cms[:, 0, 0], cms[:, 0, 1], cms[:, 1, 0], cms[:, 1, 1]
+    spec = np.divide(tn, tn + fp, out=np.full(len(present), np.nan), where=(tn + fp) > 0)
+    return {"sensitivity": float(np.mean(tp / (tp + fn))), "specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else math.nan}
+
+
+def roc_pr_curves(y_true, y_score, *, labels: Sequence) -> pd.DataFrame:
+    """ROC and precision-recall curves, one-vs-rest per class present (the positive class alone for two classes).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``class``, ``curve`` (``"roc"`` | ``"pr"``), ``x`` (FPR | recall), ``y`` (TPR |
+        precision) and ``area`` (AUROC | average precision); for
+        :func:`workbench.plots.plot_roc_pr`.
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    y_true = _as_1d(y_true, name="y_true")
+    y_score = np.asarray(y_score, dtype=float)
+    labels = list(labels)
+    if y_score.ndim != 2 or y_score.shape != (len(y_true), len(labels)):
+        raise ValueError(f"y_score must have shape (n_samples, n_classes) = ({len(y_true)}, {len(labels)}), got {y_score.shape}.")
+    columns = [1] if len(labels) == 2 else range(len(labels))
+    parts = []
+    for j in columns:
+        positive = y_true == labels[j]
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, y_score[:, j])
+        precision, recall, _ = precision_recall_curve(positive, y_score[:, j])
+        parts.append(pd.DataFrame({"class": labels[j], "curve": "roc", "x": fpr, "y": tpr,
+                                   "area": roc_auc_score(positive, y_score[:, j])}))
+        parts.append(pd.DataFrame({"class": labels[j], "curve": "pr", "x": recall, "y": precision,
+                                   "area": average_precision_score(positive, y_score[:, j])}))
+    if not parts:
+        raise ValueError("roc_pr_curves needs at least one class with both positives and negatives in y_true.")
+    return pd.concat(parts, ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------
