@@ -72,6 +72,7 @@ from torch.nn import functional as F
 
 from .. import audio, splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
+from ..batches import IndexBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
@@ -658,33 +659,28 @@ def load(data_path: str = "", task: str = "circor_murmur", *, sample_rate: int =
 # --------------------------------------------------------------------------- batches
 
 
-class CropBatches:
+class CropBatches(IndexBatches):
     """Random crops of ``size`` samples, ``crops`` per recording per epoch; ``views=2`` gives two crops of each.
 
-    Has a length and a ``generator`` (its RNG), so :func:`workbench.fit` can restore the order on resume.
+    Has a length and a ``generator`` (its RNG, for the order and the crops), so :func:`workbench.fit` can
+    restore the order on resume; shards itself under DDP (:class:`workbench.batches.IndexBatches`).
     """
 
     def __init__(self, signals, y, *, size: int, crops: int, batch_size: int, views: int = 1, seed: int = 0):
+        super().__init__(len(signals) * crops, batch_size=batch_size, shuffle=True, seed=seed)
         self.signals = [s if len(s) >= size else np.pad(s, (0, size - len(s))) for s in signals]
         self.y = torch.as_tensor(np.asarray(y), dtype=torch.long)
-        self.size, self.crops, self.batch_size, self.views = size, crops, batch_size, views
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.signals) * self.crops / self.batch_size)
+        self.size, self.crops, self.views = size, crops, views
 
     def _crop(self, i: int) -> np.ndarray:
         s = self.signals[i]
         start = int(torch.randint(0, len(s) - self.size + 1, (1,), generator=self.generator))
         return s[start:start + self.size]
 
-    def __iter__(self):
-        n = len(self.signals) * self.crops
-        order = (torch.randperm(n, generator=self.generator) // self.crops).tolist()
-        for k in range(0, n, self.batch_size):
-            idx = order[k:k + self.batch_size]
-            views = [torch.from_numpy(np.stack([self._crop(i) for i in idx])) for _ in range(self.views)]
-            yield (*views, self.y[idx])
+    def take(self, idx):
+        idx = (np.asarray(idx) // self.crops).tolist()
+        views = [torch.from_numpy(np.stack([self._crop(i) for i in idx])) for _ in range(self.views)]
+        return (*views, self.y[idx])
 
 
 class WindowBatches:
