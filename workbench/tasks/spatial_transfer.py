@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -731,8 +732,8 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
     cfg = {**DEFAULTS, **overrides}
     data = study.spatial
     rows, predictions, histories = {}, {}, {}
-    for i, (name, train, test) in enumerate(cv_splits(data, cv=cv, folds=folds, held_out=held_out, seed=seed)):
-        rng = np.random.default_rng(seed + i)
+    for name, train, test in cv_splits(data, cv=cv, folds=folds, held_out=held_out, seed=seed):
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # by name: a fold is the same in any run
         shuffled = rng.permutation(train)
         n_val = max(1, int(round(cfg["val_fraction"] * len(train))))
         val, fit_idx = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
