@@ -71,11 +71,14 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, fold_summary, regression_metrics
+from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..tracking import TRACKERS
 
 __all__ = [
     "DEFAULTS", "SpotData", "Study", "SpatialExpressionModel", "simulate", "read_visium", "write_visium",
     "spot_graph", "select_genes", "load", "build_model", "pretrain", "pretrained", "load_report", "strategy_table",
     "cv_splits", "cross_validate", "baseline", "evaluate", "run_workflow", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK",
+    "PARAMETERS",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,34 @@ DEFAULTS = {
 PRETRAIN_SETTINGS = ("hidden", "gat_heads", "d_model", "heads", "ff", "dropout", "bulk_layers", "weight_decay",
                      "pretrain_epochs", "pretrain_lr", "pretrain_patience", "neighbours", "radius")
 CV_KINDS = ("loo", "kfold")
+STRATEGIES = ("full", "frozen_backbone", "frozen_decoder")
+
+#: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
+PARAMETERS = Spec(
+    cells_path=Text(),
+    cell_type_key=Text(nonempty=True),
+    spatial_path=Text(),
+    features_key=Text(nonempty=True),
+    slide_key=Text(nonempty=True),
+    genes=Text(),
+    n_bulk_slides=Integer(ge=3),
+    n_spatial_slides=Integer(ge=2),
+    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
+    strategy=Choice(*STRATEGIES),
+    cv=Choice(*CV_KINDS),
+    folds=Integer(ge=2),
+    held_out=Text(),
+    epochs=Integer(ge=1),
+    learning_rate=Real(gt=0),
+    patience=Integer(ge=0),
+    min_delta=Real(ge=0),
+    pretrain_epochs=Integer(ge=1),
+    seed=Integer(ge=0),
+    sim_seed=Integer(ge=0),
+    output_dir=Text(),
+    tracker=Choice(*TRACKERS),
+    interactive=Flag(),
+)
 
 
 # --------------------------------------------------------------------------- data
