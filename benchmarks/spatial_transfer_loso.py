@@ -3,9 +3,11 @@
 
 The same functions and defaults as notebooks/spatial_transfer.ipynb (and its sweep spec, whose runs hold one slide
 each; a fold's validation spots depend on the fold's name, so a fold is the same in either). Per-fold rows go to
-runs/spatial_transfer_loso/folds.csv, the summary to benchmarks/results/spatial_transfer_loso.json.
+runs/spatial_transfer_loso/folds_seeds*.csv (one file per process: seeds
+can run in parallel processes), the summary of every file there to benchmarks/results/spatial_transfer_loso.json.
 
-    nice .venv/bin/python benchmarks/spatial_transfer_loso.py [--seeds 0 1 2 3 4]
+    nice .venv/bin/python benchmarks/spatial_transfer_loso.py --seeds 0 1 2 &
+    nice .venv/bin/python benchmarks/spatial_transfer_loso.py --seeds 3 4
 """
 
 import argparse
@@ -50,18 +52,19 @@ def main():
                 print(f"  {strategy}/{checkpoint}: mean per-gene Pearson {frame['test_mean_pearson'].mean():.4f} "
                       f"(ridge {frame['baseline_test_mean_pearson'].mean():.4f}) in {time.time() - start:.0f} s",
                       flush=True)
-                pd.concat(rows).to_csv(out / "folds.csv", index=False)
-                summarize(pd.concat(rows), args.seeds, study.spatial.slide_names)
+                pd.concat(rows).to_csv(out / f"folds_seeds{'-'.join(map(str, args.seeds))}.csv", index=False)
+                summarize(pd.concat([pd.read_csv(p) for p in sorted(out.glob("folds_seeds*.csv"))]),
+                          study.spatial.slide_names)
 
 
-def summarize(folds, seeds, slides):
+def summarize(folds, slides):
     per_seed = folds.groupby(["setting", "seed"])[["test_mean_pearson", "test_pearson", "test_mse",
                                                    "baseline_test_mean_pearson"]].mean()
     summary = per_seed.groupby("setting").agg(["mean", "std"])
     scratch = per_seed.loc["full/none", "test_mean_pearson"] if "full/none" in per_seed.index else None
     gains = {} if scratch is None else {
         s: (per_seed.loc[s, "test_mean_pearson"] - scratch).dropna().to_dict() for s in per_seed.index.levels[0]}
-    result = {"seeds": seeds, "slides": slides, "runs": len(per_seed),
+    result = {"seeds": sorted(set(folds["seed"].tolist())), "slides": slides, "runs": len(per_seed),
               "summary": {s: {f"{m}_{a}": float(v) for (m, a), v in row.items()} for s, row in summary.iterrows()},
               "gain_over_scratch_per_seed": {s: {int(k): float(v) for k, v in g.items()} for s, g in gains.items()}}
     print(summary.round(4).to_string(), flush=True)

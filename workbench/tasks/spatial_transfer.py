@@ -263,10 +263,9 @@ class Study:
         for stage in (self.bulk, self.spatial):
             if stage is not None:
                 rows[stage.stage] = {"slides": len(stage.slide_names), "spots": len(stage.spot_ids),
-                                     "features": stage.n_features, "genes": len(stage.genes)}
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame["genes shared with bulk"] = [len(self.bulk.genes if self.bulk else []), len(self.shared_genes)][-len(frame):]
-        return frame
+                                     "features": stage.n_features, "genes": len(stage.genes),
+                                     "genes in both stages": len(self.shared_genes)}
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage")
 
     def to_dict(self) -> dict:
         return {"stages": self.to_frame().to_dict(orient="index"), "spatial_slides": self.spatial.slide_names}
