@@ -794,7 +794,8 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
             predictions[name].to_csv(folder / "predictions.csv", index=False)
             plot_history(history).savefig(folder / "curves.png", dpi=90, bbox_inches="tight")
     per_fold = pd.DataFrame.from_dict(rows, orient="index").rename_axis("fold")
-    summary = fold_summary(per_fold, [c for c in per_fold.columns if "test_" in c])
+    summary = fold_summary(per_fold, [c for c in per_fold.columns if c.startswith(("test_", "baseline_test_"))
+                                      and c != "test_spots"])
     return CVResult(per_fold=per_fold, summary=summary, predictions=predictions, histories=histories,
                     strategy=strategy if source is not None else f"{strategy}, from scratch", cv=cv)
 
