@@ -7,6 +7,7 @@ a flat ``{name: float}`` dictionary, ready for ``final_metrics.json`` or a :clas
 classification         accuracy, balanced_accuracy, macro/weighted F1, macro precision/recall;
                        with scores also auroc and auprc; for two classes sensitivity/specificity
 regression             mse, mae, r2, pearson (all values pooled), mean_pearson (per target)
+cross-validation       fold_summary: mean ± std over folds of each metric
 =====================  =========================================================================
 
 scikit-learn and scipy are imported inside the functions, so ``import workbench.metrics`` is cheap.
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
-           "sensitivity_specificity", "roc_pr_curves"]
+           "sensitivity_specificity", "roc_pr_curves", "fold_summary"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,3 +527,47 @@ def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
         mask = groups == group
         rows[str(group)] = scores(y_true[mask], y_pred[mask])
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("group")
+
+
+# --------------------------------------------------------------------------------------------
+# cross-validation summary
+# --------------------------------------------------------------------------------------------
+
+
+def fold_summary(per_fold: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean and standard deviation over folds of each metric.
+
+    Parameters
+    ----------
+    per_fold
+        One row per fold, one column per metric.
+    metrics
+        Columns to summarise, in this order; default every numeric column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per metric; columns ``mean``, ``std`` (sample standard deviation, ``ddof=1``;
+        NaN for a single fold), ``folds`` (folds with a value) and ``mean ± std`` (text).
+        Folds where a metric is NaN are left out of its mean and std.
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"pearson": [0.5, 0.7]}, index=["A1", "B1"])
+    >>> fold_summary(frame).loc["pearson", "mean ± std"]
+    '0.6000 ± 0.1414'
+    """
+    if not isinstance(per_fold, pd.DataFrame) or per_fold.empty:
+        raise ValueError("per_fold must be a non-empty DataFrame with one row per fold and one column per metric.")
+    if metrics is None:
+        metrics = [c for c in per_fold.columns if pd.api.types.is_numeric_dtype(per_fold[c])]
+    missing = [m for m in metrics if m not in per_fold.columns]
+    if missing:
+        raise ValueError(f"metrics {missing} are not columns of per_fold; columns are {list(per_fold.columns)}.")
+    rows = {}
+    for metric in metrics:
+        values = pd.to_numeric(per_fold[metric], errors="coerce").dropna()
+        mean = float(values.mean()) if len(values) else math.nan
+        std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        rows[metric] = {"mean": mean, "std": std, "folds": len(values), "mean ± std": f"{mean:.4f} ± {std:.4f}"}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
