@@ -509,7 +509,7 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def available_strategies(model: nn.Module) -> list[str]:
     """Names accepted by :func:`apply_strategy` for this model (wrapped or not)."""
-    return list(BUILTIN_STRATEGIES) + list(getattr(unwrap(model), "strategies", {}) or {})
+    return list(dict.fromkeys([*BUILTIN_STRATEGIES, *(getattr(unwrap(model), "strategies", {}) or {})]))  # a model may redefine one
 
 
 def _under(name: str, prefix: str) -> bool:
