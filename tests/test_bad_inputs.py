@@ -159,6 +159,74 @@ def regulatory_missing_file(tmp):
     regulatory.load(str(tmp / "samples.csv"))
 
 
+# --------------------------------------------------------------------------- heart sound
+
+
+def heart_label_outside_the_task(tmp):
+    from workbench.tasks import heart_sound as hs
+
+    from .test_heart_sound import write_circor
+
+    hs.read_folder(write_circor(tmp / "circor", [("101", "Absent"), ("102", "Maybe")]), "circor_murmur")
+
+
+def heart_patient_without_a_wav(tmp):
+    from workbench.tasks import heart_sound as hs
+
+    from .test_heart_sound import write_circor
+
+    hs.read_folder(write_circor(tmp / "circor", [("201", "Absent"), ("202", "Present")], wavs={"202": []}),
+                   "circor_murmur")
+
+
+def heart_every_recording_too_short(tmp):
+    from workbench import audio
+    from workbench.tasks import heart_sound as hs
+
+    audio.write_wav(tmp / "pascal" / "normal" / "short.wav", np.zeros(800, dtype=np.float32), 4000)
+    hs.read_folder(tmp / "pascal", "pascal")
+
+
+# --------------------------------------------------------------------------- spatial transfer
+
+
+def _spatial():
+    pytest.importorskip("torch_geometric")
+    from workbench.tasks import spatial_transfer as st
+
+    return st, st.load(grid=5, n_bulk_slides=3, n_spatial_slides=3)
+
+
+def spatial_held_out_slide_that_does_not_exist(tmp):
+    st, study = _spatial()
+    st.cv_splits(study.spatial, cv="loo", held_out="A1,Z9")
+
+
+def spatial_loo_with_a_one_spot_slide(tmp):
+    st, study = _spatial()
+    s = study.spatial
+    one = st.SpotData(features=s.features[:51], targets=s.targets[:51], genes=s.genes, coords=s.coords[:51],
+                      slides=s.slides[:51], spot_ids=s.spot_ids[:51])
+    st.cv_splits(one, cv="loo")
+
+
+def spatial_genes_missing(tmp):
+    st, study = _spatial()
+    path = st.write_visium(study.spatial, tmp / "visium.h5ad", features_key="X_uni")
+    st.read_visium(path, features_key="X_uni", genes="NOPE1,NOPE2")
+
+
+def spatial_nan_targets(tmp):
+    import anndata
+
+    st, study = _spatial()
+    path = st.write_visium(study.spatial, tmp / "visium.h5ad", features_key="X_uni")
+    adata = anndata.read_h5ad(path)
+    adata.X[4, 2] = np.nan
+    adata.write_h5ad(path)
+    st.read_visium(path, features_key="X_uni")
+
+
 CASES = [
     Case("core", "truncated checkpoint", truncated_checkpoint, CheckpointError, "truncated", "Re-create it"),
     Case("core", "checkpoint in a wrong format", wrong_format_checkpoint, CheckpointError, "weights.pt", "safetensors"),
@@ -180,7 +248,21 @@ CASES = [
     Case("regulatory", "unknown category at predict time", regulatory_unknown_category_at_predict_time, UserWarning,
          "1 sample(s) have a medium not seen in training", "'unknown' embedding"),
     Case("regulatory", "data file that does not exist", regulatory_missing_file, FileNotFoundError, "samples.csv",
-         ""),
+         "or '' to simulate"),
+    Case("heart_sound", "label that is not one of the task's classes", heart_label_outside_the_task, ValueError,
+         "training_data.csv row 3 (patient 102): label 'Maybe' is not one of", "Fix or drop that entry"),
+    Case("heart_sound", "CirCor patient with no wav", heart_patient_without_a_wav, FileNotFoundError,
+         "patient 202 has no recording", "Add the files or drop the row"),
+    Case("heart_sound", "every recording too short", heart_every_recording_too_short, ValueError,
+         "every recording was skipped", "point data_path at"),
+    Case("spatial_transfer", "held-out slide that does not exist", spatial_held_out_slide_that_does_not_exist,
+         ValueError, "held_out names slide(s) ['Z9'] that do not exist", "the slides are ['A1', 'B1', 'C1']"),
+    Case("spatial_transfer", "leave-one-out with a one-spot slide", spatial_loo_with_a_one_spot_slide, ValueError,
+         "at least 2 spots on every slide", "use cv='kfold'"),
+    Case("spatial_transfer", "target genes missing from the data", spatial_genes_missing, ValueError,
+         "2 of the 2 requested gene(s) are not in visium.h5ad", "fix the names or drop them"),
+    Case("spatial_transfer", "NaN targets", spatial_nan_targets, ValueError, "NaN/inf value(s) in 1 spot(s)",
+         "drop those spots"),
 ]
 
 

@@ -590,7 +590,8 @@ def read_folder(data_path, task: str, *, sample_rate: int = 4000) -> tuple[list[
     notes = reader.notes()
     if not recordings:
         raise ValueError(f"{root}: every recording was skipped ({len(reader.skipped)} shorter than {MIN_SECONDS:g} s or "
-                         "empty); nothing is left to train on.")
+                         "empty); nothing is left to train on. Check that the files hold audio of at least "
+                         f"{MIN_SECONDS:g} s each, or point data_path at the folder that does.")
     return recordings, notes
 
 
