@@ -227,10 +227,19 @@ def spatial_nan_targets(tmp):
     st.read_visium(path, features_key="X_uni")
 
 
+def pretrained_checkpoint_that_does_not_exist(tmp):
+    from workbench.checkpoints import resolve_pretrained
+
+    resolve_pretrained(str(tmp / "encoder.safetensors"), pretrain=lambda: tmp / "never")
+
+
 CASES = [
     Case("core", "truncated checkpoint", truncated_checkpoint, CheckpointError, "truncated", "Re-create it"),
     Case("core", "checkpoint in a wrong format", wrong_format_checkpoint, CheckpointError, "weights.pt", "safetensors"),
     Case("core", "checkpoint that does not exist", missing_checkpoint, CheckpointError, "does not exist", "Check the path"),
+    Case("core", "pretrained_checkpoint that is neither pretrain, none nor a file",
+         pretrained_checkpoint_that_does_not_exist, FileNotFoundError, "is neither 'pretrain', 'none' nor an existing",
+         "'none' to train from scratch"),
     Case("core", "sweep parameter the notebook does not declare", sweep_undeclared_parameter, ValueError,
          "'lr' is not a parameter of cell_type_annotation.ipynb", "learning_rate"),
     Case("core", "sweep value of the wrong type", sweep_value_of_wrong_type, ValueError, "'many'", "int"),

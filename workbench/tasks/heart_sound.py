@@ -74,7 +74,7 @@ from .. import audio, splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..batches import IndexBatches
 from ..cache import cached, code_version, content_hash, fingerprint
-from ..checkpoints import save_weights
+from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..schedules import SCHEDULES
@@ -838,16 +838,9 @@ def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cach
 
 def pretrained(data: HeartSoundData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
                cache_root=None, **overrides):
-    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` | ``"none"`` | a path."""
-    if pretrained_checkpoint == "none":
-        return None
-    if pretrained_checkpoint == "pretrain":
-        return pretrain(data, seed=seed, progress=progress, cache_root=cache_root, **overrides)
-    if not Path(pretrained_checkpoint).exists():
-        raise FileNotFoundError(
-            f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an existing file. "
-            "Give a .safetensors/.pt path, 'pretrain' to pretrain here, or 'none' to train from scratch.")
-    return pretrained_checkpoint
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
+    return resolve_pretrained(pretrained_checkpoint,
+                              lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root, **overrides))
 
 
 def strategy_of(mode: str) -> str:

@@ -69,7 +69,7 @@ from torch.nn import functional as F
 
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, content_hash, fingerprint
-from ..checkpoints import save_weights
+from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, fold_summary, regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
@@ -614,15 +614,9 @@ def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=N
 
 def pretrained(study: Study, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True, cache_root=None,
                **overrides):
-    """Resolve ``pretrained_checkpoint``: ``"pretrain"`` | ``"none"`` (from scratch) | a path."""
-    if pretrained_checkpoint == "none":
-        return None
-    if pretrained_checkpoint == "pretrain":
-        return pretrain(study, seed=seed, progress=progress, cache_root=cache_root, **overrides)
-    if not Path(pretrained_checkpoint).exists():
-        raise FileNotFoundError(f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an "
-                                "existing file. Give a .safetensors path, 'pretrain' or 'none'.")
-    return pretrained_checkpoint
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
+    return resolve_pretrained(pretrained_checkpoint,
+                              lambda: pretrain(study, seed=seed, progress=progress, cache_root=cache_root, **overrides))
 
 
 def load_report(model, source, *, run=None):
