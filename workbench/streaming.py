@@ -136,8 +136,12 @@ class StreamingBatches:
         return len(self.cells)
 
     def _dataset(self, collection, *, seed: int):
-        from scdataset import scDataset
-        from scdataset.strategy import BlockShuffling, Streaming
+        try:
+            from scdataset import scDataset
+            from scdataset.strategy import BlockShuffling, Streaming
+        except ImportError:
+            raise ImportError("streaming batches need scdataset: pip install 'workbench[stream]' "
+                              "(or pip install scdataset==0.3.0).") from None
 
         # self.cells is sorted: scdataset would sort (and warn about) unsorted indices
         strategy = BlockShuffling(block_size=self.block_size, indices=self.cells) if self.shuffle \
