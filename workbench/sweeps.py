@@ -567,7 +567,7 @@ def _execute_job(job: dict) -> dict:
         ``{"ok": bool, "error": str | None}``. Only an interrupt (KeyboardInterrupt, SystemExit)
         raises; every failure of the run itself is an outcome.
     """
-    from .execute import STATUS_FILE, run_notebook
+    from .execute import run_notebook
 
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(job["threads"])  # the kernel inherits this environment
@@ -586,6 +586,12 @@ def _execute_job(job: dict) -> dict:
         error = f"the run could not execute or record its result: {type(err).__name__}: {err}"
     else:
         return {"ok": result.ok, "error": result.error}
+    return _record_failure(job, error)
+
+
+def _record_failure(job: dict, error: str) -> dict:
+    """Write a failed ``status.json`` into the run's folder (the sweep then runs it again); returns the outcome."""
+    from .execute import STATUS_FILE
 
     status = {"ok": False, "error": error, "failed_cell": None, "seconds": 0.0}
     try:
@@ -662,7 +668,18 @@ def _stop_workers(pool) -> None:
 
 
 def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done) -> dict[str, dict]:
-    """Run the jobs as Dask tasks; returns ``{run_id: outcome}`` (see :func:`_execute_job`)."""
+    """Run the jobs as Dask tasks; returns ``{run_id: outcome}`` (see :func:`_execute_job`).
+
+    A worker process that dies (killed, out of memory) takes its run with it. The scheduler runs
+    it again on another worker, up to ``distributed.scheduler.allowed-failures`` times (Dask's
+    default: 3); after that the run is recorded as failed, with the reason, and the sweep goes on.
+    Running the sweep again executes it once more; finished runs are kept and not run again.
+
+    At most as many runs as the cluster has threads are submitted at a time, the next one when one
+    ends. Dask would otherwise hand a worker a second run to queue behind the one it executes (a
+    small group of tasks is not "root-ish", so it is not held back on the scheduler), and a worker's
+    death would be charged to both.
+    """
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -672,17 +689,42 @@ def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done)
     futures = []
     outcomes = {}
     try:
-        run_ids = {_dask_key(job): job["run_id"] for job in jobs}
-        futures = [client.submit(_execute_job, job, pure=False, key=_dask_key(job)) for job in jobs]
-        for future in as_completed(futures):
-            outcomes[run_ids[future.key]] = future.result()
+        by_key = {_dask_key(job): job for job in jobs}
+        waiting = iter(jobs)
+        running = as_completed()
+
+        def submit_next() -> None:
+            job = next(waiting, None)
+            if job is not None:
+                future = client.submit(_execute_job, job, pure=False, key=_dask_key(job))
+                futures.append(future)
+                running.add(future)
+
+        threads = sum(w.get("nthreads", 0) for w in client.scheduler_info().get("workers", {}).values())
+        for _ in range(min(threads or len(jobs), len(jobs))):
+            submit_next()
+        for future in running:
+            job = by_key[future.key]
+            try:
+                outcomes[job["run_id"]] = future.result()
+            except Exception as err:  # noqa: BLE001 - KilledWorker and the like: the run is lost, the sweep goes on
+                outcomes[job["run_id"]] = _record_failure(job, _lost_run_message(err))
             on_done()
+            submit_next()
         return outcomes
     finally:
         client.cancel(futures)
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _lost_run_message(err: Exception) -> str:
+    if type(err).__name__ == "KilledWorker":
+        return ("the Dask worker running this run died, on every try (killed, or out of memory): "
+                f"{type(err).__name__}: {err}. Run the sweep again to retry it; the finished runs are kept. "
+                "Raise distributed.scheduler.allowed-failures (dask config) for more retries within one sweep.")
+    return f"the run's Dask task failed outside the notebook: {type(err).__name__}: {err}. Run the sweep again to retry it."
 
 
 def _dask_key(job: dict) -> str:
