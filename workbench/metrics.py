@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable"]
+__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
+           "project_2d"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,3 +467,21 @@ def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
         mask = groups == group
         rows[str(group)] = scores(y_true[mask], y_pred[mask])
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("group")
+
+
+def project_2d(embeddings, *, seed: int = 0) -> np.ndarray:
+    """The first two principal components of ``embeddings`` (``n x d``), for a 2-D plot.
+
+    PCA (scikit-learn), after centring; deterministic for a given ``seed``. Returns an
+    ``(n, 2)`` array (a zero second column when ``d == 1``).
+    """
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"embeddings must be a 2-D array with at least 2 rows (n x d), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"embeddings hold {int((~np.isfinite(x)).sum())} NaN/inf values; a projection needs finite values.")
+    k = min(2, x.shape[1], len(x))
+    coords = PCA(n_components=k, random_state=seed).fit_transform(x)
+    return np.pad(coords, ((0, 0), (0, 2 - k)))

@@ -96,7 +96,7 @@ DEFAULTS = {
     "weight_decay": 0.0,
     "test_size": 0.2,
     "val_fraction": 0.1,
-    "pretrain_epochs": 15,
+    "pretrain_epochs": 10,
     "pretrain_lr": 1e-3,
     "pretrain_batch_size": 64,
     "split_count": 5,
@@ -719,10 +719,16 @@ def _validation_metrics(model, batches) -> dict:
 
 
 def lr_frame(history, *, freeze_epochs: int, steps_per_epoch: int, schedule: str = ""):
-    """The per-step learning rates of a fine-tuning run, marked for :func:`workbench.plots.plot_lr_schedule`."""
+    """The effective per-step learning rates of a fine-tuning run, for :func:`workbench.plots.plot_lr_schedule`.
+
+    While the backbone is frozen its groups learn nothing, so their rate is shown as 0 for those
+    steps; ``attrs["freeze_steps"]`` marks the frozen phase.
+    """
     curve = history.lr_frame()
-    curve.attrs.update(schedule=schedule, total_steps=len(curve),
-                       freeze_steps=min(freeze_epochs, len(history.rows)) * steps_per_epoch)
+    freeze_steps = min(freeze_epochs, len(history.rows)) * steps_per_epoch
+    frozen = [c for c in curve.columns if c.startswith("backbone")]
+    curve.loc[curve.index < freeze_steps, frozen] = 0.0
+    curve.attrs.update(schedule=schedule, total_steps=len(curve), freeze_steps=freeze_steps)
     return curve
 
 
