@@ -70,9 +70,11 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
+from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..tracking import TRACKERS
 
 __all__ = [
-    "DEFAULTS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
+    "DEFAULTS", "PARAMETERS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
     "read_table", "load", "build_encoder", "build_model", "build_coles", "pretrain", "pretrained", "load_checkpoint",
     "finetune", "predict_proba", "get_embeddings", "save_embeddings", "baseline", "baseline_features", "evaluate",
     "run_workflow", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "ENCODER_TYPES", "ACTIVATIONS",
@@ -87,6 +89,7 @@ TIME_GAP = "time_gap"  # derived numeric field: log1p(days since the previous ev
 PAD, UNKNOWN = 0, 1  # category indices: 0 pads (ptls embeddings use padding_idx=0), 1 is "unknown"
 ENCODER_TYPES = ("gru", "lstm", "transformer")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+SCHEDULES = ("cosine", "plateau", "constant")
 
 #: Architecture and training settings the notebook does not expose.
 DEFAULTS = {
@@ -106,6 +109,20 @@ DEFAULTS = {
     "neg_count": 5,
     "eval_tokens": 65536,  # padded events per batch when embedding (see EventBatches.by_length)
 }
+#: What each parameter of the notebook accepts (checked by ``workbench run``/``sweep`` and the notebook's first cell).
+PARAMETERS = Spec(
+    data_path=Text(), labels_path=Text(), categorical_fields=Text(nonempty=True), numeric_fields=Text(),
+    max_seq_len=Integer(ge=1), impute_numeric=Flag(),
+    pretrained_checkpoint=Choice("pretrain", "none", or_path=True), trust_pickle=Flag(),
+    encoder_type=Choice(*ENCODER_TYPES), hidden_size=Integer(ge=1), pretrain_epochs=Integer(ge=1),
+    head_hidden=Text(), head_dropout=Real(ge=0, lt=1), head_activation=Choice(*ACTIVATIONS),
+    epochs=Integer(ge=1), freeze_epochs=Integer(ge=0), learning_rate=Real(gt=0), batch_size=Integer(ge=1),
+    optimizer=Choice("adam", "adamw"), lr_scheduler_type=Choice(*SCHEDULES),
+    class_weights=Choice("none", "balanced"), label_smoothing=Real(ge=0, lt=1), grad_clip=Real(ge=0),
+    amp=Choice("none", "bf16"), save_top_k=Integer(ge=1), label_fraction=Real(gt=0, le=1), seed=Integer(ge=0),
+    output_dir=Text(), tracker=Choice(*TRACKERS), interactive=Flag(),
+)
+
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
                      "pretrain_lr", "pretrain_batch_size", "split_count", "cnt_min", "cnt_max", "margin", "neg_count")
 
@@ -676,8 +693,6 @@ def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, run
 
 
 # --------------------------------------------------------------------------- fine-tuning
-
-SCHEDULES = ("cosine", "plateau", "constant")
 
 
 def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learning_rate: float, batch_size: int = 32,
