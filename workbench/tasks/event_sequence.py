@@ -72,6 +72,7 @@ from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
+from .cell_type import Evaluation, _validation_metrics  # one copy: test metrics beside a baseline; val accuracy/F1
 
 __all__ = [
     "DEFAULTS", "PARAMETERS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
@@ -724,15 +725,6 @@ def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learnin
     )
 
 
-def _validation_metrics(model, batches) -> dict:
-    preds, truth = [], []
-    for x, y in batches:
-        preds.append(model(x).argmax(1))
-        truth.append(y)
-    scores = classification_metrics(torch.cat(truth).numpy(), torch.cat(preds).numpy())
-    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
-
-
 def lr_frame(history, *, freeze_epochs: int, steps_per_epoch: int, schedule: str = ""):
     """The effective per-step learning rates of a fine-tuning run, for :func:`workbench.plots.plot_lr_schedule`.
 
@@ -823,21 +815,6 @@ def baseline(data: EventData, *, seed: int = 0) -> dict:
     clf.fit(baseline_features(data, fit_idx), data.labels[fit_idx])
     pred = clf.predict(baseline_features(data, data.test_idx))
     return classification_metrics(data.labels[data.test_idx], pred, labels=data.classes)
-
-
-@dataclass
-class Evaluation:
-    """Test metrics of the fine-tuned model against the baseline, and the confusion matrix."""
-
-    table: MetricsTable
-    confusion: object
-    final: dict
-
-    def _repr_html_(self) -> str:
-        return self.table._repr_html_()
-
-    def __repr__(self) -> str:
-        return repr(self.table)
 
 
 def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping | None = None) -> Evaluation:
