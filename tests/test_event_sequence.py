@@ -364,3 +364,21 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
     in_process = es.run_workflow({**params, "output_dir": str(tmp_path / "in_process"), "interactive": False})
     assert in_process.final == final
+
+
+def test_project_2d_and_plot_embedding():
+    """The core pieces the notebook's embedding figure uses (workbench.metrics.project_2d, plots.plot_embedding)."""
+    import workbench as wb
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (30, 5)), rng.normal(4, 1, (30, 5))])
+    coords = wb.metrics.project_2d(x, seed=0)
+    assert coords.shape == (60, 2) and abs(coords[:30, 0].mean() - coords[30:, 0].mean()) > 5  # PC 1 splits them
+    assert wb.metrics.project_2d(x[:, :1]).shape == (60, 2)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        wb.metrics.project_2d(np.full((3, 2), np.nan))
+    fig = wb.plots.plot_embedding(coords, ["a"] * 30 + ["b"] * 30, title="two groups")
+    ax = fig.axes[0]
+    assert ax.get_title() == "two groups" and [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"coords must have shape \(n, 2\)"):
+        wb.plots.plot_embedding(x, ["a"] * 60)
