@@ -382,3 +382,14 @@ def test_project_2d_and_plot_embedding():
     assert ax.get_title() == "two groups" and [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
     with pytest.raises(ValueError, match=r"coords must have shape \(n, 2\)"):
         wb.plots.plot_embedding(x, ["a"] * 60)
+
+
+def test_a_bare_ptls_encoder_state_dict_loads_under_the_encoder_prefix(data, tmp_path):
+    torch.manual_seed(0)
+    source = es.build_model(data, **TINY)
+    torch.save(source.encoder.state_dict(), tmp_path / "encoder.pt")  # what a ptls user saves: seq_encoder.state_dict()
+    model = es.build_model(data, head_hidden="", **TINY)
+    report = es.load_checkpoint(model, es.pretrained(data, str(tmp_path / "encoder.pt")))
+    assert report.prefix_map == {"": "encoder."} and len(report.loaded) == 12
+    assert not report.unexpected and report.missing == ["head.0.bias", "head.0.weight"]
+    assert all(torch.equal(v, source.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
