@@ -352,7 +352,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     proc = _cli(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
-    assert set(es.HEADLINE_METRICS) <= set(final)
+    assert set(es.HEADLINE_METRICS) <= set(final) and {"probe_test_accuracy", "probe_test_macro_f1"} <= set(final)
     assert {p.name for p in (out / "figures").iterdir()} == {"training_curves.png", "lr_schedule.png",
                                                              "confusion_matrix.png", "embeddings.png"}
     saved = np.load(out / "embeddings.npz")

@@ -77,7 +77,7 @@ from .cell_type import Evaluation, _validation_metrics  # one copy: test metrics
 __all__ = [
     "DEFAULTS", "PARAMETERS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
     "read_table", "load", "build_encoder", "build_model", "build_coles", "pretrain", "pretrained", "load_checkpoint",
-    "finetune", "predict_proba", "get_embeddings", "save_embeddings", "baseline", "baseline_features", "evaluate",
+    "finetune", "predict_proba", "get_embeddings", "linear_probe", "save_embeddings", "baseline", "baseline_features", "evaluate",
     "run_workflow", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "ENCODER_TYPES", "ACTIVATIONS",
 ]
 
@@ -814,6 +814,24 @@ def baseline(data: EventData, *, seed: int = 0) -> dict:
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     clf.fit(baseline_features(data, fit_idx), data.labels[fit_idx])
     pred = clf.predict(baseline_features(data, data.test_idx))
+    return classification_metrics(data.labels[data.test_idx], pred, labels=data.classes)
+
+
+def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
+    """Logistic regression on the frozen encoder's embeddings of the labelled clients; test metrics.
+
+    The CoLES paper's way of judging an encoder: nothing in the encoder trains. Call it before
+    fine-tuning to score the pretrained (or random) encoder as it is.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fit_idx = np.concatenate([data.labelled_idx, data.val_idx])
+    embeddings, _, _ = get_embeddings(model, data, np.concatenate([fit_idx, data.test_idx]))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, random_state=seed))
+    clf.fit(embeddings[: len(fit_idx)], data.labels[fit_idx])
+    pred = clf.predict(embeddings[len(fit_idx):])
     return classification_metrics(data.labels[data.test_idx], pred, labels=data.classes)
 
 
