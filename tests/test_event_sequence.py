@@ -393,3 +393,12 @@ def test_a_bare_ptls_encoder_state_dict_loads_under_the_encoder_prefix(data, tmp
     assert report.prefix_map == {"": "encoder."} and len(report.loaded) == 12
     assert not report.unexpected and report.missing == ["head.0.bias", "head.0.weight"]
     assert all(torch.equal(v, source.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
+
+
+def test_event_times_may_be_dates(tables, tmp_path, data):
+    events, labels = tables[0].copy(), tables[1]
+    events[es.TIME] = (pd.Timestamp("2024-01-01") + pd.to_timedelta(events[es.TIME], unit="D")).dt.strftime(
+        "%Y-%m-%d %H:%M:%S")
+    loaded = es.load(_write(tmp_path, events, labels), label_fraction=0.5, seed=0)
+    np.testing.assert_allclose(loaded.sequences[0][es.TIME] - 19723, data.sequences[0][es.TIME], atol=1e-4)
+    np.testing.assert_allclose(loaded.sequences[0]["time_gap"], data.sequences[0]["time_gap"], atol=1e-4)

@@ -322,6 +322,19 @@ def _encode_categories(values: pd.Series, vocab: list[str]) -> np.ndarray:
     return values.map(index).fillna(UNKNOWN).to_numpy(np.int64)
 
 
+def _days(values: pd.Series) -> pd.Series:
+    """Event times as days: numbers as they are, dates (datetime columns or date strings) as days since 1970."""
+    if values.dtype.kind not in "Mm" and values.dtype.kind != "O":
+        return pd.to_numeric(values, errors="coerce")
+    numbers = pd.to_numeric(values, errors="coerce") if values.dtype.kind == "O" else None
+    if numbers is not None and numbers.notna().sum() >= values.notna().sum():
+        return numbers
+    dates = pd.to_datetime(values, errors="coerce")
+    if getattr(dates.dt, "tz", None) is not None:
+        dates = dates.dt.tz_convert(None)
+    return (dates - pd.Timestamp(0)) / pd.Timedelta(days=1)
+
+
 def load(data_path: str = "", labels_path: str = "", *, categorical_fields="event_type,channel",
          numeric_fields="amount", max_seq_len: int = 1000, label_fraction: float = 1.0, seed: int = 0,
          impute_numeric: bool = False, test_size: float | None = None, val_fraction: float | None = None,
@@ -378,8 +391,7 @@ def load(data_path: str = "", labels_path: str = "", *, categorical_fields="even
 
     # time order within each client
     events = events.copy()
-    events[TIME] = pd.to_numeric(events[TIME], errors="coerce") if events[TIME].dtype.kind not in "Mm" else \
-        (events[TIME] - pd.Timestamp(0)) / pd.Timedelta(days=1)
+    events[TIME] = _days(events[TIME])
     if events[TIME].isna().any():
         row = int(np.flatnonzero(events[TIME].isna().to_numpy())[0])
         raise ValueError(f"{source}: {TIME} of row {row} is empty or not a number/date. Every event needs a time.")
