@@ -46,8 +46,9 @@ Pretraining
     ``_seq_encoder.`` to ``encoder.``.
 Baseline
     Logistic regression on bag-of-event-types (fraction of each type, log event count) plus
-    statistics of each numeric field (mean, std, min, 10/50/90th percentiles, max of
-    ``sign(x) log1p|x|``), on the same labelled clients.
+    statistics of each given numeric field, not ``time_gap`` (mean, std, min, 10/50/90th
+    percentiles, max of ``sign(x) log1p|x|``), on the same labelled clients.
+    :func:`linear_probe` scores an encoder as it is: logistic regression on its embeddings.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ DEFAULTS = {
     "cnt_max": 150,
     "margin": 0.5,
     "neg_count": 5,
-    "eval_tokens": 65536,  # padded events per batch when embedding (see EventBatches.by_length)
+    "eval_tokens": 65536,  # padded events per batch when evaluating or embedding (EventBatches max_tokens)
 }
 #: What each parameter of the notebook accepts (checked by ``workbench run``/``sweep`` and the notebook's first cell).
 PARAMETERS = Spec(
