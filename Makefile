@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 # Optional extras every workflow and test needs (environment.yml installs the same list).
-EXTRAS := test,lab,lora,spatial
+EXTRAS := test,lab,lora,spatial,sequences
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 

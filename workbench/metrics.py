@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
-           "sensitivity_specificity", "roc_pr_curves", "fold_summary"]
+           "sensitivity_specificity", "roc_pr_curves", "fold_summary", "project_2d"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,3 +571,21 @@ def fold_summary(per_fold: pd.DataFrame, metrics: Sequence[str] | None = None) -
         std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         rows[metric] = {"mean": mean, "std": std, "folds": len(values), "mean ± std": f"{mean:.4f} ± {std:.4f}"}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
+
+
+def project_2d(embeddings, *, seed: int = 0) -> np.ndarray:
+    """The first two principal components of ``embeddings`` (``n x d``), for a 2-D plot.
+
+    PCA (scikit-learn), after centring; deterministic for a given ``seed``. Returns an
+    ``(n, 2)`` array (a zero second column when ``d == 1``).
+    """
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"embeddings must be a 2-D array with at least 2 rows (n x d), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"embeddings hold {int((~np.isfinite(x)).sum())} NaN/inf values; a projection needs finite values.")
+    k = min(2, x.shape[1], len(x))
+    coords = PCA(n_components=k, random_state=seed).fit_transform(x)
+    return np.pad(coords, ((0, 0), (0, 2 - k)))

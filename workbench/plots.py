@@ -31,6 +31,7 @@ __all__ = [
     "plot_importance",
     "plot_roc_pr",
     "plot_recordings",
+    "plot_embedding",
 ]
 
 
@@ -524,5 +525,46 @@ def plot_recordings(recordings: Sequence[dict]) -> Figure:
         spec.set_ylabel("Hz")
         spec.set_xlabel("s")
     fig.tight_layout()
+
+
+# embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def plot_embedding(coords, labels, *, title: str | None = None, axis_labels: Sequence[str] = ("PC 1", "PC 2")) -> Figure:
+    """A 2-D projection of embeddings, one colour per class.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` coordinates, e.g. from :func:`workbench.metrics.project_2d`.
+    labels
+        Class of each point (``n`` values); classes are coloured in sorted order.
+    title
+        Figure title; default ``"Embeddings (2-D projection)"``.
+    axis_labels
+        Names of the two axes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One scatter axis with a legend of the classes.
+    """
+    coords = np.asarray(coords, dtype=float)
+    labels = np.asarray(labels)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must have shape (n, 2), got {coords.shape}; project the embeddings to 2-D first "
+                         "(workbench.metrics.project_2d).")
+    if len(labels) != len(coords):
+        raise ValueError(f"{len(coords)} points but {len(labels)} labels; give one label per point.")
+    size = 12 if len(coords) < 2000 else 4
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), layout="constrained")
+    for label in sorted(set(labels.tolist())):
+        keep = labels == label
+        ax.scatter(coords[keep, 0], coords[keep, 1], s=size, alpha=0.7, label=str(label), rasterized=True)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title or "Embeddings (2-D projection)")
+    ax.legend(frameon=False, markerscale=1.5, fontsize="small")
     plt.close(fig)
     return fig

@@ -63,8 +63,8 @@ __all__ = [
     "param_groups",
 ]
 
-#: Prefixes that wrappers commonly add (DataParallel/DDP, Lightning, torch.compile, encoders).
-KNOWN_PREFIXES = ("module.", "model.", "_orig_mod.", "encoder.", "backbone.", "net.")
+#: Prefixes that wrappers commonly add (DataParallel/DDP, Lightning, torch.compile, encoders, ptls's ABSModule).
+KNOWN_PREFIXES = ("module.", "model.", "_orig_mod.", "encoder.", "backbone.", "net.", "_seq_encoder.")
 BUILTIN_STRATEGIES = ("full", "frozen_backbone", "linear_probe")
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
