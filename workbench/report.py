@@ -242,7 +242,7 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
 
     choice = choose_figure(result, x=x, hue=hue, metric=metric)
     frame = _ok_runs(result, choice.metric)
-    levels = _levels(result.results, choice.hue)
+    levels = _levels(_ok_runs(result, choice.metric), choice.hue)
     if choice.hue is None or len(levels) != 2:
         return None
     a, b = levels
@@ -301,10 +301,11 @@ def plot(result, *, x: str | None = None, hue: str | None = None, metric: str | 
         result = load_result(result)
     choice = choose_figure(result, x=x, hue=hue, metric=metric)
     lines = _line_table(result, choice)
+    levels = _levels(_ok_runs(result, choice.metric), choice.hue)
     if choice.kind == "curve":
         gap = transfer_gap(result, x=choice.x, hue=choice.hue, metric=choice.metric)
-        return _draw_curves(lines, choice, gap=gap, levels=_levels(result.results, choice.hue), name=result.name)
-    return _draw_points(lines, choice, levels=_levels(result.results, choice.hue), name=result.name)
+        return _draw_curves(lines, choice, gap=gap, levels=levels, name=result.name)
+    return _draw_points(lines, choice, levels=levels, name=result.name)
 
 
 def _styles(lines, choice: FigureChoice, levels: list):
