@@ -203,6 +203,16 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _rows_where(frame, columns, values):
+    """The rows of ``frame`` whose ``columns`` equal ``values`` (None matches a missing value)."""
+    import numpy as np
+
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in zip(columns, values):
+        mask &= (frame[column].isna() if value is None else frame[column] == value).to_numpy()
+    return frame[mask]
+
+
 def _line_table(result, choice: FigureChoice):
     """Mean, std and n of the metric per (hue, others, x): one row per point of the figure."""
     frame = _ok_runs(result, choice.metric)
@@ -254,10 +264,7 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
     groups = side_a.groupby(keys, sort=False, dropna=False) if keys else [((), side_a)]
     for values, group_a in groups:
         values = values if isinstance(values, tuple) else (values,)
-        mask = np.ones(len(side_b), dtype=bool)
-        for k, v in zip(keys, values):
-            mask &= (side_b[k].isna() if v is None else side_b[k] == v).to_numpy()
-        group_b = side_b[mask]
+        group_b = _rows_where(side_b, keys, values)
         if group_b.empty:
             continue
         row = dict(zip(keys, values))
@@ -342,10 +349,7 @@ def _draw_curves(lines, choice: FigureChoice, *, gap, levels: list, name: str):
     for hue_value in hues:
         part = lines if choice.hue is None else lines[lines[choice.hue] == hue_value]
         for combo, (linestyle, marker) in style.items():
-            mask = np.ones(len(part), dtype=bool)
-            for k, v in zip(choice.others, combo):
-                mask &= (part[k].isna() if v is None else part[k] == v).to_numpy()
-            line = part[mask]
+            line = _rows_where(part, choice.others, combo)
             if line.empty:
                 continue
             label, c = _label(choice, hue_value, combo), colour.get(hue_value)
@@ -383,10 +387,8 @@ def _draw_gap(ax, gap, choice: FigureChoice, style: dict) -> None:
     a, b, paired = gap.attrs["a"], gap.attrs["b"], gap.attrs["paired"]
     ax.axhline(0.0, color="0.4", linewidth=1)
     for combo, (linestyle, marker) in style.items():
-        mask = np.ones(len(gap), dtype=bool)
-        for k, v in zip(choice.others, combo):
-            mask &= (gap[k].isna() if v is None else gap[k] == v).to_numpy()
-        part = gap[mask & gap[choice.x].notna().to_numpy()].sort_values(choice.x)
+        part = _rows_where(gap, choice.others, combo)
+        part = part[part[choice.x].notna()].sort_values(choice.x)
         if part.empty:
             continue
         xs = part[choice.x].astype(float).to_numpy()
@@ -402,7 +404,6 @@ def _draw_gap(ax, gap, choice: FigureChoice, style: dict) -> None:
 
 def _draw_points(lines, choice: FigureChoice, *, levels: list, name: str):
     import matplotlib.pyplot as plt
-    import numpy as np
 
     x_col = choice.x if choice.x is not None else "_all"
     categories = _levels(lines, x_col)
@@ -412,10 +413,7 @@ def _draw_points(lines, choice: FigureChoice, *, levels: list, name: str):
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(categories) + 2.5), 4.2), layout="constrained")
     for i, (hue_value, combo) in enumerate(series):
         part = lines if choice.hue is None else lines[lines[choice.hue] == hue_value]
-        mask = np.ones(len(part), dtype=bool)
-        for k, v in zip(choice.others, combo):
-            mask &= (part[k].isna() if v is None else part[k] == v).to_numpy()
-        part = part[mask]
+        part = _rows_where(part, choice.others, combo)
         if part.empty:
             continue
         positions = [categories.index(v) + (i - (len(series) - 1) / 2) * width for v in part[x_col]]

@@ -45,7 +45,9 @@ One driver per sweep folder
     driver ends, however it ends, so a crashed driver never blocks the folder.
 
 At the end the sweep folder holds ``results.csv`` (one row per run), ``summary.csv`` (mean and
-std per setting, over seeds) and ``comparison.png``.
+std per setting, over seeds), ``spec.json`` (the spec it ran) and ``comparison.png``: the figure
+the grid calls for (:mod:`workbench.report`: the metric against a numeric grid parameter, else
+grouped points). ``plot(result, x=..., hue=..., metric=...)`` draws it from Python.
 """
 
 from __future__ import annotations
@@ -759,7 +761,12 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
 
     save_spec(spec)  # so that `workbench report DIR` can show the spec from the folder alone
     if metric is not None and (results["status"] == "ok").any():
-        save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.report)
+        try:
+            save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.report)
+        except Exception as err:  # noqa: BLE001 - the tables are written; a figure must not cost the sweep
+            warnings.warn(f"sweep {spec.name}: no comparison figure ({type(err).__name__}: {err}); "
+                          f"results.csv and summary.csv are written. Try `workbench report {spec.path} --x NAME`.",
+                          stacklevel=2)
     return result
 
 
