@@ -605,13 +605,17 @@ def write_html(folder, *, x: str | None = None, hue: str | None = None, metric: 
     n_ok = int((results["status"] == "ok").sum())
     n_failed = int((results["status"] == "failed").sum())
     n_pending = len(results) - n_ok - n_failed
+    n_stale = _count_stale(folder, results, notebook)
+    stale = (f" {n_stale} finished run(s) were made by an earlier or unknown version of {notebook.name}; "
+             "their results are shown (<code>workbench sweep SPEC --rerun-stale</code> runs them again)."
+             if n_stale else "")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>sweep {_e(result.name)}</title><style>{CSS}</style></head><body>",
         f"<h1>sweep {_e(result.name)}</h1>",
         f'<p id="counts">{len(results)} runs: {n_ok} ok, {n_failed} failed'
-        + (f", {n_pending} pending" if n_pending else "") + f". Report written {now}.</p>",
+        + (f", {n_pending} pending" if n_pending else "") + f". Report written {now}.{stale}</p>",
         "<h2>Figure</h2>", figure_html, gap_html,
         "<h2>Summary (mean ± std over seeds)</h2>", _summary_html(result, headline),
         "<h2>Runs</h2>", _runs_html(result, folder, target.parent, headline=headline, defaults=defaults, links=links),
@@ -686,10 +690,11 @@ def _headline_metrics(notebook: Path | None, result, choice: FigureChoice | None
 def _summary_html(result, metrics: list[str]) -> str:
     summary = result.summary
     keys = grid_keys_of(result)
-    head = "".join(f"<th>{_e(c)}</th>" for c in ["setting", *keys, "n", "n_failed", *metrics])
+    labels = keys or ["setting"]  # the grid's columns say what the setting label says
+    head = "".join(f"<th>{_e(c)}</th>" for c in [*labels, "n", "n_failed", *metrics])
     rows = []
     for row in summary.to_dict(orient="records"):
-        cells = "".join(f"<td>{_e(row.get(c))}</td>" for c in ["setting", *keys])
+        cells = "".join(f"<td>{_e(row.get(c))}</td>" for c in labels)
         cells += f'<td class="num">{_e(row.get("n"))}</td><td class="num">{_e(row.get("n_failed"))}</td>'
         for m in metrics:
             mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
@@ -697,6 +702,22 @@ def _summary_html(result, metrics: list[str]) -> str:
             cells += f'<td class="num">{text}</td>'
         rows.append(f"<tr>{cells}</tr>")
     return f'<div class="wide"><table id="summary"><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _count_stale(folder: Path, results, notebook: Path | None) -> int:
+    """Finished runs whose status.json records another version of the notebook than the one there now."""
+    if notebook is None:
+        return 0
+    from .execute import notebook_sha256
+
+    version, stale = notebook_sha256(notebook), 0
+    for rid in results.loc[results["status"] == "ok", "run_id"]:
+        try:
+            status = json.loads((folder / rid / "status.json").read_text())
+        except (OSError, ValueError):
+            continue
+        stale += status.get("notebook_sha256") != version
+    return stale
 
 
 def _render_all(folder: Path, results, base: Path) -> dict[str, str]:
