@@ -784,11 +784,12 @@ def _runs_html(result, folder: Path, base: Path, *, headline: list[str], default
         rid, status = row["run_id"], row["status"]
         params = _run_parameters(result, folder, rid, row, defaults)
         param_text = ", ".join(f"{k}={v}" for k, v in params.items())
-        metric_cells = "".join(f'<td class="num">{_fmt(row.get(m))}</td>' for m in headline)
+        values = [_fmt(row.get(m)) for m in headline]
         others = {m: row.get(m) for m in available if m not in headline and not _missing(row.get(m))}
-        if others:
+        if others and values:  # the other metrics fold out of the last metric's cell
             listed = "<br>".join(f"{_e(k)}: {_fmt(v)}" for k, v in others.items())
-            metric_cells = metric_cells[:-5] + f"<details><summary>all</summary>{listed}</details></td>"
+            values[-1] += f"<details><summary>all</summary>{listed}</details>"
+        metric_cells = "".join(f'<td class="num">{value}</td>' for value in values)
         error = "" if _missing(row.get("error")) else str(row["error"]).strip().splitlines()[0]
         link = links.get(rid)
         run_folder = _relative_link(folder / rid, base) + "/"
