@@ -158,7 +158,9 @@ def per_run_overhead(args, workdir: Path) -> dict:
     notebook_call(), inprocess_call()  # warm-up: imports, kernelspec, caches
     notebook_s = time_calls(notebook_call, args.repeats)
     inprocess_s = time_calls(inprocess_call, args.repeats)
-    return {"notebook": str(args.notebook), "function": args.function or "exec of the notebook's code cells",
+    notebook = args.notebook.resolve()
+    shown = notebook.relative_to(REPO).as_posix() if notebook.is_relative_to(REPO) else str(notebook)
+    return {"notebook": shown, "function": args.function or "exec of the notebook's code cells",
             "parameters": params, "notebook_s": notebook_s, "inprocess_s": inprocess_s,
             "per_run_s": statistics.median(notebook_s) - statistics.median(inprocess_s)}
 
