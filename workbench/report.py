@@ -360,7 +360,8 @@ def _draw_curves(lines, choice: FigureChoice, *, gap, levels: list, name: str):
                 drawn = ax.plot(xs, mean, linestyle=linestyle, marker=marker, color=c, label=label)[0]
                 ax.fill_between(xs, mean - std, mean + std, color=drawn.get_color(), alpha=0.18, linewidth=0)
             for row in line[line[choice.x].isna()].itertuples():  # no x: a reference level across the axis
-                drawn = ax.axhline(row.mean, linestyle=(0, (5, 3)), color=c, label=f"{label} (no {choice.x})")
+                dashes = linestyle if linestyle != "-" else (0, (5, 3))  # never solid: it is no curve
+                drawn = ax.axhline(row.mean, linestyle=dashes, color=c, label=f"{label} (no {choice.x})")
                 if not math.isnan(row.std):
                     ax.axhspan(row.mean - row.std, row.mean + row.std, color=drawn.get_color(), alpha=0.08)
     ticks = sorted({float(v) for v in lines[choice.x].dropna()})
