@@ -44,7 +44,7 @@ _EXPORTS = {
     "run_sweep": "sweeps",
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
-               "execute", "sweeps", "widgets", "tasks", "cli"}
+               "execute", "sweeps", "report", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

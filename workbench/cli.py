@@ -81,8 +81,21 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: keep them and say how many)")
     sweep.set_defaults(command=_cmd_sweep, name="sweep")
 
-    report = commands.add_parser("report", help="print the results of a sweep folder or a run folder")
+    report = commands.add_parser(
+        "report", help="print the results of a sweep folder or a run folder; draw the sweep's figure",
+        description="For a sweep folder: print the summary, draw the figure the grid calls for into DIR/figure.png "
+                    "(the metric against a numeric grid parameter, one line per value of the others, mean ± std "
+                    "over seeds, and the gap when the colour parameter has two values; grouped points otherwise) "
+                    "and, with --html, write DIR/report.html. For a run folder: print its status, parameters "
+                    "and metrics.")
     report.add_argument("folder", type=Path, help="a sweep folder (summary.csv) or a run folder (final_metrics.json)")
+    report.add_argument("--metric", default=None, help="final metric of the figure (default: the spec's metric)")
+    report.add_argument("--x", default=None,
+                        help="grid parameter on the x axis (default: the numeric grid parameter with most values)")
+    report.add_argument("--hue", default=None, help="grid parameter for the colour (default: the first other one)")
+    report.add_argument("--html", action="store_true",
+                        help="also write DIR/report.html: one file with the figure, the summary, a row per run "
+                             "with a link to its executed notebook (rendered by nbconvert), versions and date")
     report.set_defaults(command=_cmd_report, name="report")
     return parser
 
@@ -221,7 +234,9 @@ def _cmd_report(args) -> int:
             print(f"{len(results)} runs, {len(failed)} not ok")
             for row in failed.itertuples():
                 print(f"  {row.run_id}: {row.status}: {'' if pd.isna(row.error) else row.error}")
-        return 0
+        return _report_figures(args)
+    if (folder / "results.csv").is_file():  # a sweep folder whose summary.csv is missing
+        raise FileNotFoundError(f"{folder} has results.csv but no summary.csv; run the sweep again to rewrite both.")
     files = {name: folder / f"{name}.json" for name in ("params", "final_metrics", "status")}
     if not any(path.is_file() for path in files.values()):
         raise FileNotFoundError(f"{folder} holds neither summary.csv (a sweep folder) nor params.json / "
@@ -235,6 +250,35 @@ def _cmd_report(args) -> int:
         print("params:\n" + _metrics_table(content["params"]))
     if content["final_metrics"]:
         print("final metrics:\n" + _metrics_table(content["final_metrics"]))
+    if args.html and (folder / "notebook.ipynb").is_file():
+        from .report import render_notebook
+
+        print(f"executed notebook as HTML: {render_notebook(folder / 'notebook.ipynb')}")
+    return 0
+
+
+def _report_figures(args) -> int:
+    """The sweep's figure (``figure.png``), its gap table and, with --html, ``report.html``."""
+    from .report import choose_figure, load_result, save_figure, transfer_gap, write_html
+
+    folder = args.folder
+    if not (folder / "results.csv").is_file():
+        return 0
+    result = load_result(folder)
+    if not (result.results["status"] == "ok").any():
+        print("no run finished ok yet: no figure")
+    else:
+        choice = choose_figure(result, x=args.x, hue=args.hue, metric=args.metric)
+        figure = save_figure(result, folder / "figure.png", x=choice.x, hue=choice.hue, metric=choice.metric)
+        print(f"figure: {figure} ({choice.metric} {'against' if choice.kind == 'curve' else 'per'} {choice.x}"
+              + (f", colour {choice.hue}" if choice.hue else "") + ")")
+        gap = transfer_gap(result, x=choice.x, hue=choice.hue, metric=choice.metric)
+        if gap is not None and len(gap):
+            print(f"gap in {choice.metric}, {gap.attrs['hue']}={gap.attrs['a']} minus {gap.attrs['b']} "
+                  f"(mean ± std{' over seeds, paired' if gap.attrs['paired'] else ''}):")
+            print(gap.round(4).to_string(index=False))
+    if args.html:
+        print(f"report: {write_html(result, x=args.x, hue=args.hue, metric=args.metric)}")
     return 0
 
 

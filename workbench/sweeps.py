@@ -45,7 +45,9 @@ One driver per sweep folder
     driver ends, however it ends, so a crashed driver never blocks the folder.
 
 At the end the sweep folder holds ``results.csv`` (one row per run), ``summary.csv`` (mean and
-std per setting, over seeds) and ``comparison.png``.
+std per setting, over seeds), ``spec.json`` (the spec it ran) and ``comparison.png``: the figure
+the grid calls for (:mod:`workbench.report`: the metric against a numeric grid parameter, else
+grouped points). ``plot(result, x=..., hue=..., metric=...)`` draws it from Python.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .report import plot
+
 __all__ = ["SweepSpec", "SweepResult", "SweepLockedError", "StaleRunsWarning", "load_spec", "run_sweep", "collect",
-           "summarize", "run_id", "available_cpus", "THREAD_ENV_VARS"]
+           "summarize", "run_id", "available_cpus", "plot", "THREAD_ENV_VARS"]
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS")
 SPEC_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "metric", "output_root", "description")
@@ -810,11 +814,20 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
     results.to_csv(spec.path / "results.csv", index=False)
     summary.to_csv(spec.path / "summary.csv", index=False)
     metric = _comparison_metric(spec.metric, summary)
-    if metric is not None:
-        _save_comparison(summary, metric, spec.path / "comparison.png")
-    return SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
-                       n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
-                       n_stale=n_stale)
+    result = SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
+                         n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
+                         n_stale=n_stale)
+    from .report import save_figure, save_spec
+
+    save_spec(spec)  # so that `workbench report DIR` can show the spec from the folder alone
+    if metric is not None and (results["status"] == "ok").any():
+        try:
+            save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.report)
+        except Exception as err:  # noqa: BLE001 - the tables are written; a figure must not cost the sweep
+            warnings.warn(f"sweep {spec.name}: no comparison figure ({type(err).__name__}: {err}); "
+                          f"results.csv and summary.csv are written. Try `workbench report {spec.path} --x NAME`.",
+                          stacklevel=2)
+    return result
 
 
 def _status_from_outcome(outcome: dict, status_file: Path) -> dict:
@@ -880,13 +893,3 @@ def _comparison_metric(wanted: str | None, summary) -> str | None:
                   f"({', '.join(available) or 'none yet'}); no comparison figure was drawn. "
                   "Set metric in the spec to one of them.", stacklevel=3)
     return None
-
-
-def _save_comparison(summary, metric: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from .plots import plot_sweep_comparison
-
-    figure = plot_sweep_comparison(summary, metric)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
