@@ -233,6 +233,34 @@ def pretrained_checkpoint_that_does_not_exist(tmp):
     resolve_pretrained(str(tmp / "encoder.safetensors"), pretrain=lambda: tmp / "never")
 
 
+# --------------------------------------------------------------------------- event sequences
+
+
+def _events(tmp):
+    pytest.importorskip("ptls")
+    from workbench.tasks import event_sequence as es
+
+    events, labels = es.simulate(n_clients=24, max_len=40, seed=0)
+    return es, events.copy(), labels.copy()
+
+
+def events_client_without_a_label(tmp):
+    es, events, labels = _events(tmp)
+    es.load(str(es.write_tables(events, labels.iloc[2:], tmp / "events.csv")[0]))
+
+
+def events_nan_in_a_numeric_field(tmp):
+    es, events, labels = _events(tmp)
+    events.loc[[4, 10], "amount"] = np.nan
+    es.load(str(es.write_tables(events, labels, tmp / "events.csv")[0]))
+
+
+def events_out_of_time_order(tmp):
+    es, events, labels = _events(tmp)
+    es.load(str(es.write_tables(events.sample(frac=1.0, random_state=0), labels, tmp / "events.csv")[0]),
+            label_fraction=0.5)
+
+
 CASES = [
     Case("core", "truncated checkpoint", truncated_checkpoint, CheckpointError, "truncated", "Re-create it"),
     Case("core", "checkpoint in a wrong format", wrong_format_checkpoint, CheckpointError, "weights.pt", "safetensors"),
@@ -270,6 +298,12 @@ CASES = [
          "at least 2 spots on every slide", "use cv='kfold'"),
     Case("spatial_transfer", "target genes missing from the data", spatial_genes_missing, ValueError,
          "2 of the 2 requested gene(s) are not in visium.h5ad", "fix the names or drop them"),
+    Case("event_sequence", "client with events but no label", events_client_without_a_label, ValueError,
+         "client(s) have events but no label (first 5:", "Add them to the labels table"),
+    Case("event_sequence", "NaN in a numeric field", events_nan_in_a_numeric_field, ValueError,
+         "numeric field 'amount' has 2 NaN value(s)", "impute_numeric=True"),
+    Case("event_sequence", "events out of time order", events_out_of_time_order, UserWarning,
+         "have events out of time order", "they were sorted"),
     Case("spatial_transfer", "NaN targets", spatial_nan_targets, ValueError, "NaN/inf value(s) in 1 spot(s)",
          "drop those spots"),
 ]

@@ -69,7 +69,7 @@ from torch.nn import functional as F
 from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, fingerprint
-from ..checkpoints import save_weights
+from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
@@ -682,16 +682,9 @@ def pretrain(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 6
 def pretrained(data: EventData, pretrained_checkpoint: str, *, encoder_type: str = "gru", hidden_size: int = 64,
                seed: int = 0, progress: bool = True, cache_root=None, **overrides):
     """Resolve ``pretrained_checkpoint``: ``"pretrain"`` | ``"none"`` | a path (ptls checkpoint or state dict)."""
-    if pretrained_checkpoint == "none":
-        return None
-    if pretrained_checkpoint == "pretrain":
-        return pretrain(data, encoder_type=encoder_type, hidden_size=hidden_size, seed=seed, progress=progress,
-                        cache_root=cache_root, **overrides)
-    if not Path(pretrained_checkpoint).exists():
-        raise FileNotFoundError(f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor "
-                                "an existing file. Give a ptls CoLESModule checkpoint (.ckpt), a state dict "
-                                "(.pt/.safetensors), 'pretrain' or 'none'.")
-    return pretrained_checkpoint
+    return resolve_pretrained(pretrained_checkpoint, lambda: pretrain(
+        data, encoder_type=encoder_type, hidden_size=hidden_size, seed=seed, progress=progress, cache_root=cache_root,
+        **overrides))
 
 
 def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, run=None):
