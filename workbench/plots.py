@@ -525,8 +525,11 @@ def plot_recordings(recordings: Sequence[dict]) -> Figure:
         spec.set_ylabel("Hz")
         spec.set_xlabel("s")
     fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
+# --------------------------------------------------------------------------------------------
 # embeddings
 # --------------------------------------------------------------------------------------------
 
