@@ -186,6 +186,23 @@ def _declared_type(annotation: str, default: str) -> str | None:
     return None
 
 
+def check_values(notebook: str | os.PathLike, values: dict, *, declared: dict[str, dict] | None = None,
+                 where: str | None = None) -> None:
+    """Check ``values`` (over the notebook's defaults) against its workflow's declared constraints.
+
+    The workflow's task module declares them as data (``PARAMETERS``, a :class:`workbench.params.Spec`);
+    a notebook that names no workflow is checked for names and types only. Raises
+    :class:`workbench.params.ParameterError` listing every value not accepted, before any work.
+    """
+    from .params import spec_of
+
+    spec = spec_of(notebook)
+    if spec is None:
+        return
+    merged = {**notebook_defaults(notebook, declared=declared), **values}
+    spec.check(merged, where=where or Path(notebook).name)
+
+
 def coerce_parameters(notebook: str | os.PathLike, parameters: dict | None, *,
                       declared: dict[str, dict] | None = None) -> dict:
     """Check parameter names against the notebook and convert values to the declared types.
@@ -388,6 +405,7 @@ def run_notebook(
     values = coerce_parameters(notebook, parameters, declared=declared)
     if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
         values.setdefault("interactive", False)
+    check_values(notebook, values, declared=declared)
 
     from .tracking import RunFolderError, check_run_folder, clear_run_folder
 
@@ -498,6 +516,7 @@ def run_in_process(notebook: str | os.PathLike, *, parameters: dict | None = Non
     values = coerce_parameters(notebook, parameters, declared=declared)
     if "interactive" in declared:
         values.setdefault("interactive", False)
+    check_values(notebook, {k: v for k, v in values.items() if k != "output_dir"}, declared=declared)
     cells = nbformat.read(str(notebook), as_version=4).cells
     namespace: dict = {"__name__": "__main__"}
     for position, cell in enumerate(cells, start=1):

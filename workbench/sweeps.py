@@ -258,6 +258,24 @@ def _check_parameters(spec: SweepSpec) -> None:
     spec.grid = [{k: [coerce_parameters(spec.notebook, {k: v}, declared=declared)[k] for v in values]
                   for k, values in block.items()} for block in spec.grid]
     spec.seeds = [coerce_parameters(spec.notebook, {"seed": s}, declared=declared)["seed"] for s in spec.seeds]
+    _check_values(spec, declared)
+
+
+def _check_values(spec: SweepSpec, declared: dict) -> None:
+    """Check every run of the grid against the workflow's declared constraints, before any run begins."""
+    from .execute import check_values
+    from .params import ParameterError
+
+    runs = spec.runs()
+    bad = []
+    for rid, params in runs:
+        try:
+            check_values(spec.notebook, params, declared=declared, where=f"sweep {spec.name!r}, run {rid}")
+        except ParameterError as err:
+            bad.append(err)
+    if bad:
+        more = f" ({len(bad)} of {len(runs)} runs have values that are not accepted; no run was started.)"
+        raise ParameterError(bad[0].problems, where=bad[0].where + more)
 
 
 def run_id(params: dict, *, shown: list[str] | None = None, sweep: str | None = None,

@@ -40,9 +40,14 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
+from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..schedules import SCHEDULES
+from ..tracking import TRACKERS
+from ..transfer import BUILTIN_STRATEGIES
 
 __all__ = [
     "DEFAULTS",
+    "PARAMETERS",
     "CellData",
     "ExpressionBatches",
     "ExpressionEncoder",
@@ -85,6 +90,33 @@ DEFAULTS = {
     "pretrain_batch_size": 64,
     "mask_ratio": 0.3,
 }
+
+#: Metrics that can pick the best epoch, and whether higher or lower is better.
+MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
+
+#: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
+PARAMETERS = Spec(
+    data_path=Text(),
+    label_key=Text(nonempty=True),
+    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
+    strategy=Choice(*BUILTIN_STRATEGIES),
+    lr_scheduler_type=Choice(*SCHEDULES),
+    learning_rate=Real(gt=0),
+    warmup_ratio=Real(ge=0, lt=1),
+    epochs=Integer(ge=1),
+    batch_size=Integer(ge=1),
+    freeze_epochs=Integer(ge=0),
+    backbone_lr_ratio=Real(ge=0),
+    label_fraction=Real(gt=0, le=1),
+    test_size=Real(gt=0, lt=1),
+    val_fraction=Real(ge=0, le=0.5),
+    monitor=Choice(*MONITORS),
+    patience=Integer(ge=0),
+    seed=Integer(ge=0),
+    output_dir=Text(),
+    tracker=Choice(*TRACKERS),
+    interactive=Flag(),
+)
 
 
 # --------------------------------------------------------------------------- data
@@ -427,7 +459,6 @@ def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, pro
 
 
 #: What ``finetune(monitor=...)`` accepts, and whether larger is better.
-MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
 
 def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_size: int = 32,

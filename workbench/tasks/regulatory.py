@@ -60,6 +60,8 @@ from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import save_weights
 from ..metrics import MetricsTable, grouped_regression_metrics
+from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..tracking import TRACKERS
 from ..training import Callback
 from ..transfer import unwrap
 
@@ -72,6 +74,26 @@ __all__ = [
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "regulatory_lora.ipynb"
 HEADLINE_METRICS = ("test_pearson", "test_spearman", "test_r2", "test_mse", "baseline_test_pearson", "trainable_fraction")
+FINETUNE_METHODS = ("full", "lora")
+
+#: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
+PARAMETERS = Spec(
+    data_path=Text(),
+    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
+    trust_pickle=Flag(),
+    finetune=Choice(*FINETUNE_METHODS),
+    lora_rank=Integer(ge=1),
+    learning_rate=Real(gt=0),
+    epochs=Integer(ge=1),
+    batch_size=Integer(ge=1),
+    train_fraction=Real(gt=0, lt=1),
+    val_fraction=Real(ge=0, lt=1),
+    pretrain_epochs=Integer(ge=1),
+    seed=Integer(ge=0),
+    output_dir=Text(),
+    tracker=Choice(*TRACKERS),
+    interactive=Flag(),
+)
 PACKAGES = ("peft", "scipy")
 
 CATEGORICAL = ("medium", "drug", "carbon_source")
@@ -707,7 +729,6 @@ def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, key
 
 # --------------------------------------------------------------------------- fine-tuning
 
-FINETUNE_METHODS = ("full", "lora")
 
 
 def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4):
