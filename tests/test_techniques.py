@@ -262,3 +262,19 @@ def test_ema_eval_validates_and_checkpoints_the_shadow(tmp_path):
     assert not torch.equal(last["model"]["head.weight"], last["ema"]["shadow"]["head.weight"])
     with pytest.raises(ValueError, match="ema_eval=True evaluates the EMA weights, but ema is None"):
         wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, ema_eval=True, progress=False)
+
+
+def test_cell_type_notebook_trains_at_the_lr_find_suggestion(tmp_path):
+    """The notebook's optional cell (find_lr=True): the suggestion replaces learning_rate, and is recorded."""
+    import json
+
+    from workbench.execute import run_in_process
+    from workbench.tasks import cell_type
+
+    ns = run_in_process(cell_type.NOTEBOOK, parameters={
+        "epochs": 1, "pretrained_checkpoint": "none", "find_lr": True, "lr_scheduler_type": "constant",
+        "interactive": False, "output_dir": str(tmp_path / "run")})
+    recorded = json.loads((tmp_path / "run" / "lr_find.json").read_text())
+    assert ns["learning_rate"] == recorded["suggestion"] == ns["found"].suggestion != 1.0e-3
+    assert {lr for step in ns["history"].lr_trace for lr in step} == {recorded["suggestion"]}
+    assert (tmp_path / "run" / "figures" / "lr_find.png").is_file()
