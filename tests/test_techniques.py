@@ -278,3 +278,22 @@ def test_cell_type_notebook_trains_at_the_lr_find_suggestion(tmp_path):
     assert ns["learning_rate"] == recorded["suggestion"] == ns["found"].suggestion != 1.0e-3
     assert {lr for step in ns["history"].lr_trace for lr in step} == {recorded["suggestion"]}
     assert (tmp_path / "run" / "figures" / "lr_find.png").is_file()
+
+
+def test_a_last_pt_from_before_these_settings_still_resumes(tmp_path):
+    """last.pt files written before accumulate/layer_decay/ema existed read as their defaults (1, None, None, False)."""
+    from workbench.checkpoints import save_state
+
+    run = wb.Run(tmp_path / "r")
+    wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, run=run, progress=False)
+    path = run.checkpoints / "last.pt"
+    state = load_state(path)
+    for key in ("accumulate", "layer_decay", "ema", "ema_eval"):
+        del state["settings"][key]
+    save_state(state, path)
+    history = wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, run=wb.Run(tmp_path / "r", resume=True), resume=True,
+                     progress=False)  # accepted: the finished run's history comes back
+    assert [r["epoch"] for r in history.rows] == [0]
+    with pytest.raises(ValueError, match="accumulate: 1 saved, 2 now"):
+        wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, accumulate=2, run=wb.Run(tmp_path / "r", resume=True),
+               resume=True, progress=False)
