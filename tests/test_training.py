@@ -22,7 +22,8 @@ def _worker(run_dir, out, *, epochs, freeze_epochs, kill_after=-1, resume=False,
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("freeze_epochs, kill_after, accumulate, ema", [(0, 1, 1, None), (2, 1, 1, None), (2, 1, 2, 0.9)],
+@pytest.mark.parametrize("freeze_epochs, kill_after, accumulate, ema",
+                         [(0, 1, 1, None), (2, 1, 1, None), (2, 1, 2, 0.9)],
                          ids=["plain", "across-unfreeze", "accumulate2-ema"])
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, freeze_epochs, kill_after, accumulate, ema):
     epochs = 4
@@ -42,7 +43,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, freeze_epochs, kill_
             assert torch.equal(a[key], b[key]), (name, key)
     if ema:  # the exported EMA file is the shadow the run ended with
         exported = read_state_dict(tmp_path / "run" / "checkpoints" / "ema.safetensors")
-        assert all(torch.equal(exported[k], v) for k, v in read_state_dict(tmp_path / "resumed" / "ema.safetensors").items())
+        returned = read_state_dict(tmp_path / "resumed" / "ema.safetensors")
+        assert all(torch.equal(exported[k], v) for k, v in returned.items())
     trace_a = json.loads((tmp_path / "ref" / "lr_trace.json").read_text())
     trace_b = json.loads((tmp_path / "resumed" / "lr_trace.json").read_text())
     assert trace_a == trace_b and len(trace_a) == epochs * 8 // accumulate

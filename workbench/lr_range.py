@@ -182,7 +182,8 @@ def _check(*, start_lr, end_lr, num_steps, rule, beta, diverge, data) -> None:
     if not 0 <= beta < 1:
         raise ValueError(f"beta (the loss smoothing) must be in [0, 1), got {beta}.")
     if diverge <= 1:
-        raise ValueError(f"diverge must be > 1 (stop when the smoothed loss exceeds diverge x its best), got {diverge}.")
+        raise ValueError(f"diverge must be > 1 (stop when the smoothed loss exceeds diverge x its best), "
+                         f"got {diverge}.")
     if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
         raise TypeError(f"data must be an iterable of batches (a DataLoader), got {type(data).__name__}.")
 

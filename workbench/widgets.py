@@ -495,7 +495,8 @@ class ParameterPanel:
         """
         if self._find_lr_fn is None:
             raise ValueError("this panel was built without find_lr=, so it cannot run the LR range test. Build it "
-                             "with widgets.panel(..., find_lr=cell_type.lr_finder(model, data)) (or your own function).")
+                             "with widgets.panel(..., find_lr=cell_type.lr_finder(model, data)) "
+                             "(or your own function).")
         self.find_lr_out.clear_output()
         _say(self.find_lr_out, "LR range test ...")
         with _capture(self.find_lr_out):
