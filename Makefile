@@ -6,6 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
+# Optional extras every workflow and test needs (environment.yml installs the same list).
+EXTRAS := test,lab,lora,spatial,sequences
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
@@ -20,7 +22,7 @@ help:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,lab,lora]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	$(PY) -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
 	$(PY) -c "from workbench.execute import ensure_kernel; ensure_kernel()"  # figures inline in every kernel
 	touch $(STAMP)

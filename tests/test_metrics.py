@@ -199,3 +199,18 @@ def test_grouped_regression_metrics_overall_and_per_group():
     assert math.isnan(constant.loc["x", "pearson"]) and math.isnan(constant.loc["y", "r2"])
     with pytest.raises(ValueError, match="groups has 2 labels but y_true has 3"):
         grouped_regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], ["a", "b"])
+
+
+def test_fold_summary_mean_and_sample_std_skip_nan_folds():
+    from workbench.metrics import fold_summary
+
+    frame = pd.DataFrame({"pearson": [0.5, 0.7, np.nan], "mse": [1.0, 2.0, 3.0], "note": ["a", "b", "c"]},
+                         index=["A1", "B1", "C1"])
+    summary = fold_summary(frame)
+    assert list(summary.index) == ["pearson", "mse"]  # text columns are left out
+    assert summary.loc["pearson", "mean"] == pytest.approx(0.6) and summary.loc["pearson", "folds"] == 2
+    assert summary.loc["pearson", "std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert summary.loc["mse", "mean ± std"] == "2.0000 ± 1.0000"
+    assert np.isnan(fold_summary(frame.iloc[:1], ["mse"]).loc["mse", "std"])  # one fold: no spread
+    with pytest.raises(ValueError, match=r"\['r2'\] are not columns of per_fold"):
+        fold_summary(frame, ["r2"])

@@ -22,7 +22,8 @@ CELL_TYPE_PARAMETERS = [
 def test_environment_yml_installs_the_package_with_the_python_pyproject_allows():
     env = (ROOT / "environment.yml").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "-e .[test,lab,lora]" in env, "environment.yml must install this package from pyproject (no second list)"
+    extras = re.search(r"^EXTRAS\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"-e .[{extras}]" in env, "environment.yml must install this package with the Makefile's extras"
     python = re.search(r"python=(\d+\.\d+)", env).group(1)
     assert python == "3.11" and ">=3.11" in project["requires-python"]
     assert "torch==2.13.0" in project["dependencies"]

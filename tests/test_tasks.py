@@ -20,9 +20,12 @@ def test_set_threads_follows_the_sweep_workers_variable(monkeypatch):
 
 
 def test_each_workflow_notebook_names_its_task_module():
-    for notebook, task in [("cell_type_annotation.ipynb", "cell_type"), ("regulatory_lora.ipynb", "regulatory")]:
-        module = workflow_of(ROOT / "notebooks" / notebook)
-        assert module.__name__ == f"workbench.tasks.{task}"
-        assert module.NOTEBOOK == ROOT / "notebooks" / notebook
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 4
+    for notebook in notebooks:
+        module = workflow_of(notebook)
+        assert module is not None, f"{notebook.name} names no task module in its metadata"
+        assert module.__name__.startswith("workbench.tasks.")
+        assert module.NOTEBOOK == notebook
         assert headline_metrics(module.NOTEBOOK) == tuple(module.HEADLINE_METRICS) and module.PACKAGES is not None
     assert workflow_of(ROOT / "tests" / "notebooks" / "tiny.ipynb") is None

@@ -45,8 +45,8 @@ _EXPORTS = {
     "run_in_process": "execute",
     "run_sweep": "sweeps",
 }
-_SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
-               "execute", "sweeps", "widgets", "tasks", "cli"}
+_SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
+               "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -157,7 +157,10 @@ def cached(
             return final
         partial = base / kind / f"{key}.partial"
         partial.mkdir(parents=True, exist_ok=True)
-        build(partial)
+        from .distributed import single_process
+
+        with single_process():  # one process builds while the others wait on the lock: no collectives
+            build(partial)
         (partial / "fingerprint.json").write_text(json.dumps({"key": key, **(describe or {})}, indent=2, default=str))
         try:
             os.rename(partial, final)

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "resolve_pretrained",
     "atomic_write",
     "read_state_dict",
     "save_weights",
@@ -280,3 +281,21 @@ def load_state(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(_corrupt_message(Path(path), err)) from err
+
+
+def resolve_pretrained(pretrained_checkpoint: str, pretrain: Callable[[], Path]) -> Path | None:
+    """What a workflow's ``pretrained_checkpoint`` parameter names: ``"pretrain"`` | ``"none"`` | a path.
+
+    ``"pretrain"`` calls ``pretrain()`` (the workflow's cached pretraining step) and returns its
+    checkpoint; ``"none"`` returns None (train from scratch); anything else must be an existing
+    file, returned as a path, which fine-tuning loads as it would load the pretraining's own.
+    """
+    if pretrained_checkpoint == "none":
+        return None
+    if pretrained_checkpoint == "pretrain":
+        return Path(pretrain())
+    if not Path(pretrained_checkpoint).expanduser().exists():
+        raise FileNotFoundError(
+            f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an existing file. "
+            "Give a .safetensors/.pt path, 'pretrain' to pretrain here, or 'none' to train from scratch.")
+    return Path(pretrained_checkpoint).expanduser()

@@ -3,6 +3,7 @@
 ::
 
     workbench run notebooks/cell_type_annotation.ipynb -p learning_rate 1e-3 -p epochs 2
+    workbench run notebooks/cell_type_annotation.ipynb --nproc 2 -o runs/ct_ddp      # DDP, 2 processes
     workbench sweep notebooks/sweeps/lr_schedule.yaml --workers 2
     workbench report runs/sweeps/lr_schedule
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-k", "--kernel", default="workbench", help="Jupyter kernel name (default: workbench)")
     run.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
     run.add_argument("--log-output", action="store_true", help="echo the notebook's output while it runs")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="train on N processes with torchrun (DDP; rank 0 writes the run folder, no executed "
+                          "notebook). Several machines: see `python -m workbench.launch --help` (default: 1)")
     run.set_defaults(command=_cmd_run, name="run")
 
     sweep = commands.add_parser("sweep", help="run a grid sweep from a YAML spec (resumable)")
@@ -76,8 +81,21 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: keep them and say how many)")
     sweep.set_defaults(command=_cmd_sweep, name="sweep")
 
-    report = commands.add_parser("report", help="print the results of a sweep folder or a run folder")
+    report = commands.add_parser(
+        "report", help="print the results of a sweep folder or a run folder; draw the sweep's figure",
+        description="For a sweep folder: print the summary, draw the figure the grid calls for into DIR/figure.png "
+                    "(the metric against a numeric grid parameter, one line per value of the others, mean ± std "
+                    "over seeds, and the gap when the colour parameter has two values; grouped points otherwise) "
+                    "and, with --html, write DIR/report.html. For a run folder: print its status, parameters "
+                    "and metrics.")
     report.add_argument("folder", type=Path, help="a sweep folder (summary.csv) or a run folder (final_metrics.json)")
+    report.add_argument("--metric", default=None, help="final metric of the figure (default: the spec's metric)")
+    report.add_argument("--x", default=None,
+                        help="grid parameter on the x axis (default: the numeric grid parameter with most values)")
+    report.add_argument("--hue", default=None, help="grid parameter for the colour (default: the first other one)")
+    report.add_argument("--html", action="store_true",
+                        help="also write DIR/report.html: one file with the figure, the summary, a row per run "
+                             "with a link to its executed notebook (rendered by nbconvert), versions and date")
     report.set_defaults(command=_cmd_report, name="report")
     return parser
 
@@ -96,6 +114,8 @@ def _cmd_run(args) -> int:
         if name in params:
             raise ValueError(f"parameter {name!r} is given twice (-p {name} {params[name]} and -p {name} {value}).")
         params[name] = value
+    if args.nproc > 1:
+        return _run_distributed(args, params, Path(out))
     result = run_notebook(args.notebook, parameters=params, output_dir=out, kernel_name=args.kernel,
                           timeout=args.timeout, log_output=args.log_output, overwrite=args.overwrite)
     if not result.ok:
@@ -105,6 +125,39 @@ def _cmd_run(args) -> int:
     print(f"run folder: {result.output_dir} ({result.seconds:.1f} s)")
     if result.final_metrics:
         print(_metrics_table(result.final_metrics))
+    return 0
+
+
+def _run_distributed(args, params: dict, out: Path) -> int:
+    """``workbench run --nproc N``: check everything here, then torchrun N ranks of :mod:`workbench.launch`."""
+    import subprocess
+
+    from .execute import check_values, coerce_parameters, notebook_defaults, notebook_parameters
+    from .launch import torchrun_command
+    from .tracking import RunFolderError, check_run_folder, clear_run_folder
+
+    declared = notebook_parameters(args.notebook)
+    values = coerce_parameters(args.notebook, params, declared=declared)
+    check_values(args.notebook, values, declared=declared)
+    out = out.resolve()
+    try:
+        check_run_folder(out, {**notebook_defaults(args.notebook, declared=declared), **values})
+    except RunFolderError:
+        if not args.overwrite:
+            raise
+        clear_run_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "status.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    done = subprocess.run(torchrun_command(args.notebook, params, out, nproc=args.nproc))
+    if done.returncode != 0:
+        print(f"workbench run: {args.notebook.name} failed on {args.nproc} processes (exit {done.returncode}); "
+              f"the ranks' tracebacks are above. Run folder: {out}", file=sys.stderr)
+        return 1
+    print(f"run folder: {out} ({time.perf_counter() - start:.1f} s, {args.nproc} processes)")
+    metrics = out / "final_metrics.json"
+    if metrics.is_file():
+        print(_metrics_table(json.loads(metrics.read_text())))
     return 0
 
 
@@ -181,7 +234,9 @@ def _cmd_report(args) -> int:
             print(f"{len(results)} runs, {len(failed)} not ok")
             for row in failed.itertuples():
                 print(f"  {row.run_id}: {row.status}: {'' if pd.isna(row.error) else row.error}")
-        return 0
+        return _report_figures(args)
+    if (folder / "results.csv").is_file():  # a sweep folder whose summary.csv is missing
+        raise FileNotFoundError(f"{folder} has results.csv but no summary.csv; run the sweep again to rewrite both.")
     files = {name: folder / f"{name}.json" for name in ("params", "final_metrics", "status")}
     if not any(path.is_file() for path in files.values()):
         raise FileNotFoundError(f"{folder} holds neither summary.csv (a sweep folder) nor params.json / "
@@ -195,6 +250,35 @@ def _cmd_report(args) -> int:
         print("params:\n" + _metrics_table(content["params"]))
     if content["final_metrics"]:
         print("final metrics:\n" + _metrics_table(content["final_metrics"]))
+    if args.html and (folder / "notebook.ipynb").is_file():
+        from .report import render_notebook
+
+        print(f"executed notebook as HTML: {render_notebook(folder / 'notebook.ipynb')}")
+    return 0
+
+
+def _report_figures(args) -> int:
+    """The sweep's figure (``figure.png``), its gap table and, with --html, ``report.html``."""
+    from .report import choose_figure, load_result, save_figure, transfer_gap, write_html
+
+    folder = args.folder
+    if not (folder / "results.csv").is_file():
+        return 0
+    result = load_result(folder)
+    if not (result.results["status"] == "ok").any():
+        print("no run finished ok yet: no figure")
+    else:
+        choice = choose_figure(result, x=args.x, hue=args.hue, metric=args.metric)
+        figure = save_figure(result, folder / "figure.png", x=choice.x, hue=choice.hue, metric=choice.metric)
+        print(f"figure: {figure} ({choice.metric} {'against' if choice.kind == 'curve' else 'per'} {choice.x}"
+              + (f", colour {choice.hue}" if choice.hue else "") + ")")
+        gap = transfer_gap(result, x=choice.x, hue=choice.hue, metric=choice.metric)
+        if gap is not None and len(gap):
+            print(f"gap in {choice.metric}, {gap.attrs['hue']}={gap.attrs['a']} minus {gap.attrs['b']} "
+                  f"(mean ± std{' over seeds, paired' if gap.attrs['paired'] else ''}):")
+            print(gap.round(4).to_string(index=False))
+    if args.html:
+        print(f"report: {write_html(result, x=args.x, hue=args.hue, metric=args.metric)}")
     return 0
 
 

@@ -15,30 +15,37 @@ What changes when ``fit`` finds a process group (see :func:`context`):
   ``DistributedSampler`` (same batch size *per process*, so the global batch is
   ``batch_size * world_size``; shuffling follows the original loader; seed ``fit(seed=...)``
   or 0; ``set_epoch`` every epoch). A loader that already has a ``DistributedSampler`` is used
-  as it is. Anything else cannot be sharded by ``fit`` and raises :class:`ShardingError`,
-  unless it is wrapped in :class:`PerRank`, which says that each rank already yields its own
-  shard (every rank must then yield the same number of batches).
+  as it is. A batch iterable of one's own shards itself when it has a method
+  ``shard(rank, world_size)`` returning this rank's batches (:func:`shard_indices` gives the
+  indices; the workflows' batch classes do this). Anything else cannot be sharded by ``fit``
+  and raises :class:`ShardingError`, unless it is wrapped in :class:`PerRank`, which says that
+  each rank already yields its own shard (every rank must then yield the same number of batches).
 * ``val_data`` (a map-style ``DataLoader``) is split across ranks without padding.
 * Logged losses and metrics are averaged across ranks (weighted by samples) at the end of an
   epoch and at ``log_every`` steps; never per step.
 * Only rank 0 writes the run folder; other ranks never touch it. Rank 0 reads ``last.pt`` on
   resume and sends it to the others, so the run folder need not be on a shared disk.
 * A rank that dies makes the others stop with :class:`RankFailedError`, naming the dead rank.
+* Inside :func:`single_process` (what :func:`workbench.cache.cached` builds in: one rank builds a
+  cache entry while the others wait for its lock), ``fit`` trains in this process alone.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import os
 import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 
-__all__ = ["DistContext", "context", "PerRank", "ShardingError", "RankFailedError", "TORCHRUN_VARS"]
+__all__ = ["DistContext", "context", "PerRank", "ShardingError", "RankFailedError", "TORCHRUN_VARS",
+           "single_process", "shard_indices"]
 
 #: The environment variables torchrun sets for every process.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -47,6 +54,39 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 DEFAULT_TIMEOUT_S = 600.0
 #: Seconds the surviving ranks wait for each other after a collective failed, to name the missing ranks.
 ROLL_CALL_S = 2.0
+
+
+_SINGLE = contextvars.ContextVar("workbench_single_process", default=False)
+
+
+@contextlib.contextmanager
+def single_process():
+    """Within the block, ``fit`` (with ``distributed=None``) trains in this process alone, even under torchrun.
+
+    For work one rank does while the others wait (building a cache entry): a collective there
+    would wait forever for ranks that are not training.
+    """
+    token = _SINGLE.set(True)
+    try:
+        yield
+    finally:
+        _SINGLE.reset(token)
+
+
+def shard_indices(order, rank: int, world_size: int):
+    """This rank's share of an epoch's sample ``order``: ``order[rank::world_size]`` after padding.
+
+    As ``DistributedSampler`` does without ``drop_last``: the order is padded by repeating its
+    start to a multiple of ``world_size``, so every rank gets the same number of samples (and
+    batches); with one process it is ``order`` itself.
+    """
+    if world_size == 1:
+        return order
+    n = len(order)
+    total = -(-n // world_size) * world_size
+    if total > n:
+        order = np.concatenate([np.asarray(order), np.resize(np.asarray(order), total - n)])
+    return order[rank:total:world_size]
 
 
 class ShardingError(ValueError):
@@ -153,6 +193,8 @@ class DistContext:
         """``data`` split across ranks (see the module docstring); ``data`` itself in one process."""
         if not self.enabled or isinstance(data, PerRank):
             return data
+        if callable(getattr(data, "shard", None)):
+            return data.shard(self.rank, self.world_size)
         loader = data
         if not isinstance(loader, torch.utils.data.DataLoader):
             raise ShardingError(
@@ -240,6 +282,8 @@ def context(distributed: bool | None = None) -> DistContext:
     """
     import torch.distributed as dist
 
+    if distributed is None and _SINGLE.get():
+        return DistContext()
     if distributed is False or not dist.is_available():
         if distributed:
             raise RuntimeError("distributed=True, but this torch build has no torch.distributed.")

@@ -7,6 +7,7 @@ a flat ``{name: float}`` dictionary, ready for ``final_metrics.json`` or a :clas
 classification         accuracy, balanced_accuracy, macro/weighted F1, macro precision/recall;
                        with scores also auroc and auprc; for two classes sensitivity/specificity
 regression             mse, mae, r2, pearson (all values pooled), mean_pearson (per target)
+cross-validation       fold_summary: mean ± std over folds of each metric
 =====================  =========================================================================
 
 scikit-learn and scipy are imported inside the functions, so ``import workbench.metrics`` is cheap.
@@ -20,7 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable"]
+__all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
+           "sensitivity_specificity", "roc_pr_curves", "fold_summary", "project_2d"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +219,65 @@ def _recall_of(y_true: np.ndarray, y_pred: np.ndarray, cls) -> float:
     if not is_cls.any():
         return math.nan
     return float((y_pred[is_cls] == cls).mean())
+
+
+def sensitivity_specificity(y_true, y_pred, *, labels: Sequence) -> dict[str, float]:
+    """``sensitivity`` and ``specificity``; one-vs-rest macro averages for three or more classes.
+
+    Two classes: the recall of ``labels[1]`` (the positive class) and of ``labels[0]``, as in
+    :func:`classification_metrics`. More: for each class present in ``y_true``, TP / (TP + FN)
+    and TN / (TN + FP) with that class as positive (scikit-learn's multilabel confusion
+    matrix), averaged over those classes.
+    """
+    from sklearn.metrics import multilabel_confusion_matrix
+
+    y_true = _as_1d(y_true, name="y_true")
+    y_pred = _as_1d(y_pred, name="y_pred")
+    _check_same_length(y_true, y_pred)
+    labels = list(labels)
+    if len(labels) == 2:
+        return {"sensitivity": _recall_of(y_true, y_pred, labels[1]), "specificity": _recall_of(y_true, y_pred, labels[0])}
+    present = [c for c in labels if (y_true == c).any()]
+    if not present:
+        return {"sensitivity": math.nan, "specificity": math.nan}
+    cms = multilabel_confusion_matrix(y_true, y_pred, labels=present)  # per class [[tn, fp], [fn, tp]]
+    tn, fp, fn, tp = cms[:, 0, 0], cms[:, 0, 1], cms[:, 1, 0], cms[:, 1, 1]
+    spec = np.divide(tn, tn + fp, out=np.full(len(present), np.nan), where=(tn + fp) > 0)
+    return {"sensitivity": float(np.mean(tp / (tp + fn))), "specificity": float(np.nanmean(spec)) if np.isfinite(spec).any() else math.nan}
+
+
+def roc_pr_curves(y_true, y_score, *, labels: Sequence) -> pd.DataFrame:
+    """ROC and precision-recall curves, one-vs-rest per class present (the positive class alone for two classes).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``class``, ``curve`` (``"roc"`` | ``"pr"``), ``x`` (FPR | recall), ``y`` (TPR |
+        precision) and ``area`` (AUROC | average precision); for
+        :func:`workbench.plots.plot_roc_pr`.
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    y_true = _as_1d(y_true, name="y_true")
+    y_score = np.asarray(y_score, dtype=float)
+    labels = list(labels)
+    if y_score.ndim != 2 or y_score.shape != (len(y_true), len(labels)):
+        raise ValueError(f"y_score must have shape (n_samples, n_classes) = ({len(y_true)}, {len(labels)}), got {y_score.shape}.")
+    columns = [1] if len(labels) == 2 else range(len(labels))
+    parts = []
+    for j in columns:
+        positive = y_true == labels[j]
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, y_score[:, j])
+        precision, recall, _ = precision_recall_curve(positive, y_score[:, j])
+        parts.append(pd.DataFrame({"class": labels[j], "curve": "roc", "x": fpr, "y": tpr,
+                                   "area": roc_auc_score(positive, y_score[:, j])}))
+        parts.append(pd.DataFrame({"class": labels[j], "curve": "pr", "x": recall, "y": precision,
+                                   "area": average_precision_score(positive, y_score[:, j])}))
+    if not parts:
+        raise ValueError("roc_pr_curves needs at least one class with both positives and negatives in y_true.")
+    return pd.concat(parts, ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,3 +527,65 @@ def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
         mask = groups == group
         rows[str(group)] = scores(y_true[mask], y_pred[mask])
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("group")
+
+
+# --------------------------------------------------------------------------------------------
+# cross-validation summary
+# --------------------------------------------------------------------------------------------
+
+
+def fold_summary(per_fold: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean and standard deviation over folds of each metric.
+
+    Parameters
+    ----------
+    per_fold
+        One row per fold, one column per metric.
+    metrics
+        Columns to summarise, in this order; default every numeric column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per metric; columns ``mean``, ``std`` (sample standard deviation, ``ddof=1``;
+        NaN for a single fold), ``folds`` (folds with a value) and ``mean ± std`` (text).
+        Folds where a metric is NaN are left out of its mean and std.
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"pearson": [0.5, 0.7]}, index=["A1", "B1"])
+    >>> fold_summary(frame).loc["pearson", "mean ± std"]
+    '0.6000 ± 0.1414'
+    """
+    if not isinstance(per_fold, pd.DataFrame) or per_fold.empty:
+        raise ValueError("per_fold must be a non-empty DataFrame with one row per fold and one column per metric.")
+    if metrics is None:
+        metrics = [c for c in per_fold.columns if pd.api.types.is_numeric_dtype(per_fold[c])]
+    missing = [m for m in metrics if m not in per_fold.columns]
+    if missing:
+        raise ValueError(f"metrics {missing} are not columns of per_fold; columns are {list(per_fold.columns)}.")
+    rows = {}
+    for metric in metrics:
+        values = pd.to_numeric(per_fold[metric], errors="coerce").dropna()
+        mean = float(values.mean()) if len(values) else math.nan
+        std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        rows[metric] = {"mean": mean, "std": std, "folds": len(values), "mean ± std": f"{mean:.4f} ± {std:.4f}"}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
+
+
+def project_2d(embeddings, *, seed: int = 0) -> np.ndarray:
+    """The first two principal components of ``embeddings`` (``n x d``), for a 2-D plot.
+
+    PCA (scikit-learn), after centring; deterministic for a given ``seed``. Returns an
+    ``(n, 2)`` array (a zero second column when ``d == 1``).
+    """
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"embeddings must be a 2-D array with at least 2 rows (n x d), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"embeddings hold {int((~np.isfinite(x)).sum())} NaN/inf values; a projection needs finite values.")
+    k = min(2, x.shape[1], len(x))
+    coords = PCA(n_components=k, random_state=seed).fit_transform(x)
+    return np.pad(coords, ((0, 0), (0, 2 - k)))

@@ -30,6 +30,9 @@ __all__ = [
     "plot_predictions",
     "plot_metric_comparison",
     "plot_importance",
+    "plot_roc_pr",
+    "plot_recordings",
+    "plot_embedding",
 ]
 
 
@@ -494,5 +497,119 @@ def plot_importance(importance: pd.DataFrame, *, title: str | None = None, xlabe
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel(xlabel)
     ax.set_title(title or "Feature importance")
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# signals and curves
+# --------------------------------------------------------------------------------------------
+
+#: Colors of segmentation states 1-4 (S1, systole, S2, diastole), as in CirCor's .tsv files.
+_STATES = {1: ("S1", "tab:red"), 2: ("systole", "tab:orange"), 3: ("S2", "tab:blue"), 4: ("diastole", "tab:green")}
+
+
+def plot_roc_pr(curves: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """ROC (left) and precision-recall (right) curves per class, as returned by :func:`workbench.metrics.roc_pr_curves`."""
+    _check_columns(curves, ["class", "curve", "x", "y", "area"], name="curves")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, kind, xlabel, ylabel in ((axes[0], "roc", "false positive rate", "true positive rate"),
+                                     (axes[1], "pr", "recall", "precision")):
+        for cls, part in curves[curves["curve"] == kind].groupby("class", sort=False):
+            name = "AUROC" if kind == "roc" else "AP"
+            ax.plot(part["x"], part["y"], drawstyle="steps-post" if kind == "pr" else "default",
+                    label=f"{cls} ({name} {part['area'].iloc[0]:.3f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
+    axes[0].set_title("ROC (one vs rest)")
+    axes[1].set_title("precision-recall")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_recordings(recordings: Sequence[dict]) -> Figure:
+    """Waveform (with its S1 / systole / S2 / diastole segmentation, when given) and spectrogram per recording.
+
+    Parameters
+    ----------
+    recordings
+        Dicts with ``signal`` (1-D), ``sample_rate``, ``title`` and optionally ``segmentation``
+        (rows ``start s, end s, state``; state 0 is not drawn).
+    """
+    if not recordings:
+        raise ValueError("plot_recordings needs at least one recording.")
+    fig, axes = plt.subplots(len(recordings), 2, figsize=(12, 2.2 * len(recordings)), squeeze=False)
+    for (wave, spec), rec in zip(axes, recordings):
+        signal, rate = np.asarray(rec["signal"]), rec["sample_rate"]
+        t = np.arange(len(signal)) / rate
+        wave.plot(t, signal, lw=0.5, color="black")
+        seg = rec.get("segmentation")
+        shown = set()
+        if seg is not None:
+            for start, end, state in np.asarray(seg):
+                if int(state) in _STATES and start < t[-1]:
+                    name, color = _STATES[int(state)]
+                    wave.axvspan(start, min(end, t[-1]), color=color, alpha=0.18, lw=0,
+                                 label=None if name in shown else name)
+                    shown.add(name)
+            if shown:
+                wave.legend(fontsize=7, loc="upper right", ncol=4)
+        wave.set_xlim(0, t[-1])
+        wave.set_title(rec.get("title", ""), fontsize=9)
+        wave.set_xlabel("s")
+        spec.specgram(signal, Fs=rate, NFFT=256, noverlap=192, cmap="magma")
+        spec.set_ylim(0, min(600, rate / 2))
+        spec.set_ylabel("Hz")
+        spec.set_xlabel("s")
+    fig.tight_layout()
+
+
+# embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def plot_embedding(coords, labels, *, title: str | None = None, axis_labels: Sequence[str] = ("PC 1", "PC 2")) -> Figure:
+    """A 2-D projection of embeddings, one colour per class.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` coordinates, e.g. from :func:`workbench.metrics.project_2d`.
+    labels
+        Class of each point (``n`` values); classes are coloured in sorted order.
+    title
+        Figure title; default ``"Embeddings (2-D projection)"``.
+    axis_labels
+        Names of the two axes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One scatter axis with a legend of the classes.
+    """
+    coords = np.asarray(coords, dtype=float)
+    labels = np.asarray(labels)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must have shape (n, 2), got {coords.shape}; project the embeddings to 2-D first "
+                         "(workbench.metrics.project_2d).")
+    if len(labels) != len(coords):
+        raise ValueError(f"{len(coords)} points but {len(labels)} labels; give one label per point.")
+    size = 12 if len(coords) < 2000 else 4
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), layout="constrained")
+    for label in sorted(set(labels.tolist())):
+        keep = labels == label
+        ax.scatter(coords[keep, 0], coords[keep, 1], s=size, alpha=0.7, label=str(label), rasterized=True)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title or "Embeddings (2-D projection)")
+    ax.legend(frameon=False, markerscale=1.5, fontsize="small")
     plt.close(fig)
     return fig

@@ -45,7 +45,9 @@ One driver per sweep folder
     driver ends, however it ends, so a crashed driver never blocks the folder.
 
 At the end the sweep folder holds ``results.csv`` (one row per run), ``summary.csv`` (mean and
-std per setting, over seeds) and ``comparison.png``.
+std per setting, over seeds), ``spec.json`` (the spec it ran) and ``comparison.png``: the figure
+the grid calls for (:mod:`workbench.report`: the metric against a numeric grid parameter, else
+grouped points). ``plot(result, x=..., hue=..., metric=...)`` draws it from Python.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .report import plot
+
 __all__ = ["SweepSpec", "SweepResult", "SweepLockedError", "StaleRunsWarning", "load_spec", "run_sweep", "collect",
-           "summarize", "run_id", "available_cpus", "THREAD_ENV_VARS"]
+           "summarize", "run_id", "available_cpus", "plot", "THREAD_ENV_VARS"]
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS")
 SPEC_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "metric", "output_root", "description")
@@ -567,7 +571,7 @@ def _execute_job(job: dict) -> dict:
         ``{"ok": bool, "error": str | None}``. Only an interrupt (KeyboardInterrupt, SystemExit)
         raises; every failure of the run itself is an outcome.
     """
-    from .execute import STATUS_FILE, run_notebook
+    from .execute import run_notebook
 
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(job["threads"])  # the kernel inherits this environment
@@ -586,6 +590,12 @@ def _execute_job(job: dict) -> dict:
         error = f"the run could not execute or record its result: {type(err).__name__}: {err}"
     else:
         return {"ok": result.ok, "error": result.error}
+    return _record_failure(job, error)
+
+
+def _record_failure(job: dict, error: str) -> dict:
+    """Write a failed ``status.json`` into the run's folder (the sweep then runs it again); returns the outcome."""
+    from .execute import STATUS_FILE
 
     status = {"ok": False, "error": error, "failed_cell": None, "seconds": 0.0}
     try:
@@ -662,7 +672,18 @@ def _stop_workers(pool) -> None:
 
 
 def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done) -> dict[str, dict]:
-    """Run the jobs as Dask tasks; returns ``{run_id: outcome}`` (see :func:`_execute_job`)."""
+    """Run the jobs as Dask tasks; returns ``{run_id: outcome}`` (see :func:`_execute_job`).
+
+    A worker process that dies (killed, out of memory) takes its run with it. The scheduler runs
+    it again on another worker, up to ``distributed.scheduler.allowed-failures`` times (Dask's
+    default: 3); after that the run is recorded as failed, with the reason, and the sweep goes on.
+    Running the sweep again executes it once more; finished runs are kept and not run again.
+
+    At most as many runs as the cluster has threads are submitted at a time, the next one when one
+    ends. Dask would otherwise hand a worker a second run to queue behind the one it executes (a
+    small group of tasks is not "root-ish", so it is not held back on the scheduler), and a worker's
+    death would be charged to both.
+    """
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -672,17 +693,42 @@ def _run_dask(jobs: list[dict], *, workers: int, scheduler: str | None, on_done)
     futures = []
     outcomes = {}
     try:
-        run_ids = {_dask_key(job): job["run_id"] for job in jobs}
-        futures = [client.submit(_execute_job, job, pure=False, key=_dask_key(job)) for job in jobs]
-        for future in as_completed(futures):
-            outcomes[run_ids[future.key]] = future.result()
+        by_key = {_dask_key(job): job for job in jobs}
+        waiting = iter(jobs)
+        running = as_completed()
+
+        def submit_next() -> None:
+            job = next(waiting, None)
+            if job is not None:
+                future = client.submit(_execute_job, job, pure=False, key=_dask_key(job))
+                futures.append(future)
+                running.add(future)
+
+        threads = sum(w.get("nthreads", 0) for w in client.scheduler_info().get("workers", {}).values())
+        for _ in range(min(threads or len(jobs), len(jobs))):
+            submit_next()
+        for future in running:
+            job = by_key[future.key]
+            try:
+                outcomes[job["run_id"]] = future.result()
+            except Exception as err:  # noqa: BLE001 - KilledWorker and the like: the run is lost, the sweep goes on
+                outcomes[job["run_id"]] = _record_failure(job, _lost_run_message(err))
             on_done()
+            submit_next()
         return outcomes
     finally:
         client.cancel(futures)
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _lost_run_message(err: Exception) -> str:
+    if type(err).__name__ == "KilledWorker":
+        return ("the Dask worker running this run died, on every try (killed, or out of memory): "
+                f"{type(err).__name__}: {err}. Run the sweep again to retry it; the finished runs are kept. "
+                "Raise distributed.scheduler.allowed-failures (dask config) for more retries within one sweep.")
+    return f"the run's Dask task failed outside the notebook: {type(err).__name__}: {err}. Run the sweep again to retry it."
 
 
 def _dask_key(job: dict) -> str:
@@ -768,11 +814,20 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
     results.to_csv(spec.path / "results.csv", index=False)
     summary.to_csv(spec.path / "summary.csv", index=False)
     metric = _comparison_metric(spec.metric, summary)
-    if metric is not None:
-        _save_comparison(summary, metric, spec.path / "comparison.png")
-    return SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
-                       n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
-                       n_stale=n_stale)
+    result = SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
+                         n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
+                         n_stale=n_stale)
+    from .report import save_figure, save_spec
+
+    save_spec(spec)  # so that `workbench report DIR` can show the spec from the folder alone
+    if metric is not None and (results["status"] == "ok").any():
+        try:
+            save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.report)
+        except Exception as err:  # noqa: BLE001 - the tables are written; a figure must not cost the sweep
+            warnings.warn(f"sweep {spec.name}: no comparison figure ({type(err).__name__}: {err}); "
+                          f"results.csv and summary.csv are written. Try `workbench report {spec.path} --x NAME`.",
+                          stacklevel=2)
+    return result
 
 
 def _status_from_outcome(outcome: dict, status_file: Path) -> dict:
@@ -838,13 +893,3 @@ def _comparison_metric(wanted: str | None, summary) -> str | None:
                   f"({', '.join(available) or 'none yet'}); no comparison figure was drawn. "
                   "Set metric in the spec to one of them.", stacklevel=3)
     return None
-
-
-def _save_comparison(summary, metric: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from .plots import plot_sweep_comparison
-
-    figure = plot_sweep_comparison(summary, metric)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)

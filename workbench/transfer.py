@@ -65,8 +65,8 @@ __all__ = [
     "lr_ratios",
 ]
 
-#: Prefixes that wrappers commonly add (DataParallel/DDP, Lightning, torch.compile, encoders).
-KNOWN_PREFIXES = ("module.", "model.", "_orig_mod.", "encoder.", "backbone.", "net.")
+#: Prefixes that wrappers commonly add (DataParallel/DDP, Lightning, torch.compile, encoders, ptls's ABSModule).
+KNOWN_PREFIXES = ("module.", "model.", "_orig_mod.", "encoder.", "backbone.", "net.", "_seq_encoder.")
 BUILTIN_STRATEGIES = ("full", "frozen_backbone", "linear_probe")
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -511,7 +511,7 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def available_strategies(model: nn.Module) -> list[str]:
     """Names accepted by :func:`apply_strategy` for this model (wrapped or not)."""
-    return list(BUILTIN_STRATEGIES) + list(getattr(unwrap(model), "strategies", {}) or {})
+    return list(dict.fromkeys([*BUILTIN_STRATEGIES, *(getattr(unwrap(model), "strategies", {}) or {})]))  # a model may redefine one
 
 
 def _under(name: str, prefix: str) -> bool:

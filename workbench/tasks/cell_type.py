@@ -4,6 +4,11 @@ Data
     Any AnnData (``.h5ad``) with a categorical ``obs`` column of cell types. An empty
     ``data_path`` means scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs x 765 genes, 10 types
     in ``bulk_labels``; no download). Expression stays sparse until a batch is drawn.
+    ``backed`` decides whether X is read into memory or streamed from the file
+    (``read_h5ad(..., backed="r")``): ``"auto"`` streams files above :data:`BACKED_AUTO_BYTES`.
+    Either way batches come through the same loader, :class:`workbench.streaming.StreamingBatches`
+    (scdataset's block shuffling: seeded, resumable, one fetch in memory), and the splits and
+    ``label_fraction`` use ``obs`` alone, so an atlas of millions of cells never has its X in memory.
 Model
     :class:`ExpressionEncoder`: an MLP (Linear -> LayerNorm -> GELU -> Dropout per layer) over
     all genes, with a linear head. On a few hundred to a few thousand cells, an MLP on the
@@ -19,12 +24,13 @@ Pretraining
     all of them are equal, so a sweep over fine-tuning settings pretrains once per split.
 Baseline
     Logistic regression on the same features, split and labelled cells (the model behind
-    CellTypist).
+    CellTypist). It is fitted on at most :data:`BASELINE_MAX_CELLS` labelled cells (a seeded random
+    subset above that: a row cap, not a streaming solver, so that small data sets keep the exact
+    lbfgs fit) and predicts the test cells chunk by chunk.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +43,12 @@ from torch.nn import functional as F
 
 from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
-from ..cache import cached, code_version, content_hash, fingerprint
-from ..checkpoints import save_weights
+from ..cache import cached, code_version, fingerprint
+from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..schedules import SCHEDULES
+from ..streaming import StreamingBatches, read_rows, scan
 from ..tracking import TRACKERS
 from ..transfer import BUILTIN_STRATEGIES
 
@@ -93,6 +100,15 @@ DEFAULTS = {
     "mask_ratio": 0.3,
 }
 
+#: ``backed="auto"`` streams X from files larger than this; smaller ones are read into memory.
+BACKED_AUTO_BYTES = 1 << 30
+#: What the ``backed`` parameter accepts.
+BACKED_CHOICES = ("auto", "true", "false")
+#: The baseline's logistic regression is fitted on at most this many labelled cells (a seeded random subset).
+BASELINE_MAX_CELLS = 50_000
+#: Rows per chunk when the baseline predicts the test cells.
+PREDICT_CHUNK = 16_384
+
 #: Metrics that can pick the best epoch, and whether higher or lower is better.
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
@@ -100,6 +116,7 @@ MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 PARAMETERS = Spec(
     data_path=Text(),
     label_key=Text(nonempty=True),
+    backed=Choice(*BACKED_CHOICES),
     pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
     strategy=Choice(*BUILTIN_STRATEGIES),
     lr_scheduler_type=Choice(*SCHEDULES),
@@ -125,36 +142,16 @@ PARAMETERS = Spec(
 # --------------------------------------------------------------------------- data
 
 
-class ExpressionBatches:
-    """Mini-batches ``(x, y)`` from a (sparse) cells x genes matrix, densified per batch.
-
-    Has a length and a ``generator`` (its shuffling RNG), so :func:`workbench.fit` can
-    checkpoint and restore the data order on resume.
-    """
-
-    def __init__(self, X, y, *, batch_size: int, shuffle: bool, seed: int = 0):
-        self.X, self.y = X, torch.as_tensor(y, dtype=torch.long)
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(self.X.shape[0] / self.batch_size)
-
-    def __iter__(self):
-        n = self.X.shape[0]
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size].numpy()
-            rows = self.X[idx]
-            dense = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
-            yield torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), self.y[idx]
+#: The cell-type loader: mini-batches ``(x, y)`` streamed from the expression matrix, densified per batch (it has a
+#: ``generator``, so :func:`workbench.fit` restores the data order on resume). See :mod:`workbench.streaming`.
+ExpressionBatches = StreamingBatches
 
 
 @dataclass
 class CellData:
     """Features, labels and the split of one annotation task."""
 
-    X: object  # scipy.sparse.csr_matrix or np.ndarray, cells x genes, float32
+    X: object  # cells x genes: scipy.sparse.csr_matrix / np.ndarray (float32) in memory, or a backed AnnData matrix
     labels: np.ndarray
     classes: list[str]
     genes: list[str]
@@ -165,8 +162,10 @@ class CellData:
     source: str = ""
     label_key: str = ""
     features: str = ""
+    backed: bool = False
+    adata: object = field(default=None, repr=False)  # the AnnData, kept open while X is read from its file
     y: np.ndarray = field(init=False)
-    _content_hash: str | None = field(default=None, init=False, repr=False)
+    _content_hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         index = {c: i for i, c in enumerate(self.classes)}
@@ -174,9 +173,9 @@ class CellData:
 
     @property
     def content_hash(self) -> str:
-        """SHA-256 of the expression values and the gene names (computed once)."""
+        """SHA-256 of the expression values and the gene names (read in chunks, once; equal backed or not)."""
         if self._content_hash is None:
-            self._content_hash = fingerprint(content_hash(self.X), self.genes)
+            self._content_hash = fingerprint(scan(self.X).content_hash, self.genes)
         return self._content_hash
 
     @property
@@ -184,10 +183,20 @@ class CellData:
         return self.X.shape[1]
 
     def batches(self, idx, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> ExpressionBatches:
-        return ExpressionBatches(self.X[idx], self.y[idx], batch_size=batch_size, shuffle=shuffle, seed=seed)
+        """Batches ``(x, y)`` of the cells ``idx``, streamed from X; unshuffled, they come in sorted order."""
+        return ExpressionBatches(self.X, idx, labels=self.y, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def rows(self, idx):
+        """Rows ``idx`` of X (in the order given) as a CSR matrix or an array; only these rows are read."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        rows = read_rows(self.X, idx[order])
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return rows[back]
 
     def dense(self, idx) -> np.ndarray:
-        rows = self.X[idx]
+        rows = self.rows(idx)
         return rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
 
     def to_frame(self):
@@ -203,13 +212,14 @@ class CellData:
     def to_dict(self) -> dict:
         return {
             "source": self.source, "label_key": self.label_key, "features": self.features,
-            "cells": int(self.X.shape[0]), "genes": self.n_genes, "classes": list(self.classes),
+            "cells": int(self.X.shape[0]), "genes": self.n_genes, "classes": list(self.classes), "backed": self.backed,
             "train": len(self.train_idx), "labelled": len(self.labelled_idx), "val": len(self.val_idx),
             "test": len(self.test_idx),
         }
 
     def summary(self) -> str:
-        kind = "sparse" if hasattr(self.X, "toarray") else "dense"
+        kind = ("sparse" if hasattr(self.X, "toarray") or getattr(self.X, "format", None) == "csr" else "dense") + \
+            (", streamed from the file" if self.backed else ", in memory")
         return (
             f"{self.source}: {self.X.shape[0]} cells x {self.n_genes} genes ({kind}, {self.features}), "
             f"{len(self.classes)} classes in obs[{self.label_key!r}]; train {len(self.train_idx)} "
@@ -240,26 +250,46 @@ def bundled_pbmc68k_reduced() -> Path:
     return path
 
 
-def read_adata(data_path: str = ""):
-    """The AnnData at ``data_path``, or scanpy's bundled pbmc68k_reduced when it is empty."""
+def use_backed(backed: str | bool, path: Path) -> bool:
+    """Resolve the ``backed`` parameter for the file at ``path``: ``"auto"`` streams files above :data:`BACKED_AUTO_BYTES`."""
+    value = {True: "true", False: "false"}.get(backed, backed) if isinstance(backed, bool) else str(backed).lower()
+    if value not in BACKED_CHOICES:
+        raise ValueError(f"backed={backed!r} is not one of {', '.join(BACKED_CHOICES)}: 'true' streams X from the "
+                         "file, 'false' reads it into memory, 'auto' streams files above "
+                         f"{BACKED_AUTO_BYTES / 2**30:g} GiB.")
+    if value == "auto":
+        return path.stat().st_size > BACKED_AUTO_BYTES
+    return value == "true"
+
+
+def read_adata(data_path: str = "", *, backed: str | bool = "false"):
+    """The AnnData at ``data_path`` (scanpy's bundled pbmc68k_reduced when empty), and its name.
+
+    With ``backed`` true (or ``"auto"`` and a large file) it is opened with ``backed="r"``: obs and
+    var are read, X stays in the file.
+    """
     import anndata
 
     if not data_path:
-        import warnings
+        path, source = bundled_pbmc68k_reduced(), "pbmc68k_reduced (scanpy, bundled)"
+    else:
+        path, source = Path(data_path), Path(data_path).name
+        if not path.exists():
+            raise FileNotFoundError(f"data_path={data_path!r} does not exist. Give an .h5ad file, or '' for the bundled pbmc68k_reduced.")
+        if path.suffix != ".h5ad":
+            raise ValueError(f"data_path={data_path!r} is not an .h5ad file. Convert it with anndata (adata.write_h5ad(...)).")
+    mode = "r" if use_backed(backed, path) else None
+    import warnings
 
-        with warnings.catch_warnings():  # the file predates .obsp; anndata moves two graphs on read
+    with warnings.catch_warnings():  # pbmc68k_reduced predates .obsp and encoding metadata; anndata says so on read
+        if not data_path:
             warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
-            return anndata.read_h5ad(bundled_pbmc68k_reduced()), "pbmc68k_reduced (scanpy, bundled)"
-    path = Path(data_path)
-    if not path.exists():
-        raise FileNotFoundError(f"data_path={data_path!r} does not exist. Give an .h5ad file, or '' for the bundled pbmc68k_reduced.")
-    if path.suffix != ".h5ad":
-        raise ValueError(f"data_path={data_path!r} is not an .h5ad file. Convert it with anndata (adata.write_h5ad(...)).")
-    return anndata.read_h5ad(path), path.name
+            warnings.filterwarnings("ignore", category=anndata.OldFormatWarning)
+        return anndata.read_h5ad(path, backed=mode), source
 
 
 def _features(adata, features: str):
-    """Log-normalised expression: ``adata.raw`` when present, else ``adata.X``."""
+    """Log-normalised expression: ``adata.raw`` when present, else ``adata.X``; backed AnnData keeps it on disk."""
     import scipy.sparse as sp
 
     if features not in ("auto", "raw", "X"):
@@ -268,16 +298,16 @@ def _features(adata, features: str):
     if use_raw and adata.raw is None:
         raise ValueError("features='raw' but this AnnData has no .raw. Use features='X'.")
     matrix, genes = (adata.raw.X, adata.raw.var_names) if use_raw else (adata.X, adata.var_names)
-    matrix = sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
-    values = matrix.data if sp.issparse(matrix) else matrix
-    bad = int((~np.isfinite(values)).sum())
-    if bad:
-        where = "adata.raw.X" if use_raw else "adata.X"
-        raise ValueError(
-            f"{where} holds {bad} NaN/inf values. Expression must be finite: fill them (e.g. "
-            "np.nan_to_num) or drop the affected cells/genes before annotating."
-        )
-    return matrix, [str(g) for g in genes], ("adata.raw.X" if use_raw else "adata.X")
+    where = "adata.raw.X" if use_raw else "adata.X"
+    if adata.isbacked:
+        if getattr(matrix, "format", None) == "csc":
+            raise ValueError(
+                f"{where} is stored as CSC (by gene) in {adata.filename}; streaming reads cells, which needs CSR. "
+                "Rewrite it once: adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path) "
+                "(likewise adata.raw), or pass backed='false' when it fits in memory.")
+    else:
+        matrix = sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
+    return matrix, [str(g) for g in genes], where
 
 
 def load(
@@ -289,8 +319,12 @@ def load(
     val_fraction: float = 0.1,
     seed: int = 0,
     features: str = "auto",
+    backed: str | bool = "auto",
 ) -> CellData:
     """Read cells, check the labels, split stratified, and pick the labelled training cells.
+
+    X is never split or subset here: the splits come from ``obs`` alone, and one pass over X in
+    chunks of rows checks that it is finite and computes its content hash.
 
     Parameters
     ----------
@@ -309,8 +343,12 @@ def load(
         with few labelled cells keeps them all for fitting. ``0`` means no validation set.
     features
         ``"raw"`` (``adata.raw.X``), ``"X"`` or ``"auto"`` (raw when present).
+    backed
+        ``"true"``: X stays in the file (``read_h5ad(..., backed="r")``) and batches are streamed
+        from it; ``"false"``: X is read into memory; ``"auto"``: backed above
+        :data:`BACKED_AUTO_BYTES`. The batches take the same code path either way.
     """
-    adata, source = read_adata(data_path)
+    adata, source = read_adata(data_path, backed=backed)
     if label_key not in adata.obs:
         raise KeyError(
             f"label_key={label_key!r} is not a column of adata.obs in {source}. Columns are: "
@@ -325,6 +363,12 @@ def load(
         )
     labels = column.astype(str).to_numpy()
     X, genes, where = _features(adata, features)
+    found = scan(X)
+    if found.n_nonfinite:
+        raise ValueError(
+            f"{where} holds {found.n_nonfinite} NaN/inf values. Expression must be finite: fill them (e.g. "
+            "np.nan_to_num) or drop the affected cells/genes before annotating."
+        )
     train_idx, test_idx = splits.holdout(labels, test_size=test_size, seed=seed)
     labelled = train_idx[splits.few_shot(labels[train_idx], fraction=label_fraction, seed=seed)] if label_fraction < 1 else train_idx
     if not 0.0 <= val_fraction <= 0.5:
@@ -334,9 +378,10 @@ def load(
     if val_fraction > 0:
         val = labelled[splits.few_shot(labels[labelled], fraction=val_fraction, seed=seed, min_per_class=0)]
     return CellData(
-        X=X, labels=labels, classes=sorted(set(labels)), genes=genes, train_idx=train_idx, test_idx=test_idx,
-        labelled_idx=np.sort(np.setdiff1d(labelled, val)), val_idx=np.sort(val), source=source, label_key=label_key,
-        features=where,
+        X=X, labels=labels, classes=sorted(set(labels)), genes=genes, train_idx=np.sort(train_idx),
+        test_idx=np.sort(test_idx), labelled_idx=np.sort(np.setdiff1d(labelled, val)), val_idx=np.sort(val),
+        source=source, label_key=label_key, features=where, backed=bool(adata.isbacked),
+        adata=adata if adata.isbacked else None, _content_hash=fingerprint(found.content_hash, genes),
     )
 
 
@@ -448,17 +493,9 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
 
 def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
                cache_root=None):
-    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` | ``"none"`` | a path."""
-    if pretrained_checkpoint == "none":
-        return None
-    if pretrained_checkpoint == "pretrain":
-        return pretrain(data, seed=seed, progress=progress, cache_root=cache_root)
-    if not Path(pretrained_checkpoint).exists():
-        raise FileNotFoundError(
-            f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor an existing file. "
-            "Give a .safetensors/.pt path, 'pretrain' to pretrain here, or 'none' to train from scratch."
-        )
-    return pretrained_checkpoint
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
+    return resolve_pretrained(pretrained_checkpoint,
+                              lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root))
 
 
 #: What ``finetune(monitor=...)`` accepts, and whether larger is better.
@@ -531,14 +568,24 @@ def _validation_metrics(model, batches) -> dict:
     return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 
-def baseline(data: CellData, *, seed: int = 0) -> dict:
-    """Logistic regression on the same features and labelled cells; test metrics."""
+def baseline(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CELLS) -> dict:
+    """Logistic regression on the same features and labelled cells; test metrics.
+
+    It is fitted on at most ``max_cells`` labelled cells (a seeded random subset when there are more;
+    a row cap, so the fit stays the exact lbfgs one on small data) and predicts the test cells in
+    chunks of :data:`PREDICT_CHUNK` rows, so memory stays bounded on an atlas.
+    """
     from sklearn.linear_model import LogisticRegression
 
+    fit_idx = data.labelled_idx
+    if len(fit_idx) > max_cells:
+        fit_idx = np.sort(np.random.default_rng(seed).choice(fit_idx, size=max_cells, replace=False))
     clf = LogisticRegression(max_iter=2000, random_state=seed)
-    clf.fit(data.X[data.labelled_idx], data.labels[data.labelled_idx])
-    pred = clf.predict(data.X[data.test_idx])
-    return classification_metrics(data.labels[data.test_idx], pred, labels=data.classes)
+    clf.fit(data.rows(fit_idx), data.labels[fit_idx])
+    test = data.test_idx
+    pred = np.concatenate([clf.predict(data.rows(test[s:s + PREDICT_CHUNK]))
+                           for s in range(0, len(test), PREDICT_CHUNK)]) if len(test) else np.array([], dtype=object)
+    return classification_metrics(data.labels[test], pred, labels=data.classes)
 
 
 @dataclass
@@ -557,10 +604,13 @@ class Evaluation:
 
 
 def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities of the cells ``idx``, one row per cell in the order given (streamed from X)."""
+    idx = np.asarray(idx, dtype=np.int64)
     model.eval()
     with torch.no_grad():
         parts = [F.softmax(model(x), dim=1) for x, _ in data.batches(idx, batch_size=batch_size)]
-    return torch.cat(parts).numpy()
+    proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(data.classes)), dtype=np.float32)
+    return proba[np.searchsorted(np.unique(idx), idx)]  # the batches came in sorted order
 
 
 def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:

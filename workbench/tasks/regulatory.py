@@ -56,9 +56,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..batches import TensorBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
-from ..checkpoints import save_weights
+from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
@@ -399,22 +400,8 @@ def write_zarr(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-class RegulatoryBatches:
-    """Mini-batches ``(regions, categorical, numeric, target)``; has a length and a ``generator``."""
-
-    def __init__(self, tensors, *, batch_size: int, shuffle: bool, seed: int = 0):
-        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.tensors[0]) / self.batch_size)
-
-    def __iter__(self):
-        n = len(self.tensors[0])
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield tuple(t[idx] for t in self.tensors)
+class RegulatoryBatches(TensorBatches):
+    """Mini-batches ``(regions, categorical, numeric, target)``; has a length and a ``generator``, shards under DDP."""
 
 
 @dataclass
@@ -694,15 +681,9 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
 
 def pretrained(data: RegulatoryData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
                cache_root=None, **overrides):
-    """Resolve ``pretrained_checkpoint``: ``"pretrain"`` (with ``overrides`` of :data:`DEFAULTS`) | ``"none"`` | a path."""
-    if pretrained_checkpoint == "none":
-        return None
-    if pretrained_checkpoint == "pretrain":
-        return pretrain(data, seed=seed, progress=progress, cache_root=cache_root, **overrides)
-    if not Path(pretrained_checkpoint).exists():
-        raise FileNotFoundError(f"pretrained_checkpoint={pretrained_checkpoint!r} is neither 'pretrain', 'none' nor "
-                                "an existing file. Give a .safetensors/.pt path, 'pretrain', or 'none'.")
-    return pretrained_checkpoint
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
+    return resolve_pretrained(pretrained_checkpoint,
+                              lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root, **overrides))
 
 
 def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, key_map=None, run=None):

@@ -1,0 +1,79 @@
+"""Run a workflow notebook on several processes: one rank of ``workbench run NOTEBOOK --nproc N``.
+
+``workbench run notebooks/cell_type_annotation.ipynb --nproc 2 -o runs/ct_ddp`` starts
+``torchrun --standalone --nproc_per_node 2 -m workbench.launch ...``; each process runs the
+notebook's code cells in-process (:func:`workbench.execute.run_in_process`, the notebook is the
+one definition of the steps) and every ``wb.fit`` inside trains with DistributedDataParallel.
+On several machines, start this module with torchrun yourself, on each machine::
+
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id job1 \\
+        -m workbench.launch notebooks/cell_type_annotation.ipynb -p epochs 20 -o /shared/runs/ct_ddp
+
+What differs from a one-process run:
+
+* Only rank 0 writes the run folder (params.json, metrics.jsonl, checkpoints, figures,
+  ``status.json``); ``wb.Run`` is rank-aware. No executed notebook is written: the notebook
+  stays the one-process view (open it, or ``workbench run`` without ``--nproc``, to see figures).
+* Work that is cached (:func:`workbench.cache.cached`, e.g. pretraining) is built by one process
+  while the others wait for it, then every rank loads it.
+* Steps outside ``fit`` (data loading, baselines, evaluation) run on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "torchrun_command"]
+
+
+def torchrun_command(notebook, parameters: dict, output_dir, *, nproc: int) -> list[str]:
+    """The command ``workbench run --nproc`` starts: torchrun on this machine with ``nproc`` processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "workbench.launch", str(notebook), "-o", str(output_dir)]
+    for name, value in parameters.items():
+        cmd += ["-p", name, str(value)]
+    return cmd
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench.launch",
+                                     description="One rank of a distributed notebook run (start it with torchrun).")
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("-o", "--output-dir", type=Path, required=True,
+                        help="run folder; every rank must be given the same one")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the notebook on this rank; rank 0 writes ``status.json`` last. Returns the exit status."""
+    from .execute import STATUS_FILE, notebook_sha256, run_in_process
+    from .tracking import process_rank
+
+    args = _parser().parse_args(argv)
+    params = dict(args.parameter)
+    out = args.output_dir.resolve()
+    rank, world = process_rank(), int(os.environ.get("WORLD_SIZE", 1))
+    start = time.perf_counter()
+    error = None
+    try:
+        run_in_process(args.notebook, parameters={**params, "output_dir": str(out)})
+    except Exception as err:  # noqa: BLE001 - recorded in status.json, then re-raised
+        error = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise
+    finally:
+        if rank == 0 and out.is_dir():
+            status = {"ok": error is None, "error": error, "failed_cell": None,
+                      "seconds": round(time.perf_counter() - start, 3), "notebook": str(args.notebook.resolve()),
+                      "notebook_sha256": notebook_sha256(args.notebook), "world_size": world}
+            (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
