@@ -7,7 +7,12 @@ interleaved so that machine drift hits every loop alike.
 
 The ratio is the median over repeats of (median fit epoch / median bare epoch in that repeat).
 
-Last line: ``loop_parity ratio=<fit/bare median epoch time> max_loss_diff=<...> [lightning_ratio=<...>]``
+With ``--techniques`` (the default) each repeat also times ``fit`` with gradient accumulation
+(batch 64, ``accumulate=2``: the same 128 samples per optimizer step) and with an EMA of the
+weights (``ema=0.999``), each reported as its ratio to the plain ``fit`` of the same repeat.
+
+Last line: ``loop_parity ratio=<fit/bare median epoch time> max_loss_diff=<...> [lightning_ratio=<...>]
+[accumulate_cost=<fit accumulate=2 / fit>] [ema_cost=<fit ema / fit>]``
 Writes benchmarks/results/loop_parity.json.
 """
 
@@ -82,13 +87,13 @@ class EpochTimer(wb.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def run_fit(x, y, *, epochs, seed):
+def run_fit(x, y, *, epochs, seed, batch_size=128, **techniques):
     model = make_model(seed)
     timer = EpochTimer()
     history = wb.fit(
-        model, Batches(x, y, batch_size=128, seed=seed), loss_fn=loss_fn, epochs=epochs, lr=CFG["lr"],
+        model, Batches(x, y, batch_size=batch_size, seed=seed), loss_fn=loss_fn, epochs=epochs, lr=CFG["lr"],
         weight_decay=CFG["weight_decay"], schedule="cosine", warmup_ratio=CFG["warmup_ratio"],
-        grad_clip=CFG["grad_clip"], callbacks=[timer], progress=False, log_every=50,
+        grad_clip=CFG["grad_clip"], callbacks=[timer], progress=False, log_every=50, **techniques,
     )
     return timer.times, [r["train_loss"] for r in history.rows], model
 
@@ -187,6 +192,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-lightning", dest="lightning", action="store_false", help="skip the Lightning comparison")
+    parser.add_argument("--no-techniques", dest="techniques", action="store_false",
+                        help="skip timing fit with accumulate=2 and with ema")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = make_data(args.samples)
@@ -194,6 +201,8 @@ def main():
 
     fit_t, bare_t, light_t, loss_diff, weight_diff = [], [], [], 0.0, 0.0
     ratios, light_ratios = [], []
+    cost = {"accumulate": [], "ema": []}  # fit with the technique / plain fit, per repeat
+    variants = {"accumulate": dict(batch_size=64, accumulate=2), "ema": dict(ema=0.999)}
     run_bare(x[:2048], y[:2048], epochs=1, seed=0)  # warm up allocator and kernels
     for rep in range(args.repeats):
         # Alternate the order every repeat so that slow drift of the machine cancels out, and
@@ -209,12 +218,16 @@ def main():
         ratios.append(statistics.median(t_f) / statistics.median(t_b))
         loss_diff = max(loss_diff, max(abs(a - b) for a, b in zip(l_f, l_b)))
         weight_diff = max(weight_diff, max((a - b).abs().max().item() for a, b in zip(m_f.parameters(), m_b.parameters())))
+        for name, kwargs in variants.items() if args.techniques else ():
+            t_v, _, _ = run_fit(x, y, epochs=args.epochs, seed=rep, **kwargs)
+            cost[name].append(statistics.median(t_v) / statistics.median(t_f))
         lt = run_lightning(x, y, epochs=args.epochs, seed=rep) if args.lightning else None
         if lt is not None:
             light_t += lt
             light_ratios.append(statistics.median(lt) / statistics.median(t_b))
         print(f"repeat {rep}: fit {['%.3f' % t for t in t_f]} bare {['%.3f' % t for t in t_b]}"
-              + (f" lightning {['%.3f' % t for t in lt]}" if lt else "") + f" ratio {ratios[-1]:.4f}", flush=True)
+              + (f" lightning {['%.3f' % t for t in lt]}" if lt else "") + f" ratio {ratios[-1]:.4f}"
+              + "".join(f" {k}_cost {v[-1]:.4f}" for k, v in cost.items() if v), flush=True)
 
     ratio = statistics.median(ratios)
     result = {
@@ -240,6 +253,11 @@ def main():
         result["lightning_ratio_per_repeat"] = light_ratios
         result["lightning_epoch_s"] = light_t
         line += f" lightning_ratio={result['lightning_ratio']:.4f}"
+    for name, values in cost.items():
+        if values:
+            result[f"{name}_cost"] = statistics.median(values)
+            result[f"{name}_cost_per_repeat"] = values
+            line += f" {name}_cost={result[f'{name}_cost']:.4f}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "loop_parity.json").write_text(json.dumps(result, indent=2))
     print(line)

@@ -5,7 +5,8 @@
 Every rank trains :class:`PlainNet` (no dropout, no BatchNorm: DDP with a per-process batch of
 B/2 then computes exactly the gradients of one process with batch B) with ``wb.fit``. Every rank
 opens the same run folder RUN_DIR, as user code does; only rank 0 may write to it. Each rank saves its final weights to
-``OUT/final_rank<r>.safetensors``; rank 0 also ``OUT/history.json``.
+``OUT/final_rank<r>.safetensors``; rank 0 also ``OUT/history.json``. With ``--accumulate K`` each
+rank also writes ``OUT/no_sync_rank<r>.json``: how many micro-batches ran inside DDP's ``no_sync``.
 """
 
 import argparse
@@ -68,6 +69,21 @@ class KillAt:
         return model.loss(batch)
 
 
+def count_no_sync() -> list:
+    """Count the entries into DistributedDataParallel.no_sync (one per micro-batch that skips the all-reduce)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    calls = []
+    original = DistributedDataParallel.no_sync
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    DistributedDataParallel.no_sync = counted
+    return calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -78,7 +94,9 @@ def main():
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-step", type=int, default=-1)
     parser.add_argument("--how", choices=("kill", "hang"), default="kill")
+    parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
+    no_sync = count_no_sync() if args.accumulate > 1 else None
     torch.set_num_threads(1)
     ctx = context(True)  # starts the process group from torchrun's variables
     # the same line on every rank, as a user writes it: Run writes nothing on ranks > 0
@@ -91,11 +109,13 @@ def main():
     train = torch.utils.data.DataLoader(dataset(), batch_size=args.batch_size, shuffle=True)
     val = torch.utils.data.DataLoader(dataset(100, seed=1), batch_size=args.batch_size)
     history = wb.fit(model, train, val_data=val, epochs=args.epochs, loss_fn=loss_fn, run=run, resume=args.resume,
-                     **FIT)
+                     accumulate=args.accumulate, **FIT)
     args.out.mkdir(parents=True, exist_ok=True)
     wb.save_weights(model, args.out / f"final_rank{ctx.rank}.safetensors")
     if ctx.is_main:
         (args.out / "history.json").write_text(json.dumps(history.rows))
+    if no_sync is not None:
+        (args.out / f"no_sync_rank{ctx.rank}.json").write_text(json.dumps(no_sync))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ def test_two_processes_with_half_batches_reproduce_one_process(ddp_run):
         assert ours["step"] == ref["step"]  # 8 steps of 2 x 16 samples, as 8 of 32
 
 
+def test_accumulation_under_ddp_skips_the_sync_of_all_but_the_last_micro_batch(tmp_path):
+    """2 ranks x batch 8 x accumulate 2 trains the weights of one process with batch 32, syncing once per step."""
+    done = launch(tmp_path, "acc", tmp_path / "run", "--batch-size", "8", "--accumulate", "2", "--epochs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    model, history = single_process_run(epochs=2)
+    for rank in (0, 1):
+        weights = read_state_dict(tmp_path / "acc" / f"final_rank{rank}.safetensors")
+        for key, value in model.state_dict().items():
+            assert (weights[key] - value).abs().max().item() < 1e-5, (rank, key)
+        # 8 optimizer steps per epoch, each with one micro-batch inside no_sync
+        assert len(json.loads((tmp_path / "acc" / f"no_sync_rank{rank}.json").read_text())) == 2 * 8
+    rows = json.loads((tmp_path / "acc" / "history.json").read_text())
+    assert [r["step"] for r in rows] == [r["step"] for r in history.rows] == [8, 16]
+
+
 def test_rank_zero_alone_writes_the_run_folder(ddp_run):
     rows = [json.loads(line) for line in (ddp_run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]

@@ -15,30 +15,39 @@ from .helpers import TinyNet, toy_loader
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-def _worker(run_dir, out, *, epochs, freeze_epochs, kill_after=-1, resume=False):
+def _worker(run_dir, out, *, epochs, freeze_epochs, kill_after=-1, resume=False, accumulate=1, ema=None):
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(WORKER), str(run_dir), str(out), str(epochs), str(freeze_epochs), str(kill_after), "1" if resume else "0"]
+    args = [sys.executable, str(WORKER), str(run_dir), str(out), str(epochs), str(freeze_epochs), str(kill_after),
+            "1" if resume else "0", str(accumulate), "none" if ema is None else str(ema)]
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("freeze_epochs, kill_after", [(0, 1), (2, 1)], ids=["plain", "across-unfreeze"])
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path, freeze_epochs, kill_after):
+@pytest.mark.parametrize("freeze_epochs, kill_after, accumulate, ema",
+                         [(0, 1, 1, None), (2, 1, 1, None), (2, 1, 2, 0.9)],
+                         ids=["plain", "across-unfreeze", "accumulate2-ema"])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, freeze_epochs, kill_after, accumulate, ema):
     epochs = 4
-    ref = _worker(tmp_path / "ref_run", tmp_path / "ref", epochs=epochs, freeze_epochs=freeze_epochs)
+    kw = dict(epochs=epochs, freeze_epochs=freeze_epochs, accumulate=accumulate, ema=ema)
+    ref = _worker(tmp_path / "ref_run", tmp_path / "ref", **kw)
     assert ref.returncode == 0, ref.stderr
-    killed = _worker(tmp_path / "run", tmp_path / "killed", epochs=epochs, freeze_epochs=freeze_epochs, kill_after=kill_after)
+    killed = _worker(tmp_path / "run", tmp_path / "killed", kill_after=kill_after, **kw)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "killed" / "final.safetensors").exists()
-    resumed = _worker(tmp_path / "run", tmp_path / "resumed", epochs=epochs, freeze_epochs=freeze_epochs, resume=True)
+    resumed = _worker(tmp_path / "run", tmp_path / "resumed", resume=True, **kw)
     assert resumed.returncode == 0, resumed.stderr
-    a = read_state_dict(tmp_path / "ref" / "final.safetensors")
-    b = read_state_dict(tmp_path / "resumed" / "final.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for name in ["final.safetensors"] + (["ema.safetensors"] if ema else []):
+        a = read_state_dict(tmp_path / "ref" / name)
+        b = read_state_dict(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    if ema:  # the exported EMA file is the shadow the run ended with
+        exported = read_state_dict(tmp_path / "run" / "checkpoints" / "ema.safetensors")
+        returned = read_state_dict(tmp_path / "resumed" / "ema.safetensors")
+        assert all(torch.equal(exported[k], v) for k, v in returned.items())
     trace_a = json.loads((tmp_path / "ref" / "lr_trace.json").read_text())
     trace_b = json.loads((tmp_path / "resumed" / "lr_trace.json").read_text())
-    assert trace_a == trace_b and len(trace_a) == epochs * 8
+    assert trace_a == trace_b and len(trace_a) == epochs * 8 // accumulate
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(epochs))
 

@@ -303,3 +303,29 @@ def test_any_notebook_gets_a_panel(tmp_path):
     spec = yaml.safe_load(panel.export_sweep("other").read_text())
     assert spec["notebook"] == "../other.ipynb" and spec["parameters"] == {"hidden": [1, 2], "scale": 2.5}
     assert spec["grid"] == {"mode": ["fast", "exact"]} and "seeds" not in spec
+
+
+def test_find_lr_button_fills_learning_rate_and_leaves_the_model(make_panel):
+    """Issue 15: the Find LR button runs the range test for the panel's values and fills learning_rate."""
+    import torch
+
+    from workbench.tasks import cell_type
+
+    data = cell_type.load(seed=0)
+    model = cell_type.build_model(data, hidden=(32,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    panel = make_panel(values={"epochs": 2, "batch_size": 64}, steps_per_epoch=4,
+                       find_lr=cell_type.lr_finder(model, data))
+    assert panel.find_lr_button.disabled is False
+    panel.find_lr_button.click()
+    assert panel.last_error is None, panel.last_error
+    suggestion = panel.last_lr_find.suggestion
+    assert panel.values()["learning_rate"] == suggestion != 1.0e-3
+    assert np.isclose(panel.preview_curve["head"].max(), suggestion)  # the preview follows the filled rate
+    assert "learning_rate set to" in printed(panel.find_lr_out)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    plain = make_panel()
+    assert plain.find_lr_button.disabled is True
+    with pytest.raises(ValueError, match="built without find_lr="):
+        plain.find_lr()

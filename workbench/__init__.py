@@ -27,6 +27,8 @@ _EXPORTS = {
     "LoadError": "transfer",
     "apply_strategy": "transfer",
     "param_groups": "transfer",
+    "lr_find": "lr_range",
+    "LRFinderResult": "lr_range",
     "fit": "training",
     "History": "training",
     "Callback": "training",
@@ -43,8 +45,8 @@ _EXPORTS = {
     "run_in_process": "execute",
     "run_sweep": "sweeps",
 }
-_SUBMODULES = {"cache", "checkpoints", "distributed", "transfer", "schedules", "training", "tracking", "metrics", "splits", "plots",
-               "execute", "sweeps", "report", "widgets", "tasks", "cli"}
+_SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
+               "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "plot_lr_schedule",
+    "plot_lr_find",
     "plot_history",
     "plot_confusion_matrix",
     "plot_sweep_comparison",
@@ -112,6 +113,50 @@ def plot_lr_schedule(curve: pd.DataFrame, *, title: str | None = None) -> Figure
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if len(curve.columns) > 1 or warmup_steps > 0 or freeze_steps > 0:
         ax.legend(frameon=False)
+    plt.close(fig)
+    return fig
+
+
+def plot_lr_find(result, *, title: str | None = None) -> Figure:
+    """The loss against the learning rate of an LR range test, smoothed, with the suggestion marked.
+
+    Parameters
+    ----------
+    result
+        What :func:`workbench.lr_find` returns, or a frame with columns ``lr``, ``loss`` and
+        ``smoothed`` whose ``attrs`` hold ``suggestion`` and ``rule`` (its ``to_frame()``).
+    title
+        Figure title; by default it names the suggestion and its rule.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axis, log-scaled learning rate: the raw loss (faint), the smoothed loss, a dashed
+        line at the suggested rate and a dotted one at each other rule's.
+    """
+    frame = _frame_of(result, name="result")
+    _check_columns(frame, ["lr", "loss", "smoothed"], name="plot_lr_find")
+    if frame.empty:
+        raise ValueError("the LR range test recorded no step; run workbench.lr_find with num_steps >= 3.")
+    suggestion, rule = frame.attrs.get("suggestion"), frame.attrs.get("rule")
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    ax.plot(frame["lr"], frame["loss"], color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    ax.plot(frame["lr"], frame["smoothed"], color="tab:blue", label="smoothed loss")
+    for name, value in (frame.attrs.get("suggestions") or {}).items():
+        if name != rule:
+            ax.axvline(value, color="grey", linestyle=":", linewidth=1, label=f"{name}: {value:.2g}")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested ({rule}): {suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (head)")
+    ax.set_ylabel("training loss")
+    # the end of a diverging run dwarfs the interesting part: cap the axis at a few times the start
+    top = float(frame["smoothed"].iloc[: max(1, len(frame) // 10)].max())
+    low = float(min(frame["loss"].min(), frame["smoothed"].min()))
+    if np.isfinite(top) and np.isfinite(low) and top > low:
+        ax.set_ylim(low - 0.05 * (top - low), top + 0.5 * (top - low))
+    ax.set_title(title or (f"LR range test: suggested {suggestion:.2g} ({rule})" if suggestion else "LR range test"))
+    ax.legend(frameon=False)
     plt.close(fig)
     return fig
 

@@ -22,6 +22,13 @@ tensor. Where a batch holds no tensor to read it from, every batch counts once.
 The loop is a few named pieces on :class:`Trainer` (restore, train, train_epoch, train_step,
 validate, end_epoch, save_state); the same pieces run in one process and under ``torchrun``,
 where ``fit`` trains with DistributedDataParallel (see :mod:`workbench.distributed`).
+
+Techniques that compose with all of the above: gradient accumulation (``accumulate=k``: one
+optimizer step per k batches; steps, schedule and logging count optimizer steps; under DDP the
+gradients are synchronised on the last micro-batch only), layer-wise LR decay
+(``layer_decay``, see :func:`workbench.transfer.param_groups`), an exponential moving average of
+the weights (``ema``, ``ema_eval``; see :mod:`workbench.ema`) and the LR range test
+(:func:`workbench.lr_find`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from torch import nn
 from .checkpoints import CheckpointError, load_state, save_state, save_weights
 from .distributed import DistContext, set_epoch
 from .distributed import context as dist_context
+from .ema import ModelEMA
 from .schedules import build_scheduler, describe
 from .transfer import apply_strategy, param_groups, unwrap
 
@@ -66,7 +74,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 #: The settings that shape training; ``last.pt`` records them and a resume must match them all.
 SETTINGS = ("epochs", "schedule", "warmup_ratio", "min_lr_ratio", "optimizer", "lr", "weight_decay", "batch_size",
             "steps_per_epoch", "strategy", "freeze_epochs", "backbone_lr_ratio", "grad_clip", "amp", "seed",
-            "world_size")
+            "world_size", "accumulate", "layer_decay", "ema", "ema_eval")
+
+#: What a setting added after a ``last.pt`` was written meant before it existed (so the old state still resumes).
+_SETTING_DEFAULTS = {"accumulate": 1, "layer_decay": None, "ema": None, "ema_eval": False}
 
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("workbench_extra_callbacks", default=())
 
@@ -101,6 +112,8 @@ class History:
     monitor: str = "train_loss"
     mode: str = "min"
     stop_reason: str = ""
+    #: With ``fit(ema=...)``: the EMA (shadow) weights at the end, a state dict (also ``checkpoints/ema.safetensors``).
+    ema_weights: dict | None = field(default=None, repr=False)
 
     @property
     def best_epoch(self) -> int | None:
@@ -447,6 +460,10 @@ class Trainer:
         self._per_step_schedule = True
         self._wrapped_for: tuple | None = None
         self._bar = None
+        self.accumulate = 1  # batches per optimizer step
+        self.ema: ModelEMA | None = None
+        self.ema_eval = False
+        self._ddp = None  # the DDP wrapper, for no_sync on the micro-batches that do not step
 
     @property
     def is_main(self) -> bool:
@@ -481,6 +498,7 @@ class Trainer:
             **({"rng_ranks": rng} if self.dist.enabled else {}),
             "stopped": self.should_stop,
             "settings": self.settings,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def save_state(self, train_data) -> None:
@@ -490,6 +508,9 @@ class Trainer:
         state = self.state_dict(train_data)
         if self.last_path is not None:
             save_state(state, self.last_path)
+            if self.ema is not None:
+                save_weights(self.ema.shadow, self.last_path.with_name("ema.safetensors"),
+                             metadata={"epoch": self.epoch, "step": self.global_step, "ema_decay": self.ema.decay})
         self.dist.barrier()
 
     def restore(self, *, resume: bool, train_data, epochs: int) -> tuple[int, bool]:
@@ -529,6 +550,8 @@ class Trainer:
         self.history.rows, self.history.lr_trace = state["history"]["rows"], state["history"]["lr_trace"]
         self.history.stop_reason = state["history"].get("stop_reason", "")
         self.global_step = state["global_step"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if self.run is not None:
             self.run.rewrite_metrics(self.history.rows)  # drop rows logged after the state was saved
         _set_rng_state(state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"], train_data)
@@ -540,8 +563,8 @@ class Trainer:
 
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        self._bar = tqdm(total=epochs * len(train_data), initial=self.global_step, desc="fit", leave=True,
-                         disable=not progress or not self.is_main)
+        self._bar = tqdm(total=epochs * self.settings["steps_per_epoch"], initial=self.global_step, desc="fit",
+                         leave=True, disable=not progress or not self.is_main)
         try:
             for epoch in range(start_epoch, epochs):
                 self.epoch = epoch
@@ -550,7 +573,8 @@ class Trainer:
                 if train_loss is None:
                     break
                 logs = {"epoch": epoch, "step": self.global_step, "train_loss": train_loss}
-                logs.update(self.validate(val_data, evaluate))
+                with self.evaluated_weights():
+                    logs.update(self.validate(val_data, evaluate))
                 self.end_epoch(logs, started, train_data)
                 if self.should_stop:
                     self.log_line(self.history.stop_reason)
@@ -560,20 +584,27 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self)
 
+    def evaluated_weights(self):
+        """The weights that are validated and checkpointed: the EMA's with ``ema_eval``, else the model's own."""
+        if self.ema is not None and self.ema_eval:
+            return self.ema.swapped_in(self.model)
+        return contextlib.nullcontext()
+
     def train_epoch(self, train_data) -> float | None:
         """One pass over ``train_data``; the epoch's mean loss per sample (None: it became NaN/inf)."""
         for cb in self.callbacks:
             cb.on_epoch_start(self)
         set_epoch(train_data, self.epoch)
         self._wrap()
+        if self.ema is not None:
+            self.ema.bind(self.model)
         self.model.train()
         running = torch.zeros((), device=self.device)
         seen = 0  # samples (or batches, where a batch does not say its size)
-        for batch in train_data:
-            batch = move_to(batch, self.device)
-            loss = self.train_step(batch)
-            n = _batch_len(batch)
-            running += loss.detach() * n
+        for batches in _micro_batches(train_data, self.accumulate):
+            batches = [move_to(batch, self.device) for batch in batches]
+            summed, n = self.train_step(batches)
+            running += summed
             seen += n
             self._bar.update(1)
             if self.global_step % self.log_every == 0:
@@ -584,29 +615,59 @@ class Trainer:
         value = self._mean(running, seen)
         return value if math.isfinite(value) else self._bad_loss(value)
 
-    def train_step(self, batch) -> torch.Tensor:
-        """Forward, backward, (clip,) optimizer and scheduler step on one batch; its loss."""
+    def train_step(self, batches: list) -> tuple[torch.Tensor, int]:
+        """One optimizer step over ``batches`` (one batch, or ``accumulate`` micro-batches).
+
+        Each micro-batch's mean loss is weighted by its share of the step's samples before its
+        backward pass, so the summed gradient is that of one batch holding them all. Under DDP
+        the gradients are averaged over the ranks on the last micro-batch only (``no_sync``).
+        Returns the step's loss summed over samples (on the device) and its number of samples.
+        """
         opt = self.optimizer
-        with self.autocast():
-            loss = self.forward_loss(batch)
         opt.zero_grad(set_to_none=True)
         self.history.lr_trace.append([g["lr"] for g in opt.param_groups])
+        sizes = [_batch_len(batch) for batch in batches]
+        total = sum(sizes)
+        summed = None
+        for i, (batch, n) in enumerate(zip(batches, sizes)):
+            with self._no_sync(last=i == len(batches) - 1):
+                with self.autocast():
+                    loss = self.forward_loss(batch)
+                self._backward(loss if len(batches) == 1 else loss * (n / total))
+            part = loss.detach() * n
+            summed = part if summed is None else summed + part
+        self._optimizer_step()
+        return summed, total
+
+    def _no_sync(self, *, last: bool):
+        if last or self._ddp is None:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
+
+    def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> None:
+        """(Unscale and) clip, step the optimizer, the EMA and the schedule; count the step."""
+        opt = self.optimizer
+        if self.scaler is not None:
             if self.grad_clip:
                 self.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
             self.scaler.step(opt)
             self.scaler.update()
         else:
-            loss.backward()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
             opt.step()
+        if self.ema is not None:
+            self.ema.update()
         if self._per_step_schedule:
             self.scheduler.step()
         self.global_step += 1
-        return loss
 
     def validate(self, val_data, evaluate) -> dict:
         """``val_loss`` and ``evaluate``'s metrics, averaged over ranks (weighted by their samples)."""
@@ -627,15 +688,20 @@ class Trainer:
         return {k: s / max(1, count) for k, s in zip(names, sums)}
 
     def end_epoch(self, logs: dict, started: float, train_data) -> None:
-        """Learning rates and time into ``logs``; callbacks, metrics.jsonl and ``last.pt``."""
+        """Learning rates and time into ``logs``; callbacks, metrics.jsonl and ``last.pt``.
+
+        The callbacks' decisions (best checkpoint, early stopping) see the evaluated weights
+        (:meth:`evaluated_weights`); ``last.pt`` holds the trained ones.
+        """
         history = self.history
         logs.update({f"lr_{name}": g["lr"] for name, g in zip(history.group_names, self.optimizer.param_groups)})
         logs["time_s"] = time.perf_counter() - started
         if not self._per_step_schedule:
             self.scheduler.step(_check_monitor(history.monitor, logs))
         history.rows.append(logs)
-        for cb in self.callbacks:
-            cb.on_validation_end(self, logs)
+        with self.evaluated_weights():
+            for cb in self.callbacks:
+                cb.on_validation_end(self, logs)
         if self.run is not None:
             self.run.log(logs)
         self.save_state(train_data)
@@ -671,7 +737,8 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.forward_loss = DistributedDataParallel(_LossModule(self.model, self.loss_fn), device_ids=ids)
+        self._ddp = DistributedDataParallel(_LossModule(self.model, self.loss_fn), device_ids=ids)
+        self.forward_loss = self._ddp
         self._wrapped_for = trainable
 
 
@@ -715,6 +782,10 @@ def fit(
     backbone_lr_ratio: float = 1.0,
     grad_clip: float | None = None,
     amp: str | None = None,
+    accumulate: int = 1,
+    layer_decay: float | None = None,
+    ema: float | None = None,
+    ema_eval: bool = False,
     monitor: str | None = None,
     mode: str = "min",
     patience: int | None = None,
@@ -761,9 +832,24 @@ def fit(
     backbone_lr_ratio
         Backbone learning rate = ``lr * backbone_lr_ratio``.
     grad_clip
-        Clip the global gradient norm to this value.
+        Clip the global gradient norm to this value (the accumulated gradient, with ``accumulate``).
     amp
         ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
+    accumulate
+        Batches per optimizer step (gradient accumulation, as Lightning's
+        ``accumulate_grad_batches``): the gradient is that of one batch ``accumulate`` times as
+        large (micro-batch losses weighted by their samples). ``global_step``, the schedule,
+        ``log_every`` and the LR trace count optimizer steps; an epoch's last step takes the
+        batches that are left. Under DDP only the last micro-batch of a step synchronises.
+    layer_decay
+        Layer-wise LR decay of the backbone (e.g. 0.75): see
+        :func:`workbench.transfer.param_groups`; multiplies with ``backbone_lr_ratio``.
+    ema, ema_eval
+        Keep an exponential moving average of the weights with this decay (e.g. 0.999; see
+        :mod:`workbench.ema`). It is saved in ``last.pt`` (a resume continues it) and exported
+        as ``checkpoints/ema.safetensors`` every epoch; ``History.ema_weights`` holds it at the
+        end. With ``ema_eval=True`` validation, the best/top-k checkpoints, early stopping and
+        ``restore_best`` use the EMA weights, and the model holds them when ``fit`` returns.
     monitor, mode, patience, min_delta
         Metric that picks the best epoch (default ``val_loss`` with validation data, else
         ``train_loss``); ``patience`` enables early stopping.
@@ -790,7 +876,7 @@ def fit(
         is per process, rank 0 alone writes ``run`` (the ``run`` and ``resume`` of other ranks are
         not used), and every rank returns the same history.
     """
-    _check_args(epochs=epochs, optimizer=optimizer)
+    _check_args(epochs=epochs, optimizer=optimizer, accumulate=accumulate, ema=ema, ema_eval=ema_eval)
     dist = dist_context(distributed)
     if dist.is_main:
         _check_resume(run, resume)
@@ -803,8 +889,9 @@ def fit(
     settings = _settings(
         epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
         lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
-        steps_per_epoch=len(train_data), strategy=strategy, freeze_epochs=freeze_epochs,
+        steps_per_epoch=math.ceil(len(train_data) / accumulate), strategy=strategy, freeze_epochs=freeze_epochs,
         backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed, world_size=dist.world_size,
+        accumulate=accumulate, layer_decay=layer_decay, ema=ema, ema_eval=ema_eval,
     )
     trainer = None
     with dist.watch(lambda: trainer.where() if trainer is not None else "setup"):
@@ -818,20 +905,29 @@ def fit(
             run=run if dist.is_main else None, device=device, loss_fn=loss_fn or _default_loss, amp=amp,
             grad_clip=grad_clip, log_every=log_every, progress=progress,
         )
+        trainer.accumulate, trainer.ema_eval = accumulate, ema_eval
+        trainer.ema = ModelEMA(model, decay=ema) if ema is not None else None
         start_epoch, finished = trainer.restore(resume=resume, train_data=train_data, epochs=epochs)
         if not finished:
             trainer.log_line(f"{describe(trainer.scheduler)}; {trainer.freeze_report.summary()}; device={device}"
                              + (f"; rank {dist.rank} of {dist.world_size}" if dist.enabled else ""))
             trainer.train(train_data, val_data, evaluate, start_epoch=start_epoch, epochs=epochs, progress=progress)
+        _finish_ema(trainer)
         _restore_best(trainer, restore_best)
     return trainer.history
 
 
-def _check_args(*, epochs: int, optimizer: str) -> None:
+def _check_args(*, epochs: int, optimizer: str, accumulate: int, ema: float | None, ema_eval: bool) -> None:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"accumulate must be an integer >= 1 (batches per optimizer step), got {accumulate!r}.")
+    if ema is not None and not 0 < ema < 1:
+        raise ValueError(f"ema={ema!r}: the EMA decay must be in (0, 1), e.g. 0.999; None turns it off.")
+    if ema_eval and ema is None:
+        raise ValueError("ema_eval=True evaluates the EMA weights, but ema is None. Pass ema=0.999 (for example).")
 
 
 def _check_resume(run, resume: bool) -> None:
@@ -866,7 +962,8 @@ def _setup(model, *, dist, settings, strategy, freeze_epochs, lr, optimizer, wei
         strategy = [name for name, p in unwrap(model).named_parameters() if not p.requires_grad]
     unfreeze = GradualUnfreeze(epochs=freeze_epochs, then=strategy) if freeze_epochs > 0 else None
     freeze_report = apply_strategy(model, "frozen_backbone" if unfreeze else strategy)
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio)
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio,
+                          layer_decay=settings["layer_decay"])
     opt = _build_optimizer(optimizer, groups, lr=lr)
     scheduler = build_scheduler(
         opt, schedule, total_steps=max(1, settings["epochs"] * settings["steps_per_epoch"]),
@@ -891,6 +988,15 @@ def _setup(model, *, dist, settings, strategy, freeze_epochs, lr, optimizer, wei
                                    every_n_epochs=save_every))
     trainer.callbacks = cbs + list(callbacks) + list(_EXTRA_CALLBACKS.get())
     return trainer
+
+
+def _finish_ema(trainer: Trainer) -> None:
+    """The EMA weights into the history; into the model too when they are the evaluated ones."""
+    if trainer.ema is None:
+        return
+    trainer.history.ema_weights = {k: v.detach().clone() for k, v in trainer.ema.shadow.items()}
+    if trainer.ema_eval:
+        trainer.ema.copy_to(trainer.model)
 
 
 def _restore_best(trainer: Trainer, restore_best: bool) -> None:
@@ -919,13 +1025,26 @@ def _check_settings(saved: dict | None, now: dict, path) -> None:
     if saved is None:
         raise ValueError(f"{path} records no training settings (it was written by an older workbench), so a resume "
                          "cannot check that it continues the same run. Start a new run (another output_dir).")
-    differ = [f"{k}: {saved.get(k)!r} saved, {now[k]!r} now" for k in SETTINGS if saved.get(k) != now[k]]
+    differ = [f"{k}: {saved.get(k, _SETTING_DEFAULTS.get(k))!r} saved, {now[k]!r} now" for k in SETTINGS
+              if saved.get(k, _SETTING_DEFAULTS.get(k)) != now[k]]
     if differ:
         raise ValueError(
             f"Cannot resume {path} with other settings: {'; '.join(differ)}. The saved run's schedule and data order "
             "were planned for its own settings. Resume with the saved values, or start a new run in another "
             "output_dir."
         )
+
+
+def _micro_batches(data: Iterable, k: int):
+    """``data``'s batches in lists of ``k`` (the last list holds what is left)."""
+    group = []
+    for batch in data:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _batch_len(batch) -> int:

@@ -61,6 +61,8 @@ __all__ = [
     "available_strategies",
     "head_prefixes",
     "param_groups",
+    "layer_prefixes",
+    "lr_ratios",
 ]
 
 #: Prefixes that wrappers commonly add (DataParallel/DDP, Lightning, torch.compile, encoders, ptls's ABSModule).
@@ -733,6 +735,8 @@ def param_groups(
     lr: float,
     weight_decay: float = 0.0,
     backbone_lr_ratio: float = 1.0,
+    layer_decay: float | None = None,
+    layers: Sequence[str | Sequence[str]] | None = None,
 ) -> list[dict]:
     """Optimizer parameter groups for every parameter, frozen ones included.
 
@@ -745,6 +749,17 @@ def param_groups(
     exactly or as a module prefix: ``"pos"`` matches ``"pos.weight"``). The backbone learns at
     ``lr * backbone_lr_ratio`` (discriminative learning rates).
 
+    With ``layer_decay`` (layer-wise LR decay, as in BEiT/ELECTRA fine-tuning and timm's
+    ``layer_decay``) the backbone is split by depth into ``n`` layers (see :func:`layer_prefixes`)
+    and layer ``i`` (0 = nearest the input) learns at
+    ``lr * backbone_lr_ratio * layer_decay ** (n - i)``: the LR falls geometrically from the head
+    down. Backbone parameters outside every layer (a stem or embedding before the stack) sit one
+    below layer 0, at ``layer_decay ** (n + 1)`` (timm's layout). The two compose by multiplication:
+    ``backbone_lr_ratio`` scales the whole backbone, ``layer_decay`` shapes it within. Freezing
+    composes too: every layer keeps its group (and LR) while frozen, so a layer that is unfrozen
+    later (``freeze_epochs``) trains at its own decayed rate. Groups are then named
+    ``stem``, ``layer0`` ... ``layer{n-1}``, ``head`` (each with its ``*_no_decay`` part).
+
     Parameters
     ----------
     model
@@ -755,32 +770,116 @@ def param_groups(
         Weight decay of the decayed groups.
     backbone_lr_ratio
         The backbone's learning rate as a fraction of ``lr``; must be > 0.
+    layer_decay
+        None (off), or the factor in (0, 1] by which each layer's LR is below the next one's.
+    layers
+        The backbone's layers from the input to the head, each a module prefix or a list of
+        prefixes; default :func:`layer_prefixes` (the model's ``layer_groups()``, else its
+        largest ``Sequential`` / ``ModuleList`` stack).
 
     Returns
     -------
-    Groups in the order backbone, backbone_no_decay, head, head_no_decay (empty ones left out),
-    each a dict with ``name``, ``params``, ``lr`` and ``weight_decay``.
+    Groups in the order backbone, backbone_no_decay, head, head_no_decay (empty ones left out;
+    with ``layer_decay``: stem, layer0 ... head), each a dict with ``name``, ``params``, ``lr``
+    and ``weight_decay``.
     """
     if backbone_lr_ratio <= 0:
         raise ValueError(f"backbone_lr_ratio must be > 0, got {backbone_lr_ratio}; use strategy= to freeze instead.")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75), got {layer_decay}; None turns it off.")
     model = unwrap(model)
     heads = head_prefixes(model)
     no_decay_names = _no_weight_decay(model)
+    depth = _depth_of(model, heads, layers) if layer_decay is not None else None
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
-        part = "head" if any(_under(name, h) for h in heads) else "backbone"
+        part, scale = "head", 1.0
+        if not any(_under(name, h) for h in heads):
+            part, scale = "backbone", backbone_lr_ratio
+            if depth is not None:
+                part, power = depth(name)
+                scale *= layer_decay ** power
         decay = p.ndim > 1 and not any(_under(name, n) for n in no_decay_names)
         key = part if decay else f"{part}_no_decay"
         if key not in groups:
-            groups[key] = {
-                "name": key,
-                "params": [],
-                "lr": lr * (1.0 if part == "head" else backbone_lr_ratio),
-                "weight_decay": weight_decay if decay else 0.0,
-            }
+            groups[key] = {"name": key, "params": [], "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
-    order = ["backbone", "backbone_no_decay", "head", "head_no_decay"]
+    parts = ["backbone"] if depth is None else ["stem"] + [f"layer{i}" for i in range(depth.n)]
+    order = [k for part in parts + ["head"] for k in (part, f"{part}_no_decay")]
     return [groups[k] for k in order if k in groups]
+
+
+def lr_ratios(groups: Sequence[dict], *, lr: float) -> dict[str, float]:
+    """``{group: lr multiplier}`` of :func:`param_groups`' groups, one entry per LR (``*_no_decay`` folded in).
+
+    What :func:`workbench.lr_curve` takes as ``groups=``, so the LR preview draws one line per layer.
+    """
+    out: dict[str, float] = {}
+    for group in groups:
+        name = group["name"].removesuffix("_no_decay")
+        out.setdefault(name, group["lr"] / lr)
+    return out
+
+
+def layer_prefixes(model: nn.Module) -> list[list[str]]:
+    """The backbone's layers from the input to the head, each a list of module prefixes.
+
+    The model's own ``layer_groups()`` when it has one (a list whose items are a prefix or a
+    list of prefixes, input first), else the children that hold parameters of the largest
+    ``nn.Sequential`` / ``nn.ModuleList`` outside the head (a transformer's block list, an MLP's
+    layer stack; with a tie, the outermost).
+
+    Raises
+    ------
+    ValueError
+        When the model declares nothing and holds no stack of two or more layers.
+    """
+    model = unwrap(model)
+    declared = getattr(model, "layer_groups", None)
+    if callable(declared):
+        return [[item] if isinstance(item, str) else list(item) for item in declared()]
+    heads = head_prefixes(model)
+    best: list[str] = []
+    for prefix, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = [f"{prefix}.{n}" if prefix else n for n, child in module.named_children()
+                    if any(True for _ in child.parameters())]
+        children = [c for c in children if not any(_under(c, h) for h in heads)]
+        if len(children) > len(best):
+            best = children
+    if len(best) < 2:
+        raise ValueError(
+            f"layer_decay needs the layers of {type(model).__name__}'s backbone, and it has no nn.Sequential or "
+            "nn.ModuleList stack of two or more layers. Give the model a layer_groups() method returning its layer "
+            "prefixes from the input up (e.g. ['embed', 'blocks.0', 'blocks.1']), or pass layers=[...] to "
+            "param_groups."
+        )
+    return [[c] for c in best]
+
+
+class _Depth:
+    """Maps a backbone parameter name to ``(group name, decay power)``."""
+
+    def __init__(self, layers: list[list[str]]):
+        self.layers, self.n = layers, len(layers)
+
+    def __call__(self, name: str) -> tuple[str, int]:
+        for i in reversed(range(self.n)):  # the deepest match wins for nested prefixes
+            if any(_under(name, prefix) for prefix in self.layers[i]):
+                return f"layer{i}", self.n - i
+        return "stem", self.n + 1
+
+
+def _depth_of(model: nn.Module, heads, layers) -> _Depth:
+    found = layer_prefixes(model) if layers is None else [[x] if isinstance(x, str) else list(x) for x in layers]
+    names = [name for name, _ in model.named_parameters()]
+    for prefixes in found:
+        for prefix in prefixes:
+            if not any(_under(name, prefix) for name in names):
+                raise ValueError(f"layer prefix {prefix!r} matches no parameter of {type(model).__name__}; "
+                                 f"parameters start with {sorted({n.split('.')[0] for n in names})}.")
+    return _Depth(found)
 
 
 def _no_weight_decay(model: nn.Module) -> list[str]:

@@ -16,7 +16,9 @@ options, any other ``str`` -> Text. Below them, three tabs:
 
 LR schedule
     The planned learning rate at every step, redrawn whenever ``lr_scheduler_type``,
-    ``learning_rate``, ``warmup_ratio``, ``epochs`` or ``batch_size`` change.
+    ``learning_rate``, ``warmup_ratio``, ``epochs`` or ``batch_size`` change. With ``find_lr=``
+    a "Find LR" button runs the LR range test (:func:`workbench.lr_find`) for the current
+    values, draws its curve and fills ``learning_rate`` with the suggestion.
 Train
     Runs ``train(values, callbacks=[...])`` in this process with live training curves, into a run
     folder of its own (``<output_dir>/panel/001``, ``002``, ...), never the notebook's.
@@ -76,6 +78,7 @@ def panel(
     steps_per_epoch: int | None = None,
     train_size: int | None = None,
     metric: str | None = None,
+    find_lr: Callable | None = None,
 ) -> ParameterPanel:
     """A widget panel over the parameters cell of ``notebook``.
 
@@ -107,6 +110,10 @@ def panel(
     metric
         Initial value of the sweep's ``metric`` field (the final metric its comparison figure
         shows). Default: the first of the notebook's workflow's ``HEADLINE_METRICS``.
+    find_lr
+        Function running the LR range test for a parameter dict, called as ``find_lr(values)``
+        and returning a :class:`workbench.lr_range.LRFinderResult` (e.g. ``cell_type.lr_finder(model, data)``).
+        None: the Find LR button is disabled.
 
     Returns
     -------
@@ -122,7 +129,7 @@ def panel(
     """
     path, note = resolve_notebook(notebook, fallback)
     made = ParameterPanel(path, values=values, train=train, sweep_dir=sweep_dir,
-                          steps_per_epoch=steps_per_epoch, train_size=train_size, metric=metric)
+                          steps_per_epoch=steps_per_epoch, train_size=train_size, metric=metric, find_lr=find_lr)
     made.note = note
     if note:
         made.note_html.value = f"<small style='color:#a60'>{_escape(note)}</small>"
@@ -211,7 +218,7 @@ class ParameterPanel:
     """
 
     def __init__(self, notebook, *, values=None, train=None, sweep_dir=None, steps_per_epoch=None,
-                 train_size=None, metric=None):
+                 train_size=None, metric=None, find_lr=None):
         import ipywidgets as w
 
         self.notebook_given = str(notebook)
@@ -241,6 +248,8 @@ class ParameterPanel:
         self.last_run_dir = None
         self.last_error = None
         self.last_spec_path = None
+        self.last_lr_find = None
+        self._find_lr_fn = find_lr
 
         self.options = {}
         self.fields = {name: self._make_field(name, info) for name, info in self.parameters.items()}
@@ -260,6 +269,11 @@ class ParameterPanel:
         self.export_button = w.Button(description="Export sweep", icon="save",
                                       tooltip="write a sweep spec (YAML) for `workbench sweep`")
         self.export_button.on_click(self._on_export)
+        self.find_lr_out = w.Output()
+        self.find_lr_button = w.Button(description="Find LR", icon="search",
+                                       disabled=find_lr is None or "learning_rate" not in self.parameters,
+                                       tooltip="LR range test with the values above; fills learning_rate")
+        self.find_lr_button.on_click(self._on_find_lr)
         self._make_sweep_fields(seed=start.get("seed"), metric=metric)
         missing = [name for name in PREVIEW_NAMES[:4] if name not in self.parameters]
         if missing:
@@ -331,7 +345,8 @@ class ParameterPanel:
             *self.vary.values(), self.seeds_field, self.metric_field, self.name_field, self.sweep_dir_field,
             self.export_button, self.sweep_out,
         ])
-        tabs = w.Tab(children=[w.VBox([self.preview_title, self.preview_out]), train_page, sweep_page])
+        lr_page = w.VBox([self.preview_title, self.preview_out, self.find_lr_button, self.find_lr_out])
+        tabs = w.Tab(children=[lr_page, train_page, sweep_page])
         tabs.titles = ("LR schedule", "Train", "Export sweep")
         title = w.HTML(f"<b>{_escape(self.notebook.name)}</b>: parameters <small>({_escape(str(self.notebook))})</small>")
         says = w.HTML("<small>This panel does not edit the notebook's parameters cell: Train runs these values in a "
@@ -469,6 +484,38 @@ class ParameterPanel:
         return lr_curve(v["lr_scheduler_type"], lr=v["learning_rate"], total_steps=v["epochs"] * per_epoch,
                         warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
                         freeze_steps=v.get("freeze_epochs", 0) * per_epoch)
+
+    # -- LR range test -----------------------------------------------------------------------
+
+    def find_lr(self):
+        """Run the LR range test for the current values, as the Find LR button does; fill ``learning_rate``.
+
+        The curve is drawn in the LR schedule tab and the result kept as :attr:`last_lr_find`;
+        the preview follows the new learning rate.
+        """
+        if self._find_lr_fn is None:
+            raise ValueError("this panel was built without find_lr=, so it cannot run the LR range test. Build it "
+                             "with widgets.panel(..., find_lr=cell_type.lr_finder(model, data)) "
+                             "(or your own function).")
+        self.find_lr_out.clear_output()
+        _say(self.find_lr_out, "LR range test ...")
+        with _capture(self.find_lr_out):
+            result = self._find_lr_fn(self.values())
+        self.last_lr_find = result
+        self.fields["learning_rate"].value = float(result.suggestion)
+        from .plots import plot_lr_find
+
+        _show_in(self.find_lr_out, plot_lr_find(result))
+        _say(self.find_lr_out, f"learning_rate set to {result.suggestion:.3g}: {result.summary()}")
+        return result
+
+    def _on_find_lr(self, button) -> None:
+        button.disabled = True
+        try:
+            with _errors_into(self, self.find_lr_out, "LR range test failed"):
+                self.find_lr()
+        finally:
+            button.disabled = False
 
     # -- training ----------------------------------------------------------------------------
 

@@ -65,6 +65,8 @@ __all__ = [
     "pretrain",
     "pretrained",
     "finetune",
+    "find_lr",
+    "lr_finder",
     "baseline",
     "evaluate",
     "run_workflow",
@@ -119,6 +121,7 @@ PARAMETERS = Spec(
     strategy=Choice(*BUILTIN_STRATEGIES),
     lr_scheduler_type=Choice(*SCHEDULES),
     learning_rate=Real(gt=0),
+    find_lr=Flag(),
     warmup_ratio=Real(ge=0, lt=1),
     epochs=Integer(ge=1),
     batch_size=Integer(ge=1),
@@ -528,6 +531,31 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
         patience=patience or None, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
         log_every=100,
     )
+
+
+def find_lr(model, data: CellData, *, batch_size: int = 32, backbone_lr_ratio: float = 1.0, seed: int = 0,
+            num_steps: int = 100):
+    """The LR range test (:func:`workbench.lr_find`) on the labelled training cells; nothing it touches changes.
+
+    The same batches and weight decay as :func:`finetune`; it trains what is trainable now (with
+    ``freeze_epochs`` the notebook has frozen the encoder, so it tests the head alone). Returns
+    the result, whose ``suggestion`` (steepest descent) the notebook trains with when ``find_lr`` is set.
+    """
+    from ..lr_range import lr_find
+
+    batches = data.batches(data.labelled_idx, batch_size=batch_size, shuffle=True, seed=seed)
+    return lr_find(model, batches, start_lr=1e-6, end_lr=1.0, num_steps=num_steps,
+                   weight_decay=DEFAULTS["weight_decay"], backbone_lr_ratio=backbone_lr_ratio)
+
+
+def lr_finder(model, data: CellData):
+    """``values -> find_lr(model, data, ...)`` for the widget panel's Find LR button (reads batch_size, ...)."""
+
+    def run(values: Mapping):
+        return find_lr(model, data, batch_size=values["batch_size"], backbone_lr_ratio=values["backbone_lr_ratio"],
+                       seed=values["seed"])
+
+    return run
 
 
 def _validation_metrics(model, batches) -> dict:
