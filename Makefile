@@ -18,7 +18,7 @@ help:
 	@echo "make test   - the test suite (executes the notebooks with tiny parameters)"
 	@echo "make lab    - JupyterLab with the project's kernel"
 	@echo "make sweep  - constant vs cosine LR sweep (notebooks/sweeps/lr_schedule.yaml)"
-	@echo "make bench  - loop-parity, DDP-scaling and sweep-overhead benchmarks -> benchmarks/results/"
+	@echo "make bench  - loop parity, DDP scaling, sweep overhead, atlas streaming, CoLES throughput, LoRA memory -> benchmarks/results/"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,10 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]" || echo "lightning unavailable: loop_parity runs without it"
 	$(PY) benchmarks/loop_parity.py
 	$(PY) benchmarks/ddp_scaling.py
-	$(PY) benchmarks/sweep_overhead.py --notebook notebooks/cell_type_annotation.ipynb -p epochs 2 -p pretrained_checkpoint none -p interactive False --size 256
+	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/anndata_stream.py
+	$(PY) benchmarks/coles_throughput.py --clients 600 --repeats 5 --threads 1
+	$(PY) benchmarks/lora_memory.py
 
 clean:
 	rm -rf runs/ wandb/ .pytest_cache/
