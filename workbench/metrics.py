@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
-           "sensitivity_specificity", "roc_pr_curves", "fold_summary", "project_2d"]
+           "sensitivity_specificity", "roc_pr_curves", "fold_summary", "project_2d",
+           "Evaluation", "evaluate_classifier"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,3 +590,38 @@ def project_2d(embeddings, *, seed: int = 0) -> np.ndarray:
     k = min(2, x.shape[1], len(x))
     coords = PCA(n_components=k, random_state=seed).fit_transform(x)
     return np.pad(coords, ((0, 0), (0, 2 - k)))
+
+
+# --------------------------------------------------------------------------------------------
+# a classifier scored on its test samples beside a baseline
+# --------------------------------------------------------------------------------------------
+
+
+class Evaluation:
+    """Test metrics of the fine-tuned model against the baseline, the confusion matrix and the flat final metrics."""
+
+    def __init__(self, table: MetricsTable, confusion, final: dict):
+        self.table, self.confusion, self.final = table, confusion, final
+
+    def _repr_html_(self) -> str:
+        return self.table._repr_html_()
+
+    def __repr__(self) -> str:
+        return repr(self.table)
+
+
+def evaluate_classifier(truth, proba, classes: Sequence, *, baseline: Mapping, run=None,
+                        extra: Mapping | None = None) -> Evaluation:
+    """Score class probabilities ``proba`` (samples x classes) against ``truth`` beside ``baseline``'s metrics.
+
+    ``final`` holds ``test_<metric>`` and ``baseline_test_<metric>`` (and ``extra``), flat; with a
+    ``run`` it is written as the run's ``final_metrics.json`` (``run.finish``).
+    """
+    pred = np.asarray(classes)[np.asarray(proba).argmax(1)]
+    ours = classification_metrics(truth, pred, y_score=proba, labels=classes)
+    table = MetricsTable({"fine-tuned encoder": ours, "baseline (logistic regression)": dict(baseline)})
+    final = {f"test_{k}": v for k, v in ours.items()} | {f"baseline_test_{k}": v for k, v in baseline.items()}
+    final |= {k: float(v) for k, v in dict(extra or {}).items()}
+    if run is not None:
+        final = run.finish(final)
+    return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=classes), final=final)

@@ -45,7 +45,7 @@ from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
-from ..metrics import MetricsTable, classification_metrics, confusion_matrix
+from ..metrics import Evaluation, classification_metrics, evaluate_classifier
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..schedules import SCHEDULES
 from ..streaming import StreamingBatches, read_rows, scan
@@ -588,21 +588,6 @@ def baseline(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CEL
     return classification_metrics(data.labels[test], pred, labels=data.classes)
 
 
-@dataclass
-class Evaluation:
-    """Test metrics of the fine-tuned model against the baseline, and the confusion matrix."""
-
-    table: MetricsTable
-    confusion: object
-    final: dict
-
-    def _repr_html_(self) -> str:
-        return self.table._repr_html_()
-
-    def __repr__(self) -> str:
-        return repr(self.table)
-
-
 def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities of the cells ``idx``, one row per cell in the order given (streamed from X)."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -616,15 +601,8 @@ def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.nd
 def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
     """Score on the test cells, beside logistic regression; write final_metrics.json."""
     proba = predict_proba(model, data, data.test_idx)
-    pred = np.array(data.classes)[proba.argmax(1)]
-    truth = data.labels[data.test_idx]
-    ours = classification_metrics(truth, pred, y_score=proba, labels=data.classes)
-    base = baseline(data, seed=seed)
-    table = MetricsTable({"fine-tuned encoder": ours, "baseline (logistic regression)": base})
-    final = {f"test_{k}": v for k, v in ours.items()} | {f"baseline_test_{k}": v for k, v in base.items()}
-    if run is not None:
-        final = run.finish(final)
-    return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=data.classes), final=final)
+    return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
+                               run=run)
 
 
 def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:

@@ -70,10 +70,10 @@ from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
-from ..metrics import MetricsTable, classification_metrics, confusion_matrix
+from ..metrics import Evaluation, classification_metrics, evaluate_classifier
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
-from .cell_type import Evaluation, _validation_metrics  # one copy: test metrics beside a baseline; val accuracy/F1
+from .cell_type import _validation_metrics  # one copy: validation accuracy / macro-F1
 
 __all__ = [
     "DEFAULTS", "PARAMETERS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
@@ -844,16 +844,8 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
 def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping | None = None) -> Evaluation:
     """Score the test clients beside logistic regression; write final_metrics.json."""
     proba = predict_proba(model, data, data.test_idx)
-    pred = np.array(data.classes)[proba.argmax(1)]
-    truth = data.labels[data.test_idx]
-    ours = classification_metrics(truth, pred, y_score=proba, labels=data.classes)
-    base = baseline(data, seed=seed)
-    table = MetricsTable({"fine-tuned encoder": ours, "baseline (logistic regression)": base})
-    final = {f"test_{k}": v for k, v in ours.items()} | {f"baseline_test_{k}": v for k, v in base.items()}
-    final |= {k: float(v) for k, v in dict(extra or {}).items()}
-    if run is not None:
-        final = run.finish(final)
-    return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=data.classes), final=final)
+    return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
+                               run=run, extra=extra)
 
 
 def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
