@@ -202,7 +202,7 @@ def test_finetuning_freezes_then_unfreezes_with_weights_smoothing_clipping_bf16_
 
     run = wb.Run(tmp_path / "run", params={"test": 1})
     history = es.finetune(model, data, epochs=4, learning_rate=1e-2, batch_size=4, freeze_epochs=2, grad_clip=0.5,
-                          amp="bf16", save_top_k=2, run=run, callbacks=[Snapshot()], progress=False)
+                          amp="bf16", save_top_k=2, backbone_lr_ratio=0.5, run=run, callbacks=[Snapshot()], progress=False)
     weights = [k for k in before if "num_batches" not in k and "running" not in k]
     assert all(torch.equal(before[k], snapshots[1][k]) for k in weights)  # frozen for epochs 0-1
     assert any(not torch.equal(snapshots[1][k], snapshots[3][k]) for k in weights)  # trained in epochs 2-3
@@ -213,6 +213,8 @@ def test_finetuning_freezes_then_unfreezes_with_weights_smoothing_clipping_bf16_
     curve = es.lr_frame(history, freeze_epochs=2, steps_per_epoch=steps, schedule="cosine")
     assert (curve.loc[: 2 * steps - 1, "backbone"] == 0).all() and (curve.loc[2 * steps:, "backbone"] > 0).all()
     assert curve.attrs["freeze_steps"] == 2 * steps and (curve["head"] > 0).all()
+    unfrozen = curve.loc[2 * steps:]  # the encoder learns at backbone_lr_ratio times the head's rate
+    assert np.allclose(unfrozen["backbone"], 0.5 * unfrozen["head"])
     # the loss: class-weighted, label-smoothed cross-entropy
     x, y = next(iter(data.batches(data.labelled_idx, batch_size=6)))
     model.eval()
