@@ -2,6 +2,9 @@
 
 - :mod:`workbench.tasks.cell_type`: cell-type annotation from single-cell expression.
 - :mod:`workbench.tasks.regulatory`: expression under new experimental conditions, LoRA against full fine-tuning.
+- :mod:`workbench.tasks.heart_sound`: phonocardiograms, contrastive pretraining; linear eval, few-shot, full.
+- :mod:`workbench.tasks.event_sequence`: client event sequences, CoLES encoders from pytorch-lifestream.
+- :mod:`workbench.tasks.spatial_transfer`: a bulk-trained expression model moved to a spatial gene panel.
 
 A workflow module declares what the core needs to know about it, so the core never names a
 workflow's metrics or packages itself:
@@ -13,6 +16,8 @@ workflow's metrics or packages itself:
     the final metrics a terminal summary and the panel's sweep export show first;
 ``PACKAGES``
     packages besides the core ones whose versions each run records;
+``PARAMETERS``
+    what each notebook parameter accepts (:class:`workbench.params.Spec`), checked before any work;
 ``run_workflow(params, *, callbacks=())``
     its notebook's steps, in this process (the widget panel's Train button).
 """
