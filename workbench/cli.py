@@ -132,22 +132,10 @@ def _run_distributed(args, params: dict, out: Path) -> int:
     """``workbench run --nproc N``: check everything here, then torchrun N ranks of :mod:`workbench.launch`."""
     import subprocess
 
-    from .execute import check_values, coerce_parameters, notebook_defaults, notebook_parameters
+    from .execute import prepare_run_folder
     from .launch import torchrun_command
-    from .tracking import RunFolderError, check_run_folder, clear_run_folder
 
-    declared = notebook_parameters(args.notebook)
-    values = coerce_parameters(args.notebook, params, declared=declared)
-    check_values(args.notebook, values, declared=declared)
-    out = out.resolve()
-    try:
-        check_run_folder(out, {**notebook_defaults(args.notebook, declared=declared), **values})
-    except RunFolderError:
-        if not args.overwrite:
-            raise
-        clear_run_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "status.json").unlink(missing_ok=True)
+    _, out = prepare_run_folder(args.notebook, params, out, overwrite=args.overwrite)
     start = time.perf_counter()
     done = subprocess.run(torchrun_command(args.notebook, params, out, nproc=args.nproc))
     if done.returncode != 0:

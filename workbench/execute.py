@@ -186,6 +186,35 @@ def _declared_type(annotation: str, default: str) -> str | None:
     return None
 
 
+def prepare_run_folder(notebook: str | os.PathLike, parameters: dict, output_dir: str | os.PathLike, *,
+                       overwrite: bool = False) -> tuple[dict, Path]:
+    """Check ``parameters`` and the run folder before any work; return the converted values and the folder.
+
+    Names, types (:func:`coerce_parameters`) and the workflow's constraints (:func:`check_values`)
+    are checked; a folder holding a run with other parameters is refused unless ``overwrite``
+    (then cleared); the folder is created, without the status and metrics an earlier attempt left.
+    ``interactive`` is False unless given (a headless run shows no widget panel).
+    """
+    from .tracking import RunFolderError, check_run_folder, clear_run_folder
+
+    declared = notebook_parameters(notebook)
+    values = coerce_parameters(notebook, parameters, declared=declared)
+    if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
+        values.setdefault("interactive", False)
+    check_values(notebook, values, declared=declared)
+    out = Path(output_dir).resolve()
+    try:
+        check_run_folder(out, {**notebook_defaults(notebook, declared=declared), **values})
+    except RunFolderError:
+        if not overwrite:
+            raise
+        clear_run_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (STATUS_FILE, METRICS_FILE):  # a folder describes one run: drop what an earlier attempt left
+        (out / stale).unlink(missing_ok=True)
+    return values, out
+
+
 def check_values(notebook: str | os.PathLike, values: dict, *, declared: dict[str, dict] | None = None,
                  where: str | None = None) -> None:
     """Check ``values`` (over the notebook's defaults) against its workflow's declared constraints.
@@ -401,24 +430,7 @@ def run_notebook(
     parameters = dict(parameters or {})
     if "output_dir" in parameters:
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
-    declared = notebook_parameters(notebook)
-    values = coerce_parameters(notebook, parameters, declared=declared)
-    if "interactive" in declared:  # headless: no widget panel, no live plots, unless asked for
-        values.setdefault("interactive", False)
-    check_values(notebook, values, declared=declared)
-
-    from .tracking import RunFolderError, check_run_folder, clear_run_folder
-
-    out = Path(output_dir).resolve()
-    try:
-        check_run_folder(out, {**notebook_defaults(notebook, declared=declared), **values})
-    except RunFolderError:
-        if not overwrite:
-            raise
-        clear_run_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (STATUS_FILE, METRICS_FILE):  # a folder describes one run: drop what an earlier attempt left
-        (out / stale).unlink(missing_ok=True)
+    values, out = prepare_run_folder(notebook, parameters, output_dir, overwrite=overwrite)
     values["output_dir"] = str(out)
     executed = out / NOTEBOOK_FILE
 
