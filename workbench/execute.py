@@ -40,7 +40,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .kernels import WarmKernels
 
 __all__ = ["RunResult", "run_notebook", "run_in_process", "notebook_parameters", "notebook_defaults",
            "coerce_parameters", "ensure_kernel", "read_status", "notebook_sha256"]
@@ -385,6 +388,7 @@ def run_notebook(
     log_output: bool = False,
     raise_on_error: bool = False,
     overwrite: bool = False,
+    kernels: WarmKernels | None = None,
 ) -> RunResult:
     """Execute ``notebook`` with ``parameters`` into the run folder ``output_dir``.
 
@@ -411,6 +415,11 @@ def run_notebook(
     overwrite
         Replace a run with other parameters that the folder already holds. Without it such a
         folder is refused (:class:`workbench.tracking.RunFolderError`) before anything is written.
+    kernels
+        A :class:`workbench.kernels.WarmKernels` pool: the run takes its kernel from it (warm, with the
+        workflow's imports done, when the pool has one ready), the pool starts warming the next run's
+        kernel meanwhile, and the run's kernel is shut down when it ends. Without it the run starts a
+        kernel of its own.
 
     Returns
     -------
@@ -440,13 +449,16 @@ def run_notebook(
     ensure_kernel(kernel_name)
     start = time.perf_counter()
     error, failed_cell = None, None
+    kernel = kernels.take(notebook) if kernels is not None else None
+    completed = False
     try:
         with _kernel_sockets() as config:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
                 execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config,
-                shutdown_kernel="immediate",
+                shutdown_kernel="immediate", km=None if kernel is None else kernel.manager,
             )
+        completed = True
     except papermill.PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":
             raise KeyboardInterrupt(f"{notebook.name} was interrupted in cell {err.cell_index + 1}") from None
@@ -459,6 +471,9 @@ def run_notebook(
         failed_cell, source = _last_started_cell(executed)
         error = _describe_failure(failed_cell, source, f"DeadKernelError: the kernel died ({_first_line(str(err))}); "
                                                        "it may have run out of memory")
+    finally:
+        if kernel is not None:  # interrupted or not, the run's kernel ends with the run
+            kernels.release(kernel, notebook, ok=completed)
     seconds = time.perf_counter() - start
 
     metrics = _read_json(out / METRICS_FILE)
