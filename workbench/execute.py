@@ -457,6 +457,7 @@ def run_notebook(
                 str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
                 execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config,
                 shutdown_kernel="immediate", km=None if kernel is None else kernel.manager,
+                engine_name=_engine(),
             )
         completed = True
     except papermill.PapermillExecutionError as err:
@@ -485,6 +486,70 @@ def run_notebook(
     if error is not None and raise_on_error:
         raise RuntimeError(f"{notebook.name} failed: {error} (executed notebook: {executed})")
     return result
+
+
+#: Seconds between two writes of the executed notebook while it runs (it is always written at the start and the end).
+SAVE_EVERY_S = 5.0
+
+
+def _engine() -> str:
+    """papermill's nbclient engine, writing the executed notebook at most every :data:`SAVE_EVERY_S` while it runs.
+
+    papermill writes the whole notebook (figures included) before and after every cell: for a
+    workflow notebook about 45 writes of up to 0.5 MB each, 0.03-0.3 s apiece depending on the
+    machine's load, more than the rest of a warm run's overhead together. The notebook is still
+    written when the run starts and when it ends, however it ends (a failed cell, a timeout, a
+    dead kernel, an interrupt), so the executed notebook and the failing cell it records are
+    the same; a worker killed outright leaves a notebook at most SAVE_EVERY_S old.
+    """
+    global _ENGINE
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    if _ENGINE is not None:
+        return _ENGINE
+
+    class FewerSaves(NotebookExecutionManager):
+        _force = False
+
+        def save(self, **kwargs):
+            if self._force or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY_S:
+                super().save(**kwargs)
+
+        def notebook_start(self, **kwargs):
+            self._force = True
+            try:
+                super().notebook_start(**kwargs)
+            finally:
+                self._force = False
+
+        def notebook_complete(self, **kwargs):
+            self._force = True
+            try:
+                super().notebook_complete(**kwargs)
+            finally:
+                self._force = False
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kwargs):
+            # papermill's Engine.execute_notebook, with the manager above
+            nb_man = FewerSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                                autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("workbench", Engine)
+    _ENGINE = "workbench"
+    return _ENGINE
+
+
+_ENGINE: str | None = None
 
 
 @contextmanager
