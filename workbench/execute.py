@@ -437,6 +437,9 @@ def run_notebook(
     """
     notebook = Path(notebook).resolve()
     parameters = dict(parameters or {})
+    if kernels is not None and kernels.kernel_name != kernel_name:
+        raise ValueError(f"kernels runs the kernel {kernels.kernel_name!r}, but kernel_name={kernel_name!r}: "
+                         f"pass WarmKernels(kernel_name={kernel_name!r}), or kernel_name={kernels.kernel_name!r}.")
     if "output_dir" in parameters:
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
     values, out = prepare_run_folder(notebook, parameters, output_dir, overwrite=overwrite)
