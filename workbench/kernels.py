@@ -101,7 +101,7 @@ class Kernel:
         self._warm_client = self._client()
         self._warm_up_id = self._warm_client.execute(_WARM_UP.format(names=list(modules)), silent=True,
                                                      store_history=False, allow_stdin=False)
-        self.warmed_with = list(modules)
+        self.warmed_with += [m for m in modules if m not in self.warmed_with]
 
     def wait_warm(self, timeout: float = WARM_UP_TIMEOUT) -> bool:
         """Wait until the warm-up ran; True when it did, False when the kernel died or ``timeout`` passed."""
@@ -125,12 +125,6 @@ class Kernel:
         finally:
             self._warm_client.stop_channels()
             self._warm_client = None
-
-    def ready(self) -> bool:
-        """True when the warm-up has finished (without waiting)."""
-        if self._warm_client is None:
-            return self.warm
-        return self._warm_client.shell_channel.msg_ready() and self.wait_warm(timeout=5.0)
 
     # after the run -----------------------------------------------------------------------------
 
@@ -265,9 +259,9 @@ class WarmKernels:
             missing = [m for m in self.modules(notebook) if m not in set(spare.warmed_with)]
             if missing:  # learned since the spare started: import them now, as the run would
                 spare.start_warm_up(missing)
-                spare.wait_warm()
-            kernel = spare
-        elif spare is not None:
+            if not missing or spare.wait_warm():
+                kernel = spare
+        if spare is not None and kernel is None:  # another notebook or environment, or a kernel that died
             spare.shutdown()
         if kernel is None:
             kernel = Kernel(self.kernel_name, cwd=os.getcwd())
