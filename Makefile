@@ -36,8 +36,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Real-browser test of `make lab`'s path; `make test` skips it (screenshots: runs/browser/).
-test-browser: $(STAMP)
+# Real-browser tests of `make lab`'s path, the sweep report and the docs site; `make test` skips them
+# (screenshots: runs/browser/). The docs site is built first (a no-op when nothing changed).
+test-browser: $(STAMP) docs
 	$(PY) -m pytest -q tests/browser
 
 lab: $(STAMP)

@@ -103,7 +103,7 @@ DEFAULTS = {
     "weight_decay": 0.0,
     "test_size": 0.2,
     "val_fraction": 0.1,
-    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (README)
+    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (docs/workflows/parts/event_sequence.md)
     "pretrain_lr": 1e-3,
     "pretrain_batch_size": 64,
     "split_count": 5,
