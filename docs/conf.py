@@ -25,7 +25,7 @@ extensions = [
     "short_refs",
 ]
 
-exclude_patterns = ["_build", "_executed", "workflows/parts", "**.ipynb_checkpoints", "README.md"]
+exclude_patterns = ["_build", "_executed", "workflows/parts", "results", "**.ipynb_checkpoints", "README.md"]
 templates_path = ["_templates"]
 html_static_path = []
 
