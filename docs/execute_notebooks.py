@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -59,14 +60,22 @@ def code_of(source: str) -> str:
     return ast.dump(tree)
 
 
+@functools.cache
+def package_code() -> str:
+    """A hash of the package's code (read once per build)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "workbench").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(code_of(path.read_text()).encode())
+    return digest.hexdigest()
+
+
 def input_key(entry: dict) -> str:
     """A hash of everything the executed notebook depends on (notebook, settings, the package's code)."""
     digest = hashlib.sha256()
     digest.update((ROOT / entry["notebook"]).read_bytes())
     digest.update(json.dumps(entry.get("parameters", {}), sort_keys=True).encode())
-    for path in sorted((ROOT / "workbench").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(code_of(path.read_text()).encode())
+    digest.update(package_code().encode())
     return digest.hexdigest()
 
 
@@ -106,7 +115,7 @@ def execute(name: str, entry: dict, *, force: bool) -> str:
         status = "unchanged, not executed"
     notebook = nbformat.read(folder / "notebook.ipynb", as_version=4)
     notebook.cells.append(page_cell(name, entry))
-    text = nbformat.writes(notebook)
+    text = nbformat.writes(notebook).replace(str(ROOT) + "/", "")  # paths as a reader's checkout has them
     if not page.exists() or page.read_text() != text:  # an unchanged page keeps its time stamp (no rebuild)
         page.write_text(text)
     return f"{name}: {status}"
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workflow(s) {sorted(unknown)}; docs/notebooks.yaml names {sorted(settings)}")
     names = args.names or list(settings)
     EXECUTED.mkdir(exist_ok=True)
+    package_code()  # before the threads start
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(execute, name, settings[name], force=args.force) for name in names]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import html.parser
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -40,13 +41,20 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A browser that closes a connection early (a cancelled image, a page left) is no error of the site."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def site():
     """The built site, served on 127.0.0.1; its base URL."""
     if not (SITE / "index.html").is_file():
         pytest.fail(f"{SITE / 'index.html'} does not exist: build the site with `make docs` first "
                     "(`make test-browser` does)")
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), functools.partial(QuietHandler, directory=str(SITE)))
+    server = QuietServer(("127.0.0.1", free_port()), functools.partial(QuietHandler, directory=str(SITE)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
