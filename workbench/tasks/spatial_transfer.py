@@ -793,6 +793,9 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
+        # genes predicted as a constant count as r = 0 in mean_pearson; how many there were
+        row |= {"constant_genes": int(ours["test_constant_predictions"]),
+                "baseline_constant_genes": int(base["baseline_test_constant_predictions"])}
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
