@@ -261,6 +261,16 @@ def events_out_of_time_order(tmp):
             label_fraction=0.5)
 
 
+def events_conflicting_label_rows(tmp):
+    import pandas as pd
+
+    es, events, labels = _events(tmp)
+    client = labels[es.CLIENT].iloc[0]
+    other = "class1" if labels[es.TARGET].iloc[0] != "class1" else "class0"
+    labels = pd.concat([labels, pd.DataFrame({es.CLIENT: [client], es.TARGET: [other]})])
+    es.load(str(es.write_tables(events, labels, tmp / "events.csv")[0]), label_fraction=0.5)
+
+
 CASES = [
     Case("core", "truncated checkpoint", truncated_checkpoint, CheckpointError, "truncated", "Re-create it"),
     Case("core", "checkpoint in a wrong format", wrong_format_checkpoint, CheckpointError, "weights.pt", "safetensors"),
@@ -304,6 +314,8 @@ CASES = [
          "numeric field 'amount' has 2 NaN value(s)", "impute_numeric=True"),
     Case("event_sequence", "events out of time order", events_out_of_time_order, UserWarning,
          "have events out of time order", "they were sorted"),
+    Case("event_sequence", "conflicting label rows for one client", events_conflicting_label_rows, ValueError,
+         "1 client(s) have label rows that disagree", "keep one row per client_id"),
     Case("spatial_transfer", "NaN targets", spatial_nan_targets, ValueError, "NaN/inf value(s) in 1 spot(s)",
          "drop those spots"),
 ]
