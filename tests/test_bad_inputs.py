@@ -153,6 +153,14 @@ def regulatory_unknown_category_at_predict_time(tmp):
     data.encode(data.test_idx, conditions=conditions)
 
 
+def regulatory_set_value_not_source_or_target(tmp):
+    from workbench.tasks import regulatory
+
+    frame = regulatory.simulate(n_genes=6, n_regions=2, n_motifs=6, n_source_conditions=2, n_new_conditions=2)
+    frame["set"] = frame["set"].replace({"source": "pretraining"})
+    regulatory.load(str(regulatory.write_csv(frame, tmp / "samples.csv")))
+
+
 def regulatory_missing_file(tmp):
     from workbench.tasks import regulatory
 
@@ -294,6 +302,8 @@ CASES = [
          "lr_scheduler_type='cosin' is not one of", "Did you mean 'cosine'?"),
     Case("regulatory", "unknown category at predict time", regulatory_unknown_category_at_predict_time, UserWarning,
          "1 sample(s) have a medium not seen in training", "'unknown' embedding"),
+    Case("regulatory", "set column value that is neither source nor target", regulatory_set_value_not_source_or_target,
+         ValueError, "column 'set' holds 12 value(s) that are not one of source, target", "Mark the pretraining rows 'source'"),
     Case("regulatory", "data file that does not exist", regulatory_missing_file, FileNotFoundError, "samples.csv",
          "or '' to simulate"),
     Case("heart_sound", "label that is not one of the task's classes", heart_label_outside_the_task, ValueError,
