@@ -93,6 +93,72 @@ def test_pretraining_checkpoint_loads_into_the_classifier_like_an_external_one(t
     assert report.loaded_fraction > 0.9
 
 
+def _with_genes(source, path, order):
+    """The same cells as the file at ``source`` with the genes (columns and names) in ``order``."""
+    import anndata
+
+    adata = anndata.read_h5ad(source)
+    adata[:, order].copy().write_h5ad(path)
+    return path
+
+
+def test_a_checkpoint_meets_the_data_genes_by_name_not_by_position(tmp_path):
+    """Issue 21 item 16: an encoder pretrained on one gene order, data with the same genes in another order."""
+    import warnings
+
+    import torch
+
+    import workbench as wb
+
+    ordered = cell_type.load(str(write_h5ad(tmp_path / "a.h5ad")), "celltype")
+    order = np.random.default_rng(1).permutation(60)
+    shuffled = cell_type.load(str(_with_genes(tmp_path / "a.h5ad", tmp_path / "shuffled.h5ad", order)), "celltype")
+    assert shuffled.genes != ordered.genes and sorted(shuffled.genes) == sorted(ordered.genes)
+    assert np.array_equal(shuffled.test_idx, ordered.test_idx)  # the same cells, the same split
+
+    torch.manual_seed(0)
+    trained = cell_type.build_model(ordered, hidden=(16,))
+    path = wb.save_weights(trained, tmp_path / "mine.safetensors", metadata={"genes": ordered.genes})
+    model = cell_type.build_model(shuffled, hidden=(16,))
+    report = cell_type.load_checkpoint(model, shuffled, path)
+    expected = cell_type.predict_proba(trained, ordered, ordered.test_idx)
+    np.testing.assert_allclose(cell_type.predict_proba(model, shuffled, shuffled.test_idx), expected, atol=1e-5)
+    assert report.alignment["matched"] == 60 and report.alignment["reordered"]
+    assert report.alignment["only_in_data"] == report.alignment["only_in_checkpoint"] == 0
+    assert report.loaded_fraction == 1.0 and not report.partial and "60 genes met by name and reordered" in report.summary()
+
+    # genes on one side only: counted; the data's new genes keep their initialisation and stay trainable
+    fewer = cell_type.load(str(_with_genes(tmp_path / "a.h5ad", tmp_path / "fewer.h5ad", order[:57])), "celltype")
+    trained_fewer = cell_type.build_model(fewer, hidden=(16,))
+    path_fewer = wb.save_weights(trained_fewer, tmp_path / "fewer.safetensors", metadata={"genes": fewer.genes})
+    torch.manual_seed(1)
+    model = cell_type.build_model(ordered, hidden=(16,))
+    init = model.encoder.layers[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sidecar names the genes: no warning
+        report = cell_type.load_checkpoint(model, ordered, path_fewer)
+    assert {k: report.alignment[k] for k in ("matched", "only_in_data", "only_in_checkpoint")} == \
+        {"matched": 57, "only_in_data": 3, "only_in_checkpoint": 0}
+    new = [ordered.genes.index(g) for g in report.alignment["first_only_in_data"]]
+    assert sorted(new) == sorted(order[57:].tolist())
+    weight = model.encoder.layers[0].weight.detach()
+    assert torch.equal(weight[:, new], init[:, new])
+    common = [ordered.genes.index(g) for g in fewer.genes]
+    assert torch.equal(weight[:, common], trained_fewer.encoder.layers[0].weight.detach())
+    assert set(report.partial) == {"encoder.layers.0.weight"} and report.loaded_fraction < 1.0
+    freeze = wb.apply_strategy(model, "frozen_backbone")
+    assert "encoder.layers.0.weight" in freeze.kept_trainable and not model.encoder.layers[0].bias.requires_grad
+
+    # no shared gene: refused, naming both sides; a checkpoint that names no genes loads by position, with a warning
+    other = wb.save_weights(trained, tmp_path / "other.safetensors", metadata={"genes": [f"X{i}" for i in range(60)]})
+    with pytest.raises(wb.LoadError, match=r"None of the data's 60 genes is among the checkpoint's 60.*GENE_"):
+        cell_type.load_checkpoint(cell_type.build_model(ordered, hidden=(16,)), ordered, other)
+    bare = wb.save_weights(trained, tmp_path / "bare.safetensors")
+    with pytest.warns(UserWarning, match="inputs met by position"):
+        report = cell_type.load_checkpoint(cell_type.build_model(shuffled, hidden=(16,)), shuffled, bare)
+    assert report.alignment["by"] == "position"
+
+
 def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_path):
     """Issue 17 A1: pretraining was reused by folder, so seed 1 fine-tuned on seed 0's encoder, which had seen
     most of seed 1's test cells."""

@@ -17,9 +17,10 @@ Model
 Pretraining
     Masked-expression reconstruction (:class:`MaskedExpressionModel`): a random subset of each
     cell's genes is zeroed and the encoder + a small decoder reconstruct the masked values. It
-    only sees the training cells, without labels. The checkpoint it writes is loaded into the
-    classifier through :func:`workbench.load_pretrained`, the path a user's external
-    checkpoint takes. It is cached by fingerprint (:mod:`workbench.cache`): the data's content,
+    only sees the training cells, without labels. The checkpoint it writes (its sidecar lists the
+    genes) is loaded into the classifier through :func:`load_checkpoint`
+    (:func:`workbench.load_pretrained`), the path a user's external checkpoint takes: genes are
+    met by name, so a checkpoint over the same genes in another order loads correctly. It is cached by fingerprint (:mod:`workbench.cache`): the data's content,
     the exact training cells and every pretraining setting. A run reuses an encoder only when
     all of them are equal, so a sweep over fine-tuning settings pretrains once per split.
 Baseline
@@ -64,6 +65,8 @@ __all__ = [
     "build_model",
     "pretrain",
     "pretrained",
+    "input_genes",
+    "load_checkpoint",
     "finetune",
     "find_lr",
     "lr_finder",
@@ -496,6 +499,33 @@ def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, pro
     """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
     return resolve_pretrained(pretrained_checkpoint,
                               lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root))
+
+
+def input_genes(model: CellTypeClassifier, data: CellData):
+    """The data's genes along the encoder's first linear layer (:class:`workbench.transfer.FeatureNames`).
+
+    With it, :func:`workbench.load_pretrained` meets a checkpoint's genes by name, in the order
+    its sidecar lists them (``"genes"``, as :func:`pretrain` writes it), not by position.
+    """
+    from ..transfer import FeatureNames
+
+    first = next(i for i, layer in enumerate(model.encoder.layers) if isinstance(layer, nn.Linear))
+    return FeatureNames(data.genes, {f"encoder.layers.{first}.weight": 1}, key="genes")
+
+
+def load_checkpoint(model: CellTypeClassifier, data: CellData, source, *, run=None):
+    """Load an encoder checkpoint into the classifier; the :class:`workbench.LoadReport`.
+
+    :func:`workbench.load_pretrained` with the head expected missing and the input weights met
+    by gene name (:func:`input_genes`): a checkpoint pretrained on the same genes in another
+    order loads as if they were in order; genes on one side only are counted in
+    ``report.alignment`` (those only in the data keep their initialisation and stay trainable
+    under every named strategy). A checkpoint whose sidecar lists no genes loads by position,
+    with a warning.
+    """
+    from ..transfer import load_pretrained
+
+    return load_pretrained(model, source, expect_missing=["head.*"], feature_names=input_genes(model, data), run=run)
 
 
 #: What ``finetune(monitor=...)`` accepts, and whether larger is better.
