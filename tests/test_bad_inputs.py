@@ -127,6 +127,24 @@ def cell_type_nan_features(tmp):
     cell_type.load(str(path), "celltype")
 
 
+def cell_type_counts_in_raw(tmp):
+    from workbench.tasks import cell_type
+
+    from .test_cell_type import write_counts_h5ad
+
+    path, _ = write_counts_h5ad(tmp / "cells.h5ad", counts_in="raw")
+    cell_type.load(str(path), "celltype", backed="false")
+
+
+def cell_type_counts_streamed_from_the_file(tmp):
+    from workbench.tasks import cell_type
+
+    from .test_cell_type import write_counts_h5ad
+
+    path, _ = write_counts_h5ad(tmp / "cells.h5ad", counts_in="X")
+    cell_type.load(str(path), "celltype", backed="true")
+
+
 def cell_type_not_h5ad(tmp):
     from workbench.tasks import cell_type
 
@@ -296,6 +314,10 @@ CASES = [
     Case("cell_type", "label key missing", cell_type_missing_label_key, KeyError, "cell_type_typo", "celltype"),
     Case("cell_type", "NaN labels", cell_type_nan_labels, ValueError, "3 missing labels", "Drop those cells"),
     Case("cell_type", "NaN features", cell_type_nan_features, ValueError, "NaN/inf", "np.nan_to_num"),
+    Case("cell_type", "integer counts in .raw (X log-normalised)", cell_type_counts_in_raw, UserWarning,
+         "adata.raw.X holds integer counts", "normalised here to 10,000 counts per cell, then log1p"),
+    Case("cell_type", "integer counts in X, streamed from the file", cell_type_counts_streamed_from_the_file,
+         ValueError, "adata.X of cells.h5ad holds integer counts", "sc.pp.normalize_total(adata, target_sum=1e4)"),
     Case("cell_type", "data file that is not .h5ad", cell_type_not_h5ad, ValueError, "is not an .h5ad file",
          "write_h5ad"),
     Case("cell_type", "parameter value with a typo", cell_type_bad_parameter, ValueError,

@@ -54,6 +54,52 @@ def test_load_pbmc_keeps_x_sparse_and_splits_stratified():
     assert "cells" in data.to_dict() and "test" in data.to_frame().columns
 
 
+def write_counts_h5ad(path, *, counts_in="raw", n_cells=240, n_genes=60, n_classes=4, seed=0):
+    """Integer counts in ``.raw`` with log-normalised X (the common layout), or counts in X and no ``.raw``.
+
+    Returns the path and the log-normalised matrix (normalize_total to 1e4 + log1p) of the counts.
+    """
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n_cells)
+    rates = np.exp(rng.normal(0, 1, (n_classes, n_genes)))
+    counts = rng.poisson(rates[y] * 3).astype(np.float32)
+    counts[:, 0] += 1  # every cell has counts
+    lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    obs = pd.DataFrame({"celltype": pd.Categorical([f"type_{k}" for k in y])}, index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"GENE_{i:03d}" for i in range(n_genes)])
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    if counts_in == "raw":
+        adata.raw = adata
+        adata.X = lognorm
+    adata.write_h5ad(path)
+    return path, lognorm
+
+
+@pytest.mark.parametrize("counts_in", ["raw", "X"])
+def test_integer_counts_are_log_normalised_with_a_warning_never_used_as_they_are(tmp_path, counts_in):
+    """Issue 21 item 17: features='auto' took .raw whenever it existed, counts or not, and X of counts silently."""
+    path, lognorm = write_counts_h5ad(tmp_path / "counts.h5ad", counts_in=counts_in)
+    where = "adata.raw.X" if counts_in == "raw" else "adata.X"
+    with pytest.warns(UserWarning, match=rf"{where} holds integer counts \(whole numbers up to \d+\): normalised here "
+                                         r"to 10,000 counts per cell, then log1p"):
+        data = cell_type.load(str(path), "celltype", backed="false")
+    np.testing.assert_allclose(data.dense(np.arange(240)), lognorm, rtol=1e-5, atol=1e-5)
+    assert "normalised here" in data.features and "normalised here" in data.summary()
+    with pytest.raises(ValueError, match=r"holds integer counts .* pass backed='false'"):
+        cell_type.load(str(path), "celltype", backed="true")
+    if counts_in == "raw":  # X is log-normalised already: features='X' takes it without a word
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data_x = cell_type.load(str(path), "celltype", features="X", backed="false")
+        np.testing.assert_allclose(data_x.dense(np.arange(240)), lognorm, rtol=1e-6)
+
+
 def test_bad_inputs_name_the_fix(tmp_path):
     path = write_h5ad(tmp_path / "a.h5ad")
     with pytest.raises(KeyError, match=r"label_key='cell_type' is not a column.*\['celltype', 'batch'\]"):
