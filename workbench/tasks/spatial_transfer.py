@@ -664,16 +664,24 @@ def report_table(report, source) -> pd.DataFrame:
 
 
 def strategy_table(model) -> pd.DataFrame:
-    """Trainable parameters per module under each named strategy of the model (it ends unfrozen)."""
+    """Trainable parameters per module under each named strategy of the model (it ends unfrozen).
+
+    When the checkpoint left tensors at initialisation (e.g. the GNN's input weights, for spot
+    features of another width), no strategy freezes them: the last row, ``kept trainable (not
+    loaded)``, counts their parameters under each strategy.
+    """
     from ..transfer import apply_strategy
 
-    frames = []
+    frames, kept = [], {}
     for name in ("full", "frozen_backbone", "frozen_decoder"):
-        frame = apply_strategy(model, name).to_frame().set_index("module")["trainable"].rename(name)
-        frames.append(frame)
+        frame = apply_strategy(model, name).to_frame().set_index("module")
+        frames.append(frame["trainable"].rename(name))
+        kept[name] = int(frame["kept_trainable"].sum())
     apply_strategy(model, "full")
     table = pd.concat(frames, axis=1)
     table.loc["total"] = table.sum()
+    if any(kept.values()):
+        table.loc["kept trainable (not loaded)"] = pd.Series(kept)
     return table
 
 
