@@ -130,3 +130,11 @@ def test_every_notebook_has_a_docs_page():
     executed = {entry["notebook"] for entry in yaml.safe_load((DOCS / "notebooks.yaml").read_text()).values()}
     notebooks = {str(path.relative_to(ROOT)) for path in (ROOT / "notebooks").glob("*.ipynb")}
     assert notebooks == executed
+
+
+def test_readme_links_lead_to_files_and_name_the_commands():
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)\)", text)
+    assert links and all((ROOT / link).exists() for link in links), [link for link in links if not (ROOT / link).exists()]
+    for command in ("make demo", "make test", "make docs"):
+        assert command in text, command
