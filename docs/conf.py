@@ -41,6 +41,7 @@ autosummary_generate = True
 autosummary_imported_members = True
 autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"  # no second, bare parameter list on dataclasses
 autodoc_mock_imports = []
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
