@@ -138,3 +138,16 @@ def test_readme_links_lead_to_files_and_name_the_commands():
     assert links and all((ROOT / link).exists() for link in links), [link for link in links if not (ROOT / link).exists()]
     for command in ("make demo", "make test", "make docs"):
         assert command in text, command
+
+
+def test_api_page_lists_every_top_level_name():
+    """Each name of ``import workbench as wb`` is on the API page (``module.name``) and every module has a page."""
+    import workbench
+
+    text = (DOCS / "api.md").read_text()
+    listed = set(re.findall(r"^   ([\w.]+)$", text, re.M))
+    missing = [f"{module}.{name}" for name, module in workbench._EXPORTS.items() if f"{module}.{name}" not in listed]
+    assert not missing, f"add to the `wb` namespace list of docs/api.md: {missing}"
+    modules = {path.stem for path in (ROOT / "workbench").glob("*.py") if not path.stem.startswith("_")}
+    modules |= {f"tasks.{path.stem}" for path in (ROOT / "workbench" / "tasks").glob("*.py") if path.stem != "__init__"}
+    assert not modules - listed, f"modules with no API page (add them to docs/api.md): {sorted(modules - listed)}"
