@@ -374,6 +374,8 @@ def main():
         "max_weight_diff": weight_diff,
         "fit_cpu_ms_per_step": 1e3 * statistics.median(fit_cpu) / steps * args.epochs,
         "bare_cpu_ms_per_step": 1e3 * statistics.median(bare_cpu) / steps * args.epochs,
+        "fit_epoch_s_median": statistics.median(fit_wall),
+        "bare_epoch_s_median": statistics.median(bare_wall),
         "fit_epoch_cpu_s": fit_cpu,
         "bare_epoch_cpu_s": bare_cpu,
         "fit_epoch_s": fit_wall,
