@@ -237,3 +237,78 @@ def test_a_run_from_another_version_says_what_differs(cell_run, tmp_path):
     (copy / "predictor.json").write_text(json.dumps(record))
     with pytest.raises(PredictError, match="newer workbench.*upgrade"):
         load_run(copy)
+
+
+# --------------------------------------------------------------------------- regulatory (LoRA), end to end
+
+
+@pytest.fixture(scope="module")
+def regulatory_run(tmp_path_factory):
+    """A tiny LoRA run of the regulatory notebook (in this process), with a cache folder of its own."""
+    import os
+
+    pytest.importorskip("peft")
+    from workbench.execute import run_in_process
+    from workbench.tasks import regulatory
+
+    folder = tmp_path_factory.mktemp("regulatory_run")
+    frame = regulatory.simulate(n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2)
+    regulatory.write_csv(frame, folder / "samples.csv")
+    old = os.environ.get("WORKBENCH_CACHE")
+    os.environ["WORKBENCH_CACHE"] = str(folder / "cache")
+    try:
+        namespace = run_in_process(regulatory.NOTEBOOK, parameters={
+            "data_path": str(folder / "samples.csv"), "epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.5,
+            "lora_rank": 2, "output_dir": str(folder / "run"), "interactive": False})
+    finally:
+        os.environ["WORKBENCH_CACHE"] = old
+    data = namespace["data"]
+    test = pd.read_csv(folder / "samples.csv").iloc[data.test_idx].drop(columns=["expression"])
+    test.to_csv(folder / "test_samples.csv", index=False)
+    return {"run": folder / "run", "test": folder / "test_samples.csv", "cache": folder / "cache", "data": data,
+            "model": namespace["model"], "folder": folder}
+
+
+def test_lora_run_predicts_in_a_new_process_equal_to_its_own_predictions_and_after_the_cache_is_gone(
+        regulatory_run, tmp_path):
+    import shutil
+
+    from workbench.tasks import regulatory
+
+    run = regulatory_run["run"]
+    record = json.loads((run / "predictor.json").read_text())
+    assert record["weights"] == "adapters" and (run / "adapters" / "base.safetensors").is_file()
+    own = pd.read_csv(run / "predictions.csv")["predicted"].to_numpy()
+    data, model = regulatory_run["data"], regulatory_run["model"]
+    assert np.abs(regulatory.predict(model, data, data.test_idx) - own).max() <= 1e-6  # the in-process model
+
+    def predicted(out):
+        proc = _workbench("predict", run, regulatory_run["test"], "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{len(own)} samples: 29 of 29 model fields found in the input" in proc.stdout
+        return pd.read_csv(out)["predicted_expression"].to_numpy()
+
+    before = predicted(tmp_path / "before.csv")
+    assert np.abs(before - own).max() <= 1e-6
+    assert list(regulatory_run["cache"].glob("pretrain/*/pretrained.safetensors"))
+    shutil.rmtree(regulatory_run["cache"])  # the pretrained base lived here
+    after = predicted(tmp_path / "after.csv")
+    assert np.array_equal(after, before)
+
+
+def test_unknown_categories_and_missing_fields_are_counted(regulatory_run, tmp_path):
+    frame = pd.read_csv(regulatory_run["test"], keep_default_na=False, na_values=[""],
+                        dtype={"medium": str, "drug": str, "carbon_source": str})
+    frame.loc[:2, "medium"] = "never_seen_medium"
+    frame = frame.drop(columns=["r2_m5", "od600"])
+    result = load_run(regulatory_run["run"]).predict(frame)
+    assert result.report.unknown == {"medium": 3}
+    assert sorted(result.report.missing) == ["od600", "r2_m5"]
+    assert "3 unknown medium mapped to the unknown index" in result.report.summary()
+    assert "od600=" in result.report.summary()  # set to the training mean, and said so
+    frame.to_parquet(tmp_path / "samples.parquet")
+    again = load_run(regulatory_run["run"]).predict(tmp_path / "samples.parquet")
+    assert np.array_equal(again.frame["predicted_expression"], result.frame["predicted_expression"])
+    (tmp_path / "cells.h5ad").write_text("")
+    with pytest.raises(PredictError, match=r"is AnnData \(.h5ad\), .*regulatory, which predicts from a table"):
+        load_run(regulatory_run["run"]).predict(tmp_path / "cells.h5ad")

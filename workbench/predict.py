@@ -486,7 +486,8 @@ def version_note(differences: Mapping) -> str:
             "own; compare with its test_predictions.csv, or retrain with these versions.")
 
 
-def save_predictor(run, model, *, task: str, state: Mapping, test_predictions=None) -> Path | None:
+def save_predictor(run, model, *, task: str, state: Mapping, test_predictions=None,
+                   weights: str | None = None) -> Path | None:
     """Make ``run``'s folder loadable by :func:`load_run`: write ``predictor.json`` (and the test predictions).
 
     The weights are those of ``checkpoints/best.safetensors`` when ``model`` holds exactly them
@@ -505,6 +506,9 @@ def save_predictor(run, model, *, task: str, state: Mapping, test_predictions=No
         The workflow's preprocessing state and model settings, as plain JSON values.
     test_predictions
         :class:`Predictions` of the run's test samples, written to ``test_predictions.csv``.
+    weights
+        Where the workflow saved the weights itself (relative to the run folder, e.g. an adapters
+        folder with its base); ``model`` is then not written.
     """
     if run is None or not getattr(run, "writes", True):
         return None
@@ -513,15 +517,16 @@ def save_predictor(run, model, *, task: str, state: Mapping, test_predictions=No
     from .tracking import package_versions
     from .transfer import unwrap
 
-    model = unwrap(model)
     best = run.checkpoints / "best.safetensors"
-    weights = PREDICTOR_WEIGHTS
-    if best.is_file():
+    if weights is None:
+        model = unwrap(model)
+        weights = PREDICTOR_WEIGHTS
+    if weights == PREDICTOR_WEIGHTS and best.is_file():
         saved, current = read_state_dict(best), model.state_dict()
         if saved.keys() == current.keys() and all(saved[k].shape == current[k].shape
                                                    and torch_equal(saved[k], current[k]) for k in saved):
             weights = "checkpoints/best.safetensors"
-    if weights == PREDICTOR_WEIGHTS:
+    if weights == PREDICTOR_WEIGHTS:  # a copy: the weights the model holds are not those of best.safetensors
         save_weights(model, run.path / PREDICTOR_WEIGHTS)
     params = run.path / "params.json"
     recorded = json.loads(params.read_text()).get("versions", {}) if params.is_file() else {}
