@@ -312,3 +312,43 @@ def test_unknown_categories_and_missing_fields_are_counted(regulatory_run, tmp_p
     (tmp_path / "cells.h5ad").write_text("")
     with pytest.raises(PredictError, match=r"is AnnData \(.h5ad\), .*regulatory, which predicts from a table"):
         load_run(regulatory_run["run"]).predict(tmp_path / "cells.h5ad")
+
+
+# --------------------------------------------------------------------------- heart sounds, end to end
+
+
+def test_heart_sound_run_predicts_new_recordings_equal_to_its_own_test_predictions(tmp_path):
+    """PhysioNet-layout recordings at 2000 Hz, a run at 4000 Hz: the copied test recordings are resampled (and
+    the report says so) and give the run's own test probabilities."""
+    import os
+    import shutil
+
+    from workbench.execute import run_in_process
+    from workbench.tasks import heart_sound as hs
+
+    physionet = hs.write_layout(tmp_path / "physionet", "physionet2016", n_patients=16, seconds=3, seed=0)
+    old = os.environ.get("TORCH_NUM_THREADS")
+    os.environ["TORCH_NUM_THREADS"] = "1"
+    try:
+        namespace = run_in_process(hs.NOTEBOOK, parameters={
+            "task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size": 16, "data_path": str(physionet),
+            "output_dir": str(tmp_path / "run"), "interactive": False})
+    finally:
+        os.environ.pop("TORCH_NUM_THREADS") if old is None else os.environ.update(TORCH_NUM_THREADS=old)
+    data = namespace["data"]
+    (tmp_path / "new").mkdir()
+    for i in data.test_idx:
+        shutil.copy(physionet / "training-a" / data.recordings[i].name, tmp_path / "new")
+    proc = _workbench("predict", tmp_path / "run", tmp_path / "new", "-o", tmp_path / "p.csv")
+    assert proc.returncode == 0, proc.stderr
+    n = len(data.test_idx)
+    assert f"{n} samples\nresampled {n} recording(s) from 2000 Hz to 4000 Hz" in proc.stdout
+    ours = pd.read_csv(tmp_path / "p.csv", index_col=0)
+    theirs = pd.read_csv(tmp_path / "run" / "test_predictions.csv", index_col=0)
+    columns = [f"proba_{c}" for c in data.classes]
+    assert sorted(ours.index) == sorted(theirs.index)
+    assert np.abs(ours.loc[theirs.index, columns].to_numpy() - theirs[columns].to_numpy()).max() <= 1e-6
+    in_process = hs.predict_proba(namespace["model"], hs.WindowBatches(data, data.test_idx))
+    assert np.abs(theirs[columns].to_numpy() - in_process).max() <= 1e-6
+    embedded = load_run(tmp_path / "run").predict(tmp_path / "new", output="embedding")
+    assert embedded.embedding.shape == (n, 128)

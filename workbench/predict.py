@@ -120,7 +120,7 @@ class AlignmentReport:
 
     def summary(self) -> str:
         parts = [f"{self.matched} of {self.n_model} model {self.what} found in the input"
-                 + (" (reordered to the model's order)" if self.reordered else "")]
+                 + (" (reordered to the model's order)" if self.reordered else "")] if self.n_model else []
         if self.missing:
             parts.append(f"{len(self.missing)} missing, filled with {self.fill:g} ({self.missing_share:.1%}; "
                          f"refused above {self.max_missing:.0%})")
@@ -130,7 +130,7 @@ class AlignmentReport:
             parts.append(f"{count} unknown {name} mapped to the unknown index")
         line = "; ".join(parts)
         if self.n_samples:
-            line = f"{self.n_samples} samples: " + line
+            line = f"{self.n_samples} samples" + (f": {line}" if line else "")
         return "\n".join([line, *self.notes])
 
     def to_dict(self) -> dict:
@@ -245,6 +245,8 @@ def data_kind(path: str | os.PathLike) -> str:
         return "zarr"
     if suffix in (".csv", ".tsv", ".parquet", ".pq"):
         return "table"
+    if suffix in AUDIO_SUFFIXES:
+        return "recordings"
     if path.is_dir():
         if next((p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES), None) is not None:
             return "recordings"
