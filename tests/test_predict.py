@@ -352,3 +352,48 @@ def test_heart_sound_run_predicts_new_recordings_equal_to_its_own_test_predictio
     assert np.abs(theirs[columns].to_numpy() - in_process).max() <= 1e-6
     embedded = load_run(tmp_path / "run").predict(tmp_path / "new", output="embedding")
     assert embedded.embedding.shape == (n, 128)
+
+
+# --------------------------------------------------------------------------- event sequences, end to end
+
+
+def test_event_sequence_run_predicts_new_clients_equal_to_its_own_test_predictions(tmp_path):
+    """A tiny run on an event table; the test clients' events alone (shuffled rows, no labels) give the run's own
+    test probabilities in a new process; an unseen category maps to the unknown index and is counted."""
+    import os
+
+    pytest.importorskip("ptls")
+    from workbench.execute import run_in_process
+    from workbench.tasks import event_sequence as es
+
+    events, labels = es.simulate(n_clients=48, max_len=60, seed=0)
+    data_path, _ = es.write_tables(events, labels, tmp_path / "events.csv")
+    old = os.environ.get("TORCH_NUM_THREADS")
+    os.environ["TORCH_NUM_THREADS"] = "1"
+    try:
+        namespace = run_in_process(es.NOTEBOOK, parameters={
+            "data_path": str(data_path), "pretrain_epochs": 1, "epochs": 2, "freeze_epochs": 1, "hidden_size": 8,
+            "head_hidden": "8", "label_fraction": 0.5, "output_dir": str(tmp_path / "run"), "interactive": False})
+    finally:
+        os.environ.pop("TORCH_NUM_THREADS") if old is None else os.environ.update(TORCH_NUM_THREADS=old)
+    data = namespace["data"]
+    test_clients = set(data.client_ids[data.test_idx])
+    new = events[events["client_id"].astype(str).isin(test_clients)].sample(frac=1.0, random_state=0)  # any order
+    new.to_csv(tmp_path / "new_events.csv", index=False)
+    proc = _workbench("predict", tmp_path / "run", tmp_path / "new_events.csv", "-o", tmp_path / "p.csv")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(test_clients)} samples: 3 of 3 model fields found in the input" in proc.stdout
+    ours = pd.read_csv(tmp_path / "p.csv", index_col=0, dtype={"client_id": str})
+    theirs = pd.read_csv(tmp_path / "run" / "test_predictions.csv", index_col=0, dtype={"client_id": str})
+    columns = [f"proba_{c}" for c in data.classes]
+    assert sorted(ours.index) == sorted(theirs.index)
+    assert np.abs(ours.loc[theirs.index, columns].to_numpy() - theirs[columns].to_numpy()).max() <= 1e-6
+    in_process = es.predict_proba(namespace["model"], data, data.test_idx)
+    assert np.abs(theirs[columns].to_numpy() - in_process).max() <= 1e-6
+
+    new = new.copy()
+    new.iloc[:4, new.columns.get_loc("event_type")] = "never_seen_type"
+    result = load_run(tmp_path / "run").predict(new)
+    assert result.report.unknown == {"event_type (events)": 4}
+    embedded = load_run(tmp_path / "run").predict(new, output="embedding")
+    assert embedded.embedding.shape == (len(test_clients), 8)
