@@ -397,3 +397,49 @@ def test_event_sequence_run_predicts_new_clients_equal_to_its_own_test_predictio
     assert result.report.unknown == {"event_type (events)": 4}
     embedded = load_run(tmp_path / "run").predict(new, output="embedding")
     assert embedded.embedding.shape == (len(test_clients), 8)
+
+
+# --------------------------------------------------------------------------- spatial, end to end
+
+
+def test_spatial_run_predicts_a_visium_file_equal_to_each_folds_own_test_predictions(tmp_path):
+    import os
+
+    import anndata
+
+    from workbench.execute import run_in_process
+    from workbench.tasks import spatial_transfer as st
+
+    old = os.environ.get("TORCH_NUM_THREADS")
+    os.environ["TORCH_NUM_THREADS"] = "1"
+    try:
+        namespace = run_in_process(st.NOTEBOOK, parameters={
+            "n_bulk_slides": 3, "n_spatial_slides": 2, "epochs": 2, "pretrain_epochs": 1, "cv": "kfold", "folds": 2,
+            "output_dir": str(tmp_path / "run"), "interactive": False})
+    finally:
+        os.environ.pop("TORCH_NUM_THREADS") if old is None else os.environ.update(TORCH_NUM_THREADS=old)
+    spatial = namespace["study"].spatial
+    visium = st.write_visium(spatial, tmp_path / "slides.h5ad")
+    theirs = pd.read_csv(tmp_path / "run" / "test_predictions.csv", index_col=0)
+    record = json.loads((tmp_path / "run" / "predictor.json").read_text())
+    assert len(theirs) == len(spatial.spot_ids) and list(theirs.columns) == spatial.genes
+    for fold in record["state"]["folds"]:
+        out = tmp_path / f"{fold['name']}.csv"
+        proc = _workbench("predict", tmp_path / "run", visium, "-o", out, "--fold", fold["name"])
+        assert proc.returncode == 0, proc.stderr
+        assert f"the model of fold {fold['name']}" in proc.stdout
+        ours = pd.read_csv(out, index_col=0)
+        spots = fold["test_spots"]
+        assert np.abs(ours.loc[spots].to_numpy() - theirs.loc[spots].to_numpy()).max() <= 1e-6
+        long = pd.read_csv(tmp_path / "run" / "folds" / fold["name"] / "predictions.csv")  # the fold's own file
+        wide = long.pivot(index="spot_id", columns="gene", values="predicted").loc[spots, spatial.genes]
+        assert np.abs(ours.loc[spots].to_numpy() - wide.to_numpy()).max() <= 1e-5  # written as CSV text
+    mean = load_run(tmp_path / "run").predict(visium)
+    assert "the mean of 2 fold models" in mean.report.summary()
+    mean.write(tmp_path / "annotated.h5ad")
+    assert anndata.read_h5ad(tmp_path / "annotated.h5ad").obsm["predicted_values"].shape == (len(spatial.spot_ids),
+                                                                                             len(spatial.genes))
+    a = anndata.read_h5ad(visium)
+    a.obsm["X_features"] = a.obsm["X_features"][:, :5]
+    with pytest.raises(PredictError, match=r"has 5 feature columns; the model reads 30"):
+        load_run(tmp_path / "run").predict(a)

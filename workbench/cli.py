@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-missing", type=float, default=None,
                          help="share of the model's features that may be missing from DATA (filled with 0; "
                               "default 0.5)")
+    predict.add_argument("--fold", default=None,
+                         help="spatial runs: predict with this fold's model (default: the mean of the folds' models)")
     predict.set_defaults(command=_cmd_predict, name="predict")
     return parser
 
@@ -126,7 +128,7 @@ def _cmd_predict(args) -> int:
     from .predict import load_run, version_note
 
     options = {k: v for k, v in {"output": args.what, "batch_size": args.batch_size,
-                                 "max_missing": args.max_missing}.items() if v is not None}
+                                 "max_missing": args.max_missing, "fold": args.fold}.items() if v is not None}
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the version note is printed below
