@@ -443,3 +443,16 @@ def test_spatial_run_predicts_a_visium_file_equal_to_each_folds_own_test_predict
     a.obsm["X_features"] = a.obsm["X_features"][:, :5]
     with pytest.raises(PredictError, match=r"has 5 feature columns; the model reads 30"):
         load_run(tmp_path / "run").predict(a)
+
+
+def test_a_restarted_run_does_not_keep_the_earlier_runs_predictor(tmp_path):
+    """The predictor files are run artifacts: a run started again in its folder removes them with the rest."""
+    import workbench as wb
+
+    run = wb.Run(tmp_path / "run", params={"a": 1})
+    for name in ("predictor.json", "test_predictions.csv", "predictor.safetensors"):
+        (run.path / name).write_text("{}")
+    again = wb.Run(tmp_path / "run", params={"a": 1})
+    assert again.state == "restarted"
+    assert not any((tmp_path / "run" / n).exists() for n in ("predictor.json", "test_predictions.csv",
+                                                             "predictor.safetensors"))
