@@ -456,3 +456,17 @@ def test_a_restarted_run_does_not_keep_the_earlier_runs_predictor(tmp_path):
     assert again.state == "restarted"
     assert not any((tmp_path / "run" / n).exists() for n in ("predictor.json", "test_predictions.csv",
                                                              "predictor.safetensors"))
+
+
+def test_integer_counts_are_normalised_as_in_training_or_refused_when_streamed(cell_run, tmp_path):
+    import anndata
+
+    test = anndata.read_h5ad(cell_run["test"])
+    counts = test.copy()
+    counts.X = np.rint(np.expm1(counts.X) * 3).astype(np.float32)  # whole numbers, as a count matrix holds
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    predictor = load_run(cell_run["run"])
+    result = predictor.predict(tmp_path / "counts.h5ad", backed="false")
+    assert "counts, normalised here" in result.report.summary() and np.isfinite(result.probabilities).all()
+    with pytest.raises(ValueError, match="holds integer counts .* streamed from the file"):
+        predictor.predict(tmp_path / "counts.h5ad", backed="true")
