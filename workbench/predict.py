@@ -46,6 +46,7 @@ __all__ = [
     "AlignmentReport",
     "PredictError",
     "align_names",
+    "class_predictions",
     "data_kind",
     "PREDICTOR_FILE",
     "TEST_PREDICTIONS_FILE",
@@ -339,6 +340,19 @@ class Predictions:
             raise PredictError(f"-o {path}: predictions are written as .csv, .parquet or (for AnnData input) .h5ad; "
                                f"{suffix or 'no suffix'} is none of them.")
         return path
+
+
+def class_predictions(proba: np.ndarray, names: Sequence, classes: Sequence[str], report: AlignmentReport, *,
+                      index_name: str = "sample", source=None, task: str = "") -> Predictions:
+    """:class:`Predictions` of a classifier: ``label``, ``probability`` (the top class's) and ``proba_<class>``."""
+    import pandas as pd
+
+    proba = np.asarray(proba)
+    frame = pd.DataFrame(proba, index=pd.Index(list(names), name=index_name), columns=[f"proba_{c}" for c in classes])
+    top = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
+    frame.insert(0, "probability", proba[np.arange(len(proba)), top])
+    frame.insert(0, "label", np.asarray(classes, dtype=object)[top])
+    return Predictions(frame, report=report, output="probabilities", classes=classes, source=source, task=task)
 
 
 def _annotations(predictions: Predictions) -> tuple[dict, dict, dict]:

@@ -50,7 +50,9 @@ from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import Evaluation, classification_metrics, evaluate_classifier
 from ..params import Choice, Flag, Integer, Real, Spec, Text
-from ..predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
+from ..predict import (
+    MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names, class_predictions,
+)
 from ..predict import save_predictor as _save_predictor
 from ..schedules import SCHEDULES
 from ..streaming import StreamingBatches, read_rows, scan
@@ -754,14 +756,9 @@ def save_predictor(run, model, data: CellData, *, test_proba: np.ndarray | None 
     return _save_predictor(run, model, task=__name__, state=state, test_predictions=test)
 
 
-def _predictions(proba: np.ndarray, names, classes, report, *, source=None):
-    import pandas as pd
-
-    frame = pd.DataFrame(proba, index=pd.Index(names, name="cell"), columns=[f"proba_{c}" for c in classes])
-    top = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
-    frame.insert(0, "probability", proba[np.arange(len(proba)), top])
-    frame.insert(0, "label", np.asarray(classes, dtype=object)[top])
-    return Predictions(frame, report=report, output="probabilities", classes=classes, source=source, task=__name__)
+def _predictions(proba: np.ndarray, names, classes, report, *, source=None) -> Predictions:
+    return class_predictions(proba, np.asarray(names).astype(str), classes, report, index_name="cell", source=source,
+                             task=__name__)
 
 
 class CellTypePredictor(Predictor):

@@ -72,7 +72,9 @@ from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import Evaluation, classification_metrics, evaluate_classifier
 from ..params import Choice, Flag, Integer, Real, Spec, Text
-from ..predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
+from ..predict import (
+    MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names, class_predictions,
+)
 from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
 from .cell_type import _validation_metrics  # one copy: validation accuracy / macro-F1
@@ -915,12 +917,8 @@ def save_predictor(run, model, data: EventData, *, test_proba: np.ndarray | None
 
 
 def _predictions(proba: np.ndarray, clients, classes, report) -> Predictions:
-    frame = pd.DataFrame(proba, index=pd.Index(np.asarray(clients).astype(str), name=CLIENT),
-                         columns=[f"proba_{c}" for c in classes])
-    top = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
-    frame.insert(0, "probability", proba[np.arange(len(proba)), top])
-    frame.insert(0, "label", np.asarray(classes, dtype=object)[top])
-    return Predictions(frame, report=report, output="probabilities", classes=classes, task=__name__)
+    return class_predictions(proba, np.asarray(clients).astype(str), classes, report, index_name=CLIENT,
+                             task=__name__)
 
 
 @dataclass

@@ -77,7 +77,7 @@ from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
-from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor
+from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor, class_predictions
 from ..predict import save_predictor as _save_predictor
 from ..schedules import SCHEDULES
 from ..tracking import TRACKERS
@@ -1082,13 +1082,7 @@ def save_predictor(run, model, data: HeartSoundData, *, test_proba: np.ndarray |
 
 
 def _predictions(proba: np.ndarray, names, classes, report) -> Predictions:
-    import pandas as pd
-
-    frame = pd.DataFrame(proba, index=pd.Index(list(names), name="recording"), columns=[f"proba_{c}" for c in classes])
-    top = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
-    frame.insert(0, "probability", proba[np.arange(len(proba)), top])
-    frame.insert(0, "label", np.asarray(classes, dtype=object)[top])
-    return Predictions(frame, report=report, output="probabilities", classes=classes, task=__name__)
+    return class_predictions(proba, names, classes, report, index_name="recording", task=__name__)
 
 
 class HeartSoundPredictor(Predictor):
