@@ -70,3 +70,42 @@ def test_code_version_follows_the_source_file(tmp_path, monkeypatch):
     first = code_version("pretrain_code")
     module.write_text("OBJECTIVE = 'contrastive'\n")
     assert code_version("pretrain_code") != first and "torch" in first
+
+
+def test_arrays_nested_in_containers_are_hashed_by_content_and_numpy_scalars_keep_their_type():
+    """Issue 21.8: numpy's str elides arrays over 1,000 elements, and json's default=str made np.int64(1) "1"."""
+    a = np.arange(2000)
+    b = a.copy()
+    b[500] = -1  # str(a) == str(b): only the ends are printed
+    assert fingerprint({"train_idx": a}) != fingerprint({"train_idx": b})
+    assert fingerprint([a, 1]) != fingerprint([b, 1])
+    assert fingerprint({"idx": (a,)}) != fingerprint({"idx": (b,)})
+    assert fingerprint({"idx": a}) == fingerprint({"idx": a.copy()})  # content, not identity
+    assert fingerprint({"idx": a}) != fingerprint({"idx": a.astype(np.int32)})  # dtype counts
+    assert fingerprint({"idx": a}) != fingerprint({"idx": a.reshape(2, 1000)})  # shape counts
+    assert fingerprint({"n": np.int64(1)}) != fingerprint({"n": "1"})
+    assert fingerprint([np.int64(1)]) != fingerprint(["1"])
+    assert fingerprint({"n": np.int64(1)}) != fingerprint({"n": np.int32(1)})
+    assert fingerprint({"n": np.int64(1)}) == fingerprint({"n": np.int64(1)})
+    sparse = sp.random(50, 20, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    changed = sparse.copy()
+    changed.data[0] += 1.0
+    assert fingerprint({"x": sparse}) != fingerprint({"x": changed})
+    names = np.array(["a", "b", None], dtype=object)  # objects by value, not by address
+    assert fingerprint({"names": names}) == fingerprint({"names": names.copy()})
+
+
+def test_code_version_follows_the_workbench_core(tmp_path, monkeypatch):
+    """Issue 21.2: a fix in training.py (or any core module a build runs) must rebuild cached entries."""
+    import shutil
+
+    from workbench import cache
+
+    copy = tmp_path / "workbench"
+    shutil.copytree(ROOT / "workbench", copy, ignore=shutil.ignore_patterns("__pycache__", "tasks"))
+    monkeypatch.setattr(cache, "__file__", str(copy / "cache.py"))  # the core that code_version reads
+    first = cache.code_version("workbench.tasks.cell_type")
+    assert cache.code_version("workbench.tasks.cell_type") == first
+    with open(copy / "training.py", "a") as fh:
+        fh.write("\n# a fix in the training loop\n")
+    assert cache.code_version("workbench.tasks.cell_type") != first
