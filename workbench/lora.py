@@ -8,6 +8,7 @@ why, and the trainable parameters and their fraction::
 
     peft_model, report = apply_lora(model, rank=4)
     report                      # html table in a notebook; report.to_frame(), report.to_dict()
+    fit(peft_model, batches, ..., run=run, state_fn=checkpoint_state)   # checkpoints: adapters, not the base
     save_adapters(peft_model, run.path / "adapters")       # the adapters alone, a few kB
     merged = merge(peft_model)                             # a plain module for export
     again = load_adapters(build_model(...), run.path / "adapters")
@@ -30,7 +31,7 @@ from torch import nn
 
 from .transfer import unwrap
 
-__all__ = ["LoraReport", "apply_lora", "trainable_state", "save_adapters", "load_adapters", "merge"]
+__all__ = ["LoraReport", "apply_lora", "trainable_state", "checkpoint_state", "save_adapters", "load_adapters", "merge"]
 
 
 @dataclass
@@ -187,6 +188,21 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     saved once (or is the pretrained checkpoint itself).
     """
     return {name: p.detach().cpu().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA run's checkpoints hold: the trainable tensors and the buffers (``fit(state_fn=...)``).
+
+    :func:`workbench.fit` writes this, not the whole model, into ``best.safetensors``,
+    ``epochNNN.safetensors`` and ``last.pt`` when given ``state_fn=checkpoint_state``; a resume
+    loads it over the model rebuilt on the same base. Buffers travel along because some change in
+    training without a gradient (BatchNorm's running statistics), and they are small.
+    """
+    inner = unwrap(model)
+    buffers = {name for name, _ in inner.named_buffers()}
+    state = trainable_state(model)
+    state.update({name: t.detach().cpu().clone() for name, t in inner.state_dict().items() if name in buffers})
+    return state
 
 
 def save_adapters(model, folder: str | os.PathLike) -> Path:
