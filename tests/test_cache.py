@@ -109,3 +109,26 @@ def test_code_version_follows_the_workbench_core(tmp_path, monkeypatch):
     with open(copy / "training.py", "a") as fh:
         fh.write("\n# a fix in the training loop\n")
     assert cache.code_version("workbench.tasks.cell_type") != first
+
+
+def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
+    """Issue 21.2: what a run draws after cached() must not depend on whether the entry was built or found."""
+    import random
+
+    import torch
+
+    def build(folder):
+        torch.manual_seed(123)
+        np.random.seed(123)
+        random.seed(123)
+        (folder / "w").write_text(str(torch.rand(3).tolist()))
+
+    def draws():
+        return torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    cached("pretrain", "k", build, root=tmp_path)  # built now
+    built = draws()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    cached("pretrain", "k", build, root=tmp_path)  # found
+    assert draws() == built

@@ -164,3 +164,26 @@ def test_a_sigkilled_lora_run_resumes_bitwise_from_its_trainable_tensors(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in ref_rows]
 
+
+
+def test_under_torchrun_only_rank_0_writes_the_lora_checkpoints_and_predictions(tmp_path):
+    """Issue 21.10: the LoRA checkpoint callback (and predictions.csv) wrote on every rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.tasks import regulatory
+
+    frame = regulatory.simulate(n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2)
+    csv = regulatory.write_csv(frame, tmp_path / "tiny.csv")
+    worker = Path(__file__).with_name("lora_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_DDP_TIMEOUT_S": "60"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(csv), str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checkpoints = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert {"base.safetensors", "best.safetensors", "epoch000.safetensors", "epoch001.safetensors", "last.pt"} <= checkpoints
+    assert (tmp_path / "run" / "predictions.csv").exists()
+    assert not (tmp_path / "run-rank1").exists()  # rank 1 wrote nothing

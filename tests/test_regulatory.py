@@ -241,3 +241,17 @@ def test_get_style_zarr_store_reads_back_to_the_same_samples(tmp_path):
     (tmp_path / "get.conditions.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"No condition table for get.zarr.*'celltype' column"):
         regulatory.read_zarr(store)
+
+
+def test_on_a_rank_other_than_0_evaluation_and_lora_preparation_write_nothing(tiny_csv, tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; predictions.csv was written by every rank."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.5, val_fraction=0.25)
+    torch.manual_seed(0)
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    model, _ = regulatory.prepare(regulatory.build_model(data, **TINY), method="lora", rank=2, run=run)
+    result = regulatory.evaluate(model, data, run=run)
+    assert len(result.predictions) == len(data.test_idx) and result.final["n_train"] == result.final["baseline_n_train"]
+    assert not (tmp_path / "run").exists()

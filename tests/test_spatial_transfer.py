@@ -195,3 +195,15 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
     in_process = st.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
+
+
+def test_on_a_rank_other_than_0_cross_validation_writes_no_fold_files(study, tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; folds/* were written by every rank."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    assert not run.writes
+    result = st.cross_validate(study, strategy="full", cv="loo", held_out="A1", epochs=1, run=run, **TINY)
+    assert list(result.per_fold.index) == ["A1"]
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,8 @@ indices, every parameter)::
 and renames it into place when ``build`` returns; a caller that finds the folder reuses it. A
 file lock makes concurrent callers (sweep workers) wait for the one that builds instead of
 building twice, and the rename keeps the entry whole even where locks do not reach (some
-network filesystems).
+network filesystems). ``build`` runs with the random states kept: the caller's torch, numpy and
+Python random numbers after ``cached`` are the same whether the entry was built or found.
 
 The cache root is ``$WORKBENCH_CACHE`` when set, else ``runs/.cache`` under the working folder.
 Deleting it is always safe: entries are built again when needed.
@@ -123,6 +124,27 @@ def fingerprint(*parts) -> str:
 
 
 @contextmanager
+def random_states_kept():
+    """Leave torch's (CPU and current CUDA device), numpy's global and Python's random states as they were.
+
+    A build seeds and draws random numbers; what the caller draws next must not depend on whether
+    the entry was built now or found (a run alone and the same run after another must agree).
+    """
+    import random
+
+    import torch
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextmanager
 def file_lock(path: str | os.PathLike):
     """Hold an exclusive lock on ``path`` (created if needed) for the duration of the block.
 
@@ -185,7 +207,7 @@ def cached(
         partial.mkdir(parents=True, exist_ok=True)
         from .distributed import single_process
 
-        with single_process():  # one process builds while the others wait on the lock: no collectives
+        with single_process(), random_states_kept():  # one process builds while the others wait on the lock
             build(partial)
         (partial / "fingerprint.json").write_text(json.dumps({"key": key, **(describe or {})}, indent=2, default=str))
         try:
