@@ -187,3 +187,10 @@ def test_under_torchrun_only_rank_0_writes_the_lora_checkpoints_and_predictions(
     assert {"base.safetensors", "best.safetensors", "epoch000.safetensors", "epoch001.safetensors", "last.pt"} <= checkpoints
     assert (tmp_path / "run" / "predictions.csv").exists()
     assert not (tmp_path / "run-rank1").exists()  # rank 1 wrote nothing
+
+
+def test_on_a_rank_other_than_0_save_adapters_writes_nothing(tmp_path, monkeypatch):
+    wrapped, _ = lora.apply_lora(toy(), rank=2)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    assert lora.save_adapters(wrapped, tmp_path / "adapters") == tmp_path / "adapters"
+    assert not (tmp_path / "adapters").exists()

@@ -213,12 +213,16 @@ def save_adapters(model, folder: str | os.PathLike) -> Path:
     model
         A model from :func:`apply_lora`.
     folder
-        Created when missing.
+        Created when missing. Under torchrun, rank 0 alone writes it (every rank holds the same adapters).
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"save_adapters needs the peft model that apply_lora returned, got {type(model).__name__}. "
                         "Use workbench.save_weights for a plain model.")
+    from .tracking import process_rank
+
     folder = Path(folder)
+    if process_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
