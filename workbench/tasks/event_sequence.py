@@ -49,8 +49,9 @@ Pretraining
 Baseline
     Logistic regression on bag-of-event-types (fraction of each type, log event count) plus
     statistics of each given numeric field, not ``time_gap`` (mean, std, min, 10/50/90th
-    percentiles, max of ``sign(x) log1p|x|``), on the same labelled clients.
-    :func:`linear_probe` scores an encoder as it is: logistic regression on its embeddings.
+    percentiles, max of ``sign(x) log1p|x|``), on the same labelled clients the model is fit on
+    (not its validation clients). :func:`linear_probe` scores an encoder as it is: logistic
+    regression on its embeddings of those clients.
 """
 
 from __future__ import annotations
@@ -837,7 +838,7 @@ def baseline(data: EventData, *, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fit_idx = np.concatenate([data.labelled_idx, data.val_idx])
+    fit_idx = data.labelled_idx  # the clients the model is fit on (not its validation clients)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     clf.fit(baseline_features(data, fit_idx), data.labels[fit_idx])
     pred = clf.predict(baseline_features(data, data.test_idx))
@@ -854,7 +855,7 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fit_idx = np.concatenate([data.labelled_idx, data.val_idx])
+    fit_idx = data.labelled_idx  # the clients the model is fit on (not its validation clients)
     embeddings, _, _ = get_embeddings(model, data, np.concatenate([fit_idx, data.test_idx]))
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, random_state=seed))
     clf.fit(embeddings[: len(fit_idx)], data.labels[fit_idx])
@@ -863,10 +864,14 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
 
 
 def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping | None = None) -> Evaluation:
-    """Score the test clients beside logistic regression; write final_metrics.json."""
+    """Score the test clients beside logistic regression; write final_metrics.json.
+
+    ``n_train`` and ``baseline_n_train`` count the clients each was fit on (the labelled clients).
+    """
     proba = predict_proba(model, data, data.test_idx)
+    counts = {"n_train": len(data.labelled_idx), "baseline_n_train": len(data.labelled_idx)}
     return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
-                               run=run, extra=extra)
+                               run=run, extra={**counts, **dict(extra or {})})
 
 
 def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
