@@ -234,3 +234,30 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
     in_process = st.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
+
+
+def _masked_mean_error(model, data, scaler, idx) -> tuple[float, int]:
+    """Mean squared error (scaled units) over the spots ``idx``, recomputed outside fit; and their number."""
+    mask = np.zeros(len(data.spot_ids), bool)
+    mask[idx] = True
+    model.eval()
+    with torch.no_grad():
+        per_spot = torch.cat([((model(x, edges) - y)[m] ** 2).mean(1)
+                              for x, edges, y, m, *_ in st.SlideBatches(data, scaler, data.slide_names, mask)])
+    return per_spot.mean().item(), len(per_spot)
+
+
+def test_val_loss_is_the_mean_over_validation_spots_and_folds_are_scored_on_the_best_epoch(study):
+    """Issue 21 items 6 and 1: a slide batch was weighted by all its spots (val_loss 2.0986 logged, 2.4036 the
+    mean over validation spots), and _fit (cross_validate's folds, no run) returned the last epoch's weights."""
+    data = study.spatial
+    perm = np.random.default_rng(0).permutation(len(data.spot_ids))
+    val, train = np.sort(perm[:20]), np.sort(perm[20:])
+    torch.manual_seed(0)
+    model = st.build_model(data, **TINY)
+    history, scaler = st._fit(model, data, train, val, epochs=7, lr=0.1, patience=0)
+    best = history.best_epoch
+    assert best < len(history.rows) - 1  # later epochs were worse: the weights returned must be the best ones
+    error, n_spots = _masked_mean_error(model, data, scaler, val)
+    assert n_spots == 20
+    assert error == pytest.approx(history.rows[best]["val_loss"], rel=1e-5)

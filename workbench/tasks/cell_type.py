@@ -636,13 +636,23 @@ def lr_finder(model, data: CellData):
     return run
 
 
-def _validation_metrics(model, batches) -> dict:
-    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches."""
+def _validation_metrics(model, batches):
+    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches.
+
+    Returned as per-sample outputs (:class:`workbench.training.PerSample`), so that under DDP
+    macro-F1 is computed on the whole validation set, not averaged over the ranks' shares.
+    """
+    from ..training import PerSample
+
     preds, truth = [], []
     for x, y in batches:
         preds.append(model(x).argmax(1))
         truth.append(y)
-    scores = classification_metrics(torch.cat(truth).numpy(), torch.cat(preds).numpy())
+    return PerSample(_accuracy_and_macro_f1, truth=torch.cat(truth), pred=torch.cat(preds))
+
+
+def _accuracy_and_macro_f1(*, truth, pred) -> dict:
+    scores = classification_metrics(truth, pred)
     return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 

@@ -921,7 +921,7 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
     Each epoch is scored on the validation recordings (window probabilities averaged per
     recording); the epoch with the best ``val_auroc`` is kept (``checkpoints/best.safetensors``).
     """
-    from ..training import fit
+    from ..training import PerSample, fit
 
     strategy = strategy_of(mode)
     labelled = data.labelled_idx
@@ -929,8 +929,11 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
     has_val = len(data.val_idx) > 0
     val = WindowBatches(data, data.val_idx) if has_val else None
 
-    def evaluate(model, batches) -> dict:
-        scores = split_metrics(data.y[batches.idx], predict_proba(model, batches), data.classes)
+    def evaluate(model, batches):  # per recording: under DDP AUROC is scored on every rank's recordings together
+        return PerSample(score, truth=data.y[batches.idx], proba=predict_proba(model, batches))
+
+    def score(*, truth, proba) -> dict:
+        scores = split_metrics(truth, proba, data.classes)
         return {f"val_{k}": scores[k] for k in ("auroc", "macro_f1", "accuracy")}
 
     log.info("fine-tuning (%s) on %d recordings of %d patients", mode, len(labelled), len(set(data.patients[labelled])))

@@ -58,6 +58,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,7 +492,7 @@ class SpatialExpressionModel(nn.Module):
         return self.output(self.encoder(h.unsqueeze(0)).squeeze(0))
 
     def loss(self, batch):
-        x, edges, y, mask = batch
+        x, edges, y, mask = batch[:4]
         return F.mse_loss(self(x, edges)[mask], y[mask])
 
 
@@ -521,8 +522,22 @@ class Scaler:
         return cls(f.mean(0), np.maximum(f.std(0), 1e-6), t.mean(0), np.maximum(t.std(0), 1e-6))
 
 
+class SlideBatch(NamedTuple):
+    """One slide: every spot goes through the graph model, the loss counts the spots ``mask`` keeps.
+
+    ``n_items`` (the number of those spots) weights the slide's mean loss in the epoch's
+    ``train_loss`` / ``val_loss`` (see :mod:`workbench.training`), so they are means over spots.
+    """
+
+    x: torch.Tensor
+    edges: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    n_items: int
+
+
 class SlideBatches:
-    """One batch per slide: ``(features, edges, scaled targets, loss mask)``; ``mask`` marks the spots that count."""
+    """One batch per slide: a :class:`SlideBatch` ``(features, edges, scaled targets, loss mask, n_items)``."""
 
     def __init__(self, data: SpotData, scaler: Scaler, slides: Sequence[str], mask: np.ndarray, *,
                  shuffle: bool = False, seed: int = 0):
@@ -532,8 +547,9 @@ class SlideBatches:
             idx = data.positions(s)
             x = (data.features[idx] - scaler.feature_mean) / scaler.feature_std
             y = (data.targets[idx] - scaler.target_mean) / scaler.target_std
-            self.items[s] = (torch.from_numpy(x.astype(np.float32)), data.graph(s),
-                             torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]))
+            self.items[s] = SlideBatch(torch.from_numpy(x.astype(np.float32)), data.graph(s),
+                                       torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]),
+                                       int(mask[idx].sum()))
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -785,6 +801,9 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
+        # genes predicted as a constant count as r = 0 in mean_pearson; how many there were
+        row |= {"constant_genes": int(ours["test_constant_predictions"]),
+                "baseline_constant_genes": int(base["baseline_test_constant_predictions"])}
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
