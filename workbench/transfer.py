@@ -928,7 +928,7 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
         if hook is not None:
             hook.remove()
     for name, module in norms.items():
-        fresh = named and any(f"{name}.{key}" in unloaded for key in module.state_dict())
+        fresh = named and any((f"{name}.{key}" if name else key) in unloaded for key in module.state_dict())
         if not fresh and _norm_stats_frozen(model, name, module, frozen):
             module.__dict__["_workbench_eval_hook"] = module.register_forward_pre_hook(_force_eval)
             module.eval()

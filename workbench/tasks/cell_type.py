@@ -589,7 +589,7 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
     ``val_macro_f1``); ``monitor`` picks the best epoch, whose weights the model holds at the
     end (and ``best.safetensors`` in the run folder). The default, ``val_macro_f1``, is the
     metric the workflow reports; ``val_loss`` (with label smoothing) bottoms out within the
-    warmup here, long before accuracy does, and picked epochs 5-14 of 100 (see the README).
+    warmup here, long before accuracy does, and picked epochs 5-14 of 100 (see docs/workflows/parts/cell_type.md).
     On a tie the later epoch wins: a validation set of a few cells (10% labels) ties often. ``patience > 0`` stops after that many
     epochs without improvement. The test cells are not touched. Without validation cells the
     best epoch is the one with the lowest training loss.

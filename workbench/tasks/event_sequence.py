@@ -16,6 +16,7 @@ Data
 Simulated ground truth (:func:`simulate`)
     Each client has a latent class ``c`` (4 classes, balanced) and a length drawn log-uniformly
     from 20 to 500 events. The class shapes three things, each blurred per client:
+
     event-type mix
         20 event types; client logits ``mu[c] + N(0, 1)`` per type, ``mu[c] ~ 0.6 * N(0, 1)``,
         and a class-dependent "stickiness" (the next event repeats the previous type with
@@ -27,6 +28,7 @@ Simulated ground truth (:func:`simulate`)
     timing
         gaps between events ``~ Exponential(mean)`` days, ``mean = 1.0`` for classes 0 and 3 and
         ``0.5`` for classes 1 and 2, times a per-client factor ``exp(N(0, 0.3))``.
+
     ``channel`` (3 values) follows the event type (type mod 3, 20% random) and carries no
     class information. A bag-of-event-types + amount-statistics model sees the mix and amounts
     but neither the order nor the timing.
@@ -102,7 +104,7 @@ DEFAULTS = {
     "weight_decay": 0.0,
     "test_size": 0.2,
     "val_fraction": 0.1,
-    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (README)
+    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (docs/workflows/parts/event_sequence.md)
     "pretrain_lr": 1e-3,
     "pretrain_batch_size": 64,
     "split_count": 5,

@@ -968,7 +968,7 @@ def band_power_features(signals, sample_rate: int) -> np.ndarray:
 
 
 def baseline(data: HeartSoundData, *, seed: int = 0) -> dict:
-    """Logistic regression on band-power features of the labelled recordings; val_ and test_ metrics and test_proba."""
+    """Logistic regression on band-power features of the labelled recordings; ``val_`` and ``test_`` metrics and ``test_proba``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
