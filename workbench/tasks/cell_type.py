@@ -589,7 +589,7 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
     ``val_macro_f1``); ``monitor`` picks the best epoch, whose weights the model holds at the
     end (and ``best.safetensors`` in the run folder). The default, ``val_macro_f1``, is the
     metric the workflow reports; ``val_loss`` (with label smoothing) bottoms out within the
-    warmup here, long before accuracy does, and picked epochs 5-14 of 100 (see the README).
+    warmup here, long before accuracy does, and picked epochs 5-14 of 100 (see docs/workflows/parts/cell_type.md).
     On a tie the later epoch wins: a validation set of a few cells (10% labels) ties often. ``patience > 0`` stops after that many
     epochs without improvement. The test cells are not touched. Without validation cells the
     best epoch is the one with the lowest training loss.
@@ -665,15 +665,21 @@ def baseline(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CEL
     """
     from sklearn.linear_model import LogisticRegression
 
-    fit_idx = data.labelled_idx
-    if len(fit_idx) > max_cells:
-        fit_idx = np.sort(np.random.default_rng(seed).choice(fit_idx, size=max_cells, replace=False))
+    fit_idx = _baseline_cells(data, seed=seed, max_cells=max_cells)
     clf = LogisticRegression(max_iter=2000, random_state=seed)
     clf.fit(data.rows(fit_idx), data.labels[fit_idx])
     test = data.test_idx
     pred = np.concatenate([clf.predict(data.rows(test[s:s + PREDICT_CHUNK]))
                            for s in range(0, len(test), PREDICT_CHUNK)]) if len(test) else np.array([], dtype=object)
     return classification_metrics(data.labels[test], pred, labels=data.classes)
+
+
+def _baseline_cells(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CELLS) -> np.ndarray:
+    """The labelled cells the baseline fits: all of them, or a seeded random ``max_cells`` when there are more."""
+    fit_idx = data.labelled_idx
+    if len(fit_idx) > max_cells:
+        fit_idx = np.sort(np.random.default_rng(seed).choice(fit_idx, size=max_cells, replace=False))
+    return fit_idx
 
 
 def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.ndarray:
@@ -687,10 +693,14 @@ def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.nd
 
 
 def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
-    """Score on the test cells, beside logistic regression; write final_metrics.json."""
+    """Score on the test cells, beside logistic regression; write final_metrics.json.
+
+    ``n_train`` and ``baseline_n_train`` count the cells each was fit on (the labelled cells).
+    """
     proba = predict_proba(model, data, data.test_idx)
+    counts = {"n_train": len(data.labelled_idx), "baseline_n_train": len(_baseline_cells(data, seed=seed))}
     return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
-                               run=run)
+                               run=run, extra=counts)
 
 
 def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:

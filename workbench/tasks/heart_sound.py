@@ -793,11 +793,16 @@ def build_model(data: HeartSoundData, **overrides) -> HeartSoundClassifier:
 
 
 def open_log(run) -> Path:
-    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder."""
+    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder.
+
+    Under torchrun only rank 0 writes it (as every file of the run folder): other ranks log nowhere.
+    """
     path = Path(run.path) / "train.log"
     for handler in [h for h in log.handlers if getattr(h, "_workbench_run_log", False)]:
         log.removeHandler(handler)
         handler.close()
+    if not getattr(run, "writes", True):
+        return path
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler._workbench_run_log = True
@@ -963,7 +968,7 @@ def band_power_features(signals, sample_rate: int) -> np.ndarray:
 
 
 def baseline(data: HeartSoundData, *, seed: int = 0) -> dict:
-    """Logistic regression on band-power features of the labelled recordings; val_ and test_ metrics and test_proba."""
+    """Logistic regression on band-power features of the labelled recordings; ``val_`` and ``test_`` metrics and ``test_proba``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -1017,6 +1022,7 @@ def evaluate(model, data: HeartSoundData, *, run=None, seed: int = 0) -> Evaluat
         if scores:
             rows[f"baseline, {split}"] = scores
             final.update({f"baseline_{split}_{k}": v for k, v in scores.items()})
+    final.update(n_train=len(data.labelled_idx), baseline_n_train=len(data.labelled_idx))  # recordings each fit on
     truth = np.array(data.classes)[data.y[data.test_idx]]
     pred = np.array(data.classes)[test_proba.argmax(1)]
     curves = roc_pr_curves(truth, test_proba, labels=data.classes)

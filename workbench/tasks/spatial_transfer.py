@@ -47,8 +47,9 @@ Cross-validation
     slide's graph (its features are seen, its targets are not). A random ``val_fraction`` of the
     training spots picks the epoch (early stopping with ``patience`` / ``min_delta``).
 Baseline
-    Ridge regression (alpha by internal CV) per fold on the same spots, with the same inputs the
-    GNN sees at one hop: a spot's features and the mean features of its graph neighbours.
+    Ridge regression (alpha by internal CV) per fold on the same spots the model is fit on (not
+    its validation spots), with the same inputs the GNN sees at one hop: a spot's features and
+    the mean features of its graph neighbours.
 """
 
 from __future__ import annotations
@@ -796,8 +797,9 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
         pred = predict(model, data, scaler, test_slides)[test]
         truth = data.targets[test]
         ours = regression_metrics(truth, pred, prefix="test_")
-        base = regression_metrics(truth, baseline(data, train, test), prefix="baseline_test_")
-        row = {"train_spots": len(fit_idx), "val_spots": len(val), "test_spots": len(test),
+        base = regression_metrics(truth, baseline(data, fit_idx, test), prefix="baseline_test_")
+        row = {"train_spots": len(fit_idx), "baseline_train_spots": len(fit_idx), "val_spots": len(val),
+               "test_spots": len(test),
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
@@ -807,7 +809,7 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
-        if run is not None:
+        if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
             folder = run.path / "folds" / name
             folder.mkdir(parents=True, exist_ok=True)
             run.save_json(f"folds/{name}/metrics.json", {**row, "test_slides": test_slides,
@@ -828,6 +830,9 @@ def evaluate(result: CVResult, *, run=None, extra: Mapping | None = None) -> CVR
         final[metric] = float(row["mean"])
         final[f"{metric}_std"] = float(row["std"])
     final["folds"] = len(result.per_fold)
+    # spots the model and ridge regression were fit on, mean over folds
+    final["n_train"] = float(result.per_fold["train_spots"].mean())
+    final["baseline_n_train"] = float(result.per_fold["baseline_train_spots"].mean())
     final |= {k: float(v) for k, v in dict(extra or {}).items()}
     if run is not None:
         run.save_json("cv_summary.json", {"summary": result.summary.drop(columns="mean ± std").to_dict(orient="index"),
