@@ -318,3 +318,14 @@ def test_sweep_spec_covers_four_tasks_in_three_modes():
     text = json.dumps(spec, default=str)
     for name in (*hs.TASKS, *hs.MODES):
         assert name in text
+
+
+def test_on_a_rank_other_than_0_the_module_log_writes_no_train_log(tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; every rank opened train.log there."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    path = hs.open_log(run)
+    hs.log.info("a line from rank 1")
+    assert path == tmp_path / "run" / "train.log" and not (tmp_path / "run").exists()

@@ -77,6 +77,8 @@ from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor, class_predictions
+from ..predict import save_predictor as _save_predictor
 from ..schedules import SCHEDULES
 from ..tracking import TRACKERS
 from ..training import Callback
@@ -793,11 +795,16 @@ def build_model(data: HeartSoundData, **overrides) -> HeartSoundClassifier:
 
 
 def open_log(run) -> Path:
-    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder."""
+    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder.
+
+    Under torchrun only rank 0 writes it (as every file of the run folder): other ranks log nowhere.
+    """
     path = Path(run.path) / "train.log"
     for handler in [h for h in log.handlers if getattr(h, "_workbench_run_log", False)]:
         log.removeHandler(handler)
         handler.close()
+    if not getattr(run, "writes", True):
+        return path
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler._workbench_run_log = True
@@ -1017,6 +1024,8 @@ def evaluate(model, data: HeartSoundData, *, run=None, seed: int = 0) -> Evaluat
         if scores:
             rows[f"baseline, {split}"] = scores
             final.update({f"baseline_{split}_{k}": v for k, v in scores.items()})
+    save_predictor(run, model, data, test_proba=test_proba)
+    final.update(n_train=len(data.labelled_idx), baseline_n_train=len(data.labelled_idx))  # recordings each fit on
     truth = np.array(data.classes)[data.y[data.test_idx]]
     pred = np.array(data.classes)[test_proba.argmax(1)]
     curves = roc_pr_curves(truth, test_proba, labels=data.classes)
@@ -1049,3 +1058,99 @@ def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
     with extra_callbacks(callbacks):
         namespace = run_in_process(NOTEBOOK, parameters=dict(params))
     return namespace["result"]
+
+
+# --------------------------------------------------------------------------- prediction on new recordings
+
+
+def save_predictor(run, model, data: HeartSoundData, *, test_proba: np.ndarray | None = None):
+    """Write what predicting on new recordings needs into ``run``'s folder (see :mod:`workbench.predict`).
+
+    The state: the task and its classes, the sample rate every recording is resampled to, the
+    window length and overlap, and the architecture. ``test_proba`` (per test recording) goes to
+    ``test_predictions.csv``, indexed by the recordings' file names.
+    """
+    if run is None:
+        return None
+    from ..transfer import unwrap
+
+    inner = unwrap(model)
+    widths = [m[0].out_channels for m in inner.encoder.blocks] if hasattr(inner.encoder, "blocks") else None
+    state = {"task": data.task, "classes": data.classes, "sample_rate": data.sample_rate,
+             "segment_seconds": data.segment_seconds, "overlap": data.overlap,
+             "widths": widths or list(DEFAULTS["widths"]), "dropout": float(inner.head[0].p), "source": data.source}
+    test = None
+    if test_proba is not None:
+        names = [data.recordings[i].name or data.recordings[i].patient for i in data.test_idx]
+        test = _predictions(np.asarray(test_proba), names, data.classes,
+                            AlignmentReport(what="recordings", n_samples=len(names)))
+    return _save_predictor(run, model, task=__name__, state=state, test_predictions=test)
+
+
+def _predictions(proba: np.ndarray, names, classes, report) -> Predictions:
+    return class_predictions(proba, names, classes, report, index_name="recording", task=__name__)
+
+
+class HeartSoundPredictor(Predictor):
+    """A heart-sound run's classifier with its sample rate and windows: classifies new recordings.
+
+    Give a folder (every ``.wav`` under it, in any layout; labels are not needed) or one wav
+    file. Each recording is read, mixed down to mono, resampled to the run's sample rate (the
+    report says how many, from which rate), band-passed and scaled as in training, cut into the
+    run's windows; its probabilities are the mean of its windows'. Recordings shorter than
+    :data:`MIN_SECONDS` are skipped and counted.
+    """
+
+    accepts = ("recordings",)
+    outputs = ("probabilities", "embedding")
+
+    def __init__(self, path, record):
+        super().__init__(path, record)
+        s = self.state
+        self.classes, self.sample_rate = list(s["classes"]), int(s["sample_rate"])
+        self.window = int(round(s["segment_seconds"] * self.sample_rate))
+        self.hop = max(1, int(round(self.window * (1 - s["overlap"]))))
+        self.model = self.load_weights(HeartSoundClassifier(len(self.classes), sample_rate=self.sample_rate,
+                                                            widths=tuple(s["widths"]), dropout=s["dropout"]))
+
+    def predict(self, data, *, output: str = "probabilities", batch_size: int = 256) -> Predictions:
+        """Per-recording class probabilities and label (or the mean window embedding, ``output="embedding"``)."""
+        self.check_output(output)
+        self.check_input(data)
+        root = Path(data)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        reader = _Reader(self.sample_rate)
+        names, signals = [], []
+        for path in files:
+            signal = reader(path)
+            if signal is not None:
+                names.append(path.name if root.is_file() else str(path.relative_to(root)))
+                signals.append(signal)
+        report = AlignmentReport(what="recordings", n_samples=len(names), notes=reader.notes())
+        if not signals:
+            raise PredictError(f"{root}: no recording could be read (all {len(files)} shorter than {MIN_SECONDS:g} s); "
+                               "give recordings of at least that length.")
+        windows = [audio.frame(s, size=self.window, hop=self.hop) for s in signals]
+        owner = np.concatenate([np.full(len(w), k) for k, w in enumerate(windows)])
+        X = torch.from_numpy(np.concatenate(windows))
+        counts = np.bincount(owner, minlength=len(signals))[:, None]
+        with torch.no_grad():
+            if output == "embedding":
+                parts = [self.model.encoder(X[k:k + batch_size]) for k in range(0, len(X), batch_size)]
+            else:
+                parts = [F.softmax(self.model(X[k:k + batch_size]), dim=1) for k in range(0, len(X), batch_size)]
+        values = torch.cat(parts).numpy()
+        out = np.zeros((len(signals), values.shape[1]))
+        np.add.at(out, owner, values)
+        out = out / counts
+        if output == "embedding":
+            import pandas as pd
+
+            frame = pd.DataFrame(out, index=pd.Index(names, name="recording"),
+                                 columns=[f"dim_{i}" for i in range(out.shape[1])])
+            return Predictions(frame, report=report, output="embedding", embedding=out, task=__name__)
+        return _predictions(out, names, self.classes, report)
+
+
+#: The class :func:`workbench.load_run` makes for a heart-sound run folder.
+PREDICTOR = HeartSoundPredictor
