@@ -97,7 +97,12 @@ class Kernel:
     # warm-up ---------------------------------------------------------------------------------
 
     def start_warm_up(self, modules: list[str]) -> None:
-        """Send the import of ``modules`` to the kernel and return at once; :meth:`wait_warm` collects it."""
+        """Send the import of ``modules`` to the kernel and return at once; :meth:`wait_warm` collects it.
+
+        The kernel runs requests in order, so waiting for this one waits for any sent before it too.
+        """
+        if self._warm_client is not None:
+            self._warm_client.stop_channels()
         self._warm_client = self._client()
         self._warm_up_id = self._warm_client.execute(_WARM_UP.format(names=list(modules)), silent=True,
                                                      store_history=False, allow_stdin=False)
@@ -291,6 +296,7 @@ class WarmKernels:
                 found = [m for m in kernel.imported_modules() if _MODULE_NAME.match(m) and m != "__main__"]
                 if found:
                     self._learn(str(Path(notebook).resolve()), found)
+                    self._top_up_spare(str(Path(notebook).resolve()))
         finally:
             kernel.shutdown()
 
@@ -311,6 +317,15 @@ class WarmKernels:
             spare, self._spare, self._spare_key = self._spare, None, None
         if spare is not None:
             spare.shutdown()
+
+    def _top_up_spare(self, notebook: str) -> None:
+        """Have the spare import, now, what was learned after it started (rather than when a run takes it)."""
+        with self._lock:
+            spare = self._spare if self._spare_key is not None and self._spare_key[0] == notebook else None
+            if spare is not None:
+                missing = [m for m in self.modules(notebook) if m not in set(spare.warmed_with)]
+                if missing:
+                    spare.start_warm_up(missing)
 
     def _learn(self, notebook: str, found: list[str]) -> None:
         before = self._learned.get(notebook)
