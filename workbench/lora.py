@@ -8,6 +8,7 @@ why, and the trainable parameters and their fraction::
 
     peft_model, report = apply_lora(model, rank=4)
     report                      # html table in a notebook; report.to_frame(), report.to_dict()
+    fit(peft_model, batches, ..., run=run, state_fn=checkpoint_state)   # checkpoints: adapters, not the base
     save_adapters(peft_model, run.path / "adapters")       # the adapters alone, a few kB
     merged = merge(peft_model)                             # a plain module for export
     again = load_adapters(build_model(...), run.path / "adapters")
@@ -30,7 +31,7 @@ from torch import nn
 
 from .transfer import unwrap
 
-__all__ = ["LoraReport", "apply_lora", "trainable_state", "save_adapters", "load_adapters", "merge"]
+__all__ = ["LoraReport", "apply_lora", "trainable_state", "checkpoint_state", "save_adapters", "load_adapters", "merge"]
 
 
 @dataclass
@@ -189,6 +190,21 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA run's checkpoints hold: the trainable tensors and the buffers (``fit(state_fn=...)``).
+
+    :func:`workbench.fit` writes this, not the whole model, into ``best.safetensors``,
+    ``epochNNN.safetensors`` and ``last.pt`` when given ``state_fn=checkpoint_state``; a resume
+    loads it over the model rebuilt on the same base. Buffers travel along because some change in
+    training without a gradient (BatchNorm's running statistics), and they are small.
+    """
+    inner = unwrap(model)
+    buffers = {name for name, _ in inner.named_buffers()}
+    state = trainable_state(model)
+    state.update({name: t.detach().cpu().clone() for name, t in inner.state_dict().items() if name in buffers})
+    return state
+
+
 def save_adapters(model, folder: str | os.PathLike) -> Path:
     """Write the adapters alone (peft's ``adapter_model.safetensors`` + ``adapter_config.json``).
 
@@ -197,12 +213,16 @@ def save_adapters(model, folder: str | os.PathLike) -> Path:
     model
         A model from :func:`apply_lora`.
     folder
-        Created when missing.
+        Created when missing. Under torchrun, rank 0 alone writes it (every rank holds the same adapters).
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"save_adapters needs the peft model that apply_lora returned, got {type(model).__name__}. "
                         "Use workbench.save_weights for a plain model.")
+    from .tracking import process_rank
+
     folder = Path(folder)
+    if process_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -16,6 +16,7 @@ Data
 Simulated ground truth (:func:`simulate`)
     Each client has a latent class ``c`` (4 classes, balanced) and a length drawn log-uniformly
     from 20 to 500 events. The class shapes three things, each blurred per client:
+
     event-type mix
         20 event types; client logits ``mu[c] + N(0, 1)`` per type, ``mu[c] ~ 0.6 * N(0, 1)``,
         and a class-dependent "stickiness" (the next event repeats the previous type with
@@ -27,6 +28,7 @@ Simulated ground truth (:func:`simulate`)
     timing
         gaps between events ``~ Exponential(mean)`` days, ``mean = 1.0`` for classes 0 and 3 and
         ``0.5`` for classes 1 and 2, times a per-client factor ``exp(N(0, 0.3))``.
+
     ``channel`` (3 values) follows the event type (type mod 3, 20% random) and carries no
     class information. A bag-of-event-types + amount-statistics model sees the mix and amounts
     but neither the order nor the timing.
@@ -47,8 +49,9 @@ Pretraining
 Baseline
     Logistic regression on bag-of-event-types (fraction of each type, log event count) plus
     statistics of each given numeric field, not ``time_gap`` (mean, std, min, 10/50/90th
-    percentiles, max of ``sign(x) log1p|x|``), on the same labelled clients.
-    :func:`linear_probe` scores an encoder as it is: logistic regression on its embeddings.
+    percentiles, max of ``sign(x) log1p|x|``), on the same labelled clients the model is fit on
+    (not its validation clients). :func:`linear_probe` scores an encoder as it is: logistic
+    regression on its embeddings of those clients.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ DEFAULTS = {
     "weight_decay": 0.0,
     "test_size": 0.2,
     "val_fraction": 0.1,
-    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (README)
+    "pretrain_epochs": 30,  # 10 left full fine-tuning below the baseline at 10% labels (docs/workflows/parts/event_sequence.md)
     "pretrain_lr": 1e-3,
     "pretrain_batch_size": 64,
     "split_count": 5,
@@ -378,7 +381,22 @@ def load(data_path: str = "", labels_path: str = "", *, categorical_fields="even
     notices: dict = {}
 
     # labels: every client with events needs one; clients without events are left out
-    labels = labels.dropna(subset=[TARGET]).drop_duplicates(CLIENT, keep="last")
+    labels = labels.dropna(subset=[TARGET])
+    repeated = labels[labels.duplicated(CLIENT, keep=False)]
+    if len(repeated):
+        kinds = repeated.groupby(CLIENT, sort=True)[TARGET].agg(lambda t: list(dict.fromkeys(t.tolist())))
+        conflicting = kinds[kinds.map(len) > 1]
+        if len(conflicting):
+            shown = "; ".join(f"{client!r}: {values}" for client, values in conflicting.head(5).items())
+            raise ValueError(
+                f"{len(conflicting)} client(s) have label rows that disagree (first 5: {shown}). A client has one "
+                f"label: keep one row per {CLIENT} in the labels table (e.g. labels.drop_duplicates({CLIENT!r}, "
+                "keep='last') if the last row is the right one), or drop those clients.")
+        extra = int(labels.duplicated(CLIENT).sum())
+        notices["repeated label rows (same label, dropped)"] = extra
+        warnings.warn(f"{extra} label row(s) repeat a client's row with the same label and were dropped "
+                      f"(first 5 clients: {kinds.index[:5].tolist()}).", stacklevel=2)
+        labels = labels.drop_duplicates(CLIENT)
     have_events = set(events[CLIENT].unique())
     without_label = sorted(have_events - set(labels[CLIENT]))
     if without_label:
@@ -820,7 +838,7 @@ def baseline(data: EventData, *, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fit_idx = np.concatenate([data.labelled_idx, data.val_idx])
+    fit_idx = data.labelled_idx  # the clients the model is fit on (not its validation clients)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     clf.fit(baseline_features(data, fit_idx), data.labels[fit_idx])
     pred = clf.predict(baseline_features(data, data.test_idx))
@@ -837,7 +855,7 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fit_idx = np.concatenate([data.labelled_idx, data.val_idx])
+    fit_idx = data.labelled_idx  # the clients the model is fit on (not its validation clients)
     embeddings, _, _ = get_embeddings(model, data, np.concatenate([fit_idx, data.test_idx]))
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, random_state=seed))
     clf.fit(embeddings[: len(fit_idx)], data.labels[fit_idx])
@@ -846,10 +864,14 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
 
 
 def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping | None = None) -> Evaluation:
-    """Score the test clients beside logistic regression; write final_metrics.json."""
+    """Score the test clients beside logistic regression; write final_metrics.json.
+
+    ``n_train`` and ``baseline_n_train`` count the clients each was fit on (the labelled clients).
+    """
     proba = predict_proba(model, data, data.test_idx)
+    counts = {"n_train": len(data.labelled_idx), "baseline_n_train": len(data.labelled_idx)}
     return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
-                               run=run, extra=extra)
+                               run=run, extra={**counts, **dict(extra or {})})
 
 
 def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:

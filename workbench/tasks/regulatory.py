@@ -6,7 +6,7 @@ Data
     region, the condition's features and the expression (the target). Condition features:
     ``medium``, ``drug`` and ``carbon_source`` (categorical; ``""`` means not given) and
     ``temperature`` (degrees C), ``preculture_h``, ``od600``, ``drug_conc`` (mol/L) and
-    ``drug_time_h`` (numeric). Rows marked ``set=source`` are for pretraining; the others hold
+    ``drug_time_h`` (numeric). Rows marked ``set=source`` are for pretraining; ``set=target`` rows hold
     the new conditions and are split into train / validation / test by ``seed``.
     ``data_path=""`` simulates a data set (:func:`simulate`); otherwise a CSV (:func:`read_csv`) or
     a zarr store in the layout of GET's region-motif datasets (:func:`read_zarr`).
@@ -32,18 +32,21 @@ Model
     concatenation and a 2-layer MLP.
 Pretraining
     Supervised, on the source conditions; cached by fingerprint (data content, source rows,
-    every setting), see :mod:`workbench.cache`.
+    vocabularies, every setting, the code), see :mod:`workbench.cache`. It reads nothing else of
+    the split: the numeric features' statistics come from the source rows alone.
 Fine-tuning
     ``full`` (every weight) or ``lora`` (peft adapters on the encoder's and head's linear
-    layers, the condition embeddings trained in full), see :mod:`workbench.lora`.
+    layers, the condition embeddings trained in full), see :mod:`workbench.lora`. A LoRA run's
+    checkpoints (``best.safetensors``, ``last.pt``) hold the trainable tensors only, beside the
+    base weights they adapt (``checkpoints/base.safetensors``).
 Baseline
     Ridge regression on the same features (flattened motifs and accessibility, one-hot
-    categoricals, numeric features) and the same labelled rows (source + new-condition train).
+    categoricals, numeric features) and the rows whose expression the model learnt from: the
+    new-condition train rows, and the source rows when the model was pretrained on them here.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -63,13 +66,11 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
-from ..training import Callback
-from ..transfer import unwrap
 
 __all__ = [
     "DEFAULTS", "CATEGORICAL", "NUMERIC", "TARGET", "RegulatoryData", "ConditionEncoder", "RegulatoryModel",
     "simulate", "read_csv", "write_csv", "read_zarr", "write_zarr", "load", "build_model", "pretrain", "pretrained", "load_checkpoint",
-    "prepare", "LoraCheckpoint", "finetune", "predict", "baseline", "evaluate", "permutation_importance", "run_workflow",
+    "prepare", "finetune", "fit_rows", "predict", "baseline", "evaluate", "permutation_importance", "run_workflow",
     "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "LEGACY_KEY_MAP",
 ]
 
@@ -98,6 +99,8 @@ PARAMETERS = Spec(
 PACKAGES = ("peft", "scipy")
 
 CATEGORICAL = ("medium", "drug", "carbon_source")
+#: Values of the optional ``set`` column: ``source`` rows pretrain, ``target`` rows are split for fine-tuning.
+SET_VALUES = ("source", "target")
 NUMERIC = ("temperature", "preculture_h", "od600", "drug_conc", "drug_time_h")
 TARGET = "expression"
 UNKNOWN = "<unknown>"
@@ -255,7 +258,8 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
 
     Columns: ``r{region}_m{motif}`` (motif hits), ``r{region}_access`` (accessibility),
     the condition columns :data:`CATEGORICAL` and :data:`NUMERIC`, the target ``expression``,
-    and optionally ``set`` (``source`` rows pretrain; the others are split for fine-tuning),
+    and optionally ``set`` (``source`` rows pretrain, ``target`` rows are split for fine-tuning; case and
+    surrounding spaces do not matter, other values are refused),
     ``condition`` (a name per condition, for per-condition metrics) and ``gene``.
 
     Raises
@@ -444,9 +448,9 @@ class RegulatoryData:
     def n_channels(self) -> int:
         return self.regions.shape[2]
 
-    def numeric_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of the numeric features over the labelled rows."""
-        labelled = np.concatenate([self.source_idx, self.train_idx])
+    def numeric_stats(self, idx=None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the numeric features over rows ``idx`` (default: the labelled rows)."""
+        labelled = np.concatenate([self.source_idx, self.train_idx]) if idx is None else np.asarray(idx)
         values = self.conditions[list(NUMERIC)].iloc[labelled].to_numpy(dtype=np.float64)
         std = values.std(axis=0)
         return values.mean(axis=0).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
@@ -538,7 +542,7 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
         conditions[column] = conditions[column].fillna("").astype(str)
     names = (frame["condition"].astype(str).to_numpy() if "condition" in frame
              else conditions.astype(str).agg("/".join, axis=1).to_numpy())
-    is_source = (frame["set"].astype(str) == "source").to_numpy() if "set" in frame else np.zeros(len(frame), bool)
+    is_source = _source_rows(frame, source)
     target = np.flatnonzero(~is_source)
     order = np.random.default_rng(seed).permutation(target)
     n_train = max(1, round(train_fraction * len(order)))
@@ -549,6 +553,28 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
         train_idx=np.sort(order[:n_train]), val_idx=np.sort(order[n_train:n_train + n_val]),
         test_idx=np.sort(order[n_train + n_val:]), source=source,
     )
+
+
+def _source_rows(frame: pd.DataFrame, source: str) -> np.ndarray:
+    """Which rows the ``set`` column marks for pretraining (``source``); the others are ``target`` rows.
+
+    Values are compared without regard to case and surrounding spaces (``Source``, `` source``);
+    any other value, an empty cell included, is an error that names it: a misspelt ``source``
+    would otherwise put every pretraining row into fine-tuning and test without a word.
+    """
+    if "set" not in frame:
+        return np.zeros(len(frame), bool)
+    values = frame["set"].astype("string").str.strip().str.lower()
+    unknown = ~values.isin(SET_VALUES).fillna(False).to_numpy(bool)
+    if unknown.any():
+        raw = frame["set"][unknown]
+        shown = list(dict.fromkeys(repr(v) if isinstance(v, str) else "an empty cell" for v in raw))
+        raise ValueError(
+            f"{source}: column 'set' holds {int(unknown.sum())} value(s) that are not one of {', '.join(SET_VALUES)} "
+            f"(case and surrounding spaces aside): {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}, first in "
+            f"row {int(np.flatnonzero(unknown)[0])}. Mark the pretraining rows 'source' and the new-condition rows "
+            "'target', or drop the column (then every row is a new-condition row).")
+    return (values == "source").fillna(False).to_numpy(bool)
 
 
 # --------------------------------------------------------------------------- model
@@ -633,10 +659,14 @@ class RegulatoryModel(nn.Module):
         return F.mse_loss(self(regions, categorical, numeric), y)
 
 
-def build_model(data: RegulatoryData, **overrides) -> RegulatoryModel:
-    """The model for ``data``'s layout and vocabularies, numeric statistics from its labelled rows."""
+def build_model(data: RegulatoryData, *, numeric_rows=None, **overrides) -> RegulatoryModel:
+    """The model for ``data``'s layout and vocabularies, numeric statistics from rows ``numeric_rows``.
+
+    ``numeric_rows`` defaults to the labelled rows (source and fine-tuning train); pretraining
+    passes the source rows, so that its cached checkpoint depends on nothing else of the split.
+    """
     cfg = {**DEFAULTS, **overrides}
-    mean, std = data.numeric_stats()
+    mean, std = data.numeric_stats(numeric_rows)
     return RegulatoryModel(
         data.n_regions, data.n_channels, {c: len(v) for c, v in data.vocab.items()}, len(NUMERIC),
         width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"], ff_mult=cfg["ff_mult"],
@@ -651,8 +681,10 @@ def build_model(data: RegulatoryData, **overrides) -> RegulatoryModel:
 def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
     """Train the model on the source conditions; return ``pretrained.safetensors`` (cached by fingerprint).
 
-    The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``
-    and every setting in :data:`PRETRAIN_SETTINGS`; an entry is reused only when all are equal.
+    The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``,
+    every setting in :data:`PRETRAIN_SETTINGS` and the code; an entry is reused only when all are
+    equal. The build reads nothing else: the numeric statistics (buffers in the checkpoint) come
+    from the source rows, not from the fine-tuning rows of the split that happened to build it.
     """
     if len(data.source_idx) == 0:
         raise ValueError(f"{data.source} has no source rows (set=source) to pretrain on. Add them, or use "
@@ -666,7 +698,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
         from ..training import fit
 
         torch.manual_seed(seed)
-        model = build_model(data, **cfg)
+        model = build_model(data, numeric_rows=data.source_idx, **cfg)
         run = Run(folder / "run", params=settings, resume=True)
         batches = data.batches(data.source_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
@@ -712,8 +744,13 @@ def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, key
 
 
 
-def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4):
-    """``(model to train, report)``: the model itself for ``full``; peft-wrapped for ``lora``."""
+def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4, run=None):
+    """``(model to train, report)``: the model itself for ``full``; peft-wrapped for ``lora``.
+
+    With a ``run``, a LoRA run's folder keeps the base weights the adapters are trained on
+    (``checkpoints/base.safetensors``, written before the adapters are put on): its checkpoints
+    hold the trainable tensors only, and the cache that held the pretrained weights is not durable.
+    """
     from ..transfer import apply_strategy
 
     if method not in FINETUNE_METHODS:
@@ -722,51 +759,21 @@ def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4):
         return model, apply_strategy(model, "full")
     from ..lora import apply_lora
 
+    if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
+        save_weights(model, run.checkpoints / "base.safetensors",
+                     metadata={"what": "the base weights the LoRA adapters of this run adapt", "rank": rank})
     return apply_lora(model, rank=rank)
-
-
-class LoraCheckpoint(Callback):
-    """Checkpoints of a LoRA run: only the trainable tensors (adapters, fully trained parts).
-
-    It stands in for fit's own checkpointing, which writes the whole model (``best.safetensors``
-    and ``last.pt``) every time: it logs each epoch to the run, keeps the best epoch's trainable
-    tensors by ``monitor`` (lower is better) in ``checkpoints/best_trainable.safetensors``, writes
-    ``epochNNN_trainable.safetensors`` every ``every_n_epochs`` epochs, and puts the best tensors
-    back into the model when training ends. A LoRA run therefore has no ``last.pt`` to resume from.
-    """
-
-    def __init__(self, run, *, monitor: str, every_n_epochs: int | None = None):
-        self.run, self.monitor, self.every = run, monitor, every_n_epochs
-        self.best, self.best_state = None, None
-
-    def on_validation_end(self, trainer, logs):
-        from ..lora import trainable_state
-
-        if self.run is not None:
-            self.run.log(logs)
-        value = logs[self.monitor]
-        if math.isfinite(value) and (self.best is None or value <= self.best):  # a tie goes to the later epoch
-            self.best, self.best_state = value, trainable_state(trainer.model)
-            if self.run is not None:
-                save_weights(self.best_state, self.run.checkpoints / "best_trainable.safetensors",
-                             metadata={"epoch": trainer.epoch, self.monitor: value})
-        if self.run is not None and self.every and (trainer.epoch + 1) % self.every == 0:
-            save_weights(trainable_state(trainer.model),
-                         self.run.checkpoints / f"epoch{trainer.epoch:03d}_trainable.safetensors",
-                         metadata={"epoch": trainer.epoch, self.monitor: value})
-
-    def on_fit_end(self, trainer):
-        if self.best_state is not None:
-            unwrap(trainer.model).load_state_dict(self.best_state, strict=False)
 
 
 def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, batch_size: int = 64,
              warmup_ratio: float = 0.1, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
-             progress: bool = True):
+             resume: bool = False, progress: bool = True):
     """Fine-tune on the new-condition train rows, pick the epoch with the lowest ``val_loss``.
 
     ``model`` is what :func:`prepare` returned. A LoRA model (peft) keeps its own freezing and
-    its checkpoints hold only the trainable tensors (``save_every`` epochs and the best one).
+    its checkpoints (``best.safetensors``, every ``save_every`` epochs, ``last.pt``) hold only
+    the trainable tensors (:func:`workbench.lora.checkpoint_state`). ``resume=True`` continues
+    from ``run``'s ``last.pt`` (open it with ``Run(..., resume=True)``), LoRA or not.
     """
     from ..training import fit
 
@@ -775,13 +782,13 @@ def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, 
     batches = data.batches(data.train_idx, batch_size=batch_size, shuffle=True, seed=seed)
     val = data.batches(data.val_idx, batch_size=512) if has_val else None
     monitor = "val_loss" if has_val else "train_loss"
-    common = dict(epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"], schedule="cosine",
-                  warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress, seed=seed, log_every=100)
+    state_fn = None
     if is_lora:
-        checkpoint = LoraCheckpoint(run, monitor=monitor, every_n_epochs=save_every)
-        return fit(model, batches, strategy=None, callbacks=[checkpoint, *callbacks], **common)
-    return fit(model, batches, strategy="full", restore_best=True, run=run, save_every=save_every,
-               callbacks=callbacks, **common)
+        from ..lora import checkpoint_state as state_fn
+    return fit(model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+               schedule="cosine", warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress,
+               seed=seed, log_every=100, strategy=None if is_lora else "full", restore_best=True, run=run,
+               resume=resume, save_every=save_every, state_fn=state_fn, callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -805,11 +812,23 @@ def _baseline_features(data: RegulatoryData, idx) -> np.ndarray:
     return np.concatenate([data.regions[idx].reshape(len(idx), -1), *onehot, numeric], axis=1).astype(np.float32)
 
 
-def baseline(data: RegulatoryData) -> np.ndarray:
-    """Ridge regression on the same features and labelled rows; predictions for the test rows."""
+def fit_rows(data: RegulatoryData, pretrained_checkpoint: str = "pretrain") -> np.ndarray:
+    """The rows whose expression the model learnt from, so the baseline fits the same ones.
+
+    The fine-tuning train rows, and the source rows when the model was pretrained on them here
+    (``pretrained_checkpoint="pretrain"``). From scratch, or from a checkpoint made elsewhere,
+    the train rows alone.
+    """
+    if pretrained_checkpoint == "pretrain":
+        return np.concatenate([data.source_idx, data.train_idx])
+    return np.asarray(data.train_idx)
+
+
+def baseline(data: RegulatoryData, rows=None) -> np.ndarray:
+    """Ridge regression on the same features, fit on ``rows`` (default: source + train); test predictions."""
     from sklearn.linear_model import RidgeCV
 
-    labelled = np.concatenate([data.source_idx, data.train_idx])
+    labelled = np.concatenate([data.source_idx, data.train_idx]) if rows is None else np.asarray(rows)
     ridge = RidgeCV(alphas=np.logspace(-2, 3, 12)).fit(_baseline_features(data, labelled), data.y[labelled])
     return ridge.predict(_baseline_features(data, data.test_idx))
 
@@ -859,22 +878,31 @@ class Evaluation:
         return repr(self.table) + "\n" + self.per_condition.to_string()
 
 
-def evaluate(model, data: RegulatoryData, *, run=None, extra: Mapping | None = None) -> Evaluation:
-    """Score the test rows beside ridge regression; write predictions.csv, metrics.json, final_metrics.json."""
+def evaluate(model, data: RegulatoryData, *, run=None, pretrained_checkpoint: str = "pretrain",
+             extra: Mapping | None = None) -> Evaluation:
+    """Score the test rows beside ridge regression; write predictions.csv, metrics.json, final_metrics.json.
+
+    ``pretrained_checkpoint`` is the parameter the model was made with: ridge regression fits the
+    rows the model learnt from (:func:`fit_rows`); ``n_train`` and ``baseline_n_train`` say how many.
+    """
     pred = predict(model, data, data.test_idx)
     truth = data.y[data.test_idx]
     groups = data.condition_names[data.test_idx]
+    rows = fit_rows(data, pretrained_checkpoint)
     ours = grouped_regression_metrics(truth, pred, groups)
-    base = grouped_regression_metrics(truth, baseline(data), groups)
+    base = grouped_regression_metrics(truth, baseline(data, rows), groups)
     keys = ("pearson", "spearman", "r2", "mse")
     overall, base_overall = ours.loc["overall", list(keys)].to_dict(), base.loc["overall", list(keys)].to_dict()
     table = MetricsTable({"fine-tuned model": overall, "baseline (ridge regression)": base_overall})
     final = {f"test_{k}": float(v) for k, v in overall.items()} | {f"baseline_test_{k}": float(v) for k, v in base_overall.items()}
+    n_model = len(data.train_idx) + (len(data.source_idx) if pretrained_checkpoint == "pretrain" else 0)
+    final |= {"n_train": n_model, "baseline_n_train": len(rows)}
     final |= {k: float(v) for k, v in dict(extra or {}).items()}
     predictions = pd.DataFrame({"row": data.test_idx, "condition": groups, "true": truth, "predicted": pred,
                                 "residual": pred - truth})
     if run is not None:
-        predictions.to_csv(run.path / "predictions.csv", index=False)
+        if run.writes:  # under torchrun, rank 0 alone writes the run folder
+            predictions.to_csv(run.path / "predictions.csv", index=False)
         run.save_json("metrics.json", {"overall": overall, "baseline": base_overall,
                                        "per_condition": ours.drop(index="overall").to_dict(orient="index")})
         final = run.finish(final)

@@ -47,8 +47,9 @@ Cross-validation
     slide's graph (its features are seen, its targets are not). A random ``val_fraction`` of the
     training spots picks the epoch (early stopping with ``patience`` / ``min_delta``).
 Baseline
-    Ridge regression (alpha by internal CV) per fold on the same spots, with the same inputs the
-    GNN sees at one hop: a spot's features and the mean features of its graph neighbours.
+    Ridge regression (alpha by internal CV) per fold on the same spots the model is fit on (not
+    its validation spots), with the same inputs the GNN sees at one hop: a spot's features and
+    the mean features of its graph neighbours.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,7 +493,7 @@ class SpatialExpressionModel(nn.Module):
         return self.output(self.encoder(h.unsqueeze(0)).squeeze(0))
 
     def loss(self, batch):
-        x, edges, y, mask = batch
+        x, edges, y, mask = batch[:4]
         return F.mse_loss(self(x, edges)[mask], y[mask])
 
 
@@ -521,8 +523,22 @@ class Scaler:
         return cls(f.mean(0), np.maximum(f.std(0), 1e-6), t.mean(0), np.maximum(t.std(0), 1e-6))
 
 
+class SlideBatch(NamedTuple):
+    """One slide: every spot goes through the graph model, the loss counts the spots ``mask`` keeps.
+
+    ``n_items`` (the number of those spots) weights the slide's mean loss in the epoch's
+    ``train_loss`` / ``val_loss`` (see :mod:`workbench.training`), so they are means over spots.
+    """
+
+    x: torch.Tensor
+    edges: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    n_items: int
+
+
 class SlideBatches:
-    """One batch per slide: ``(features, edges, scaled targets, loss mask)``; ``mask`` marks the spots that count."""
+    """One batch per slide: a :class:`SlideBatch` ``(features, edges, scaled targets, loss mask, n_items)``."""
 
     def __init__(self, data: SpotData, scaler: Scaler, slides: Sequence[str], mask: np.ndarray, *,
                  shuffle: bool = False, seed: int = 0):
@@ -532,8 +548,9 @@ class SlideBatches:
             idx = data.positions(s)
             x = (data.features[idx] - scaler.feature_mean) / scaler.feature_std
             y = (data.targets[idx] - scaler.target_mean) / scaler.target_std
-            self.items[s] = (torch.from_numpy(x.astype(np.float32)), data.graph(s),
-                             torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]))
+            self.items[s] = SlideBatch(torch.from_numpy(x.astype(np.float32)), data.graph(s),
+                                       torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]),
+                                       int(mask[idx].sum()))
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -648,16 +665,24 @@ def report_table(report, source) -> pd.DataFrame:
 
 
 def strategy_table(model) -> pd.DataFrame:
-    """Trainable parameters per module under each named strategy of the model (it ends unfrozen)."""
+    """Trainable parameters per module under each named strategy of the model (it ends unfrozen).
+
+    When the checkpoint left tensors at initialisation (e.g. the GNN's input weights, for spot
+    features of another width), no strategy freezes them: the last row, ``kept trainable (not
+    loaded)``, counts their parameters under each strategy.
+    """
     from ..transfer import apply_strategy
 
-    frames = []
+    frames, kept = [], {}
     for name in ("full", "frozen_backbone", "frozen_decoder"):
-        frame = apply_strategy(model, name).to_frame().set_index("module")["trainable"].rename(name)
-        frames.append(frame)
+        frame = apply_strategy(model, name).to_frame().set_index("module")
+        frames.append(frame["trainable"].rename(name))
+        kept[name] = int(frame["kept_trainable"].sum())
     apply_strategy(model, "full")
     table = pd.concat(frames, axis=1)
     table.loc["total"] = table.sum()
+    if any(kept.values()):
+        table.loc["kept trainable (not loaded)"] = pd.Series(kept)
     return table
 
 
@@ -772,15 +797,19 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
         pred = predict(model, data, scaler, test_slides)[test]
         truth = data.targets[test]
         ours = regression_metrics(truth, pred, prefix="test_")
-        base = regression_metrics(truth, baseline(data, train, test), prefix="baseline_test_")
-        row = {"train_spots": len(fit_idx), "val_spots": len(val), "test_spots": len(test),
+        base = regression_metrics(truth, baseline(data, fit_idx, test), prefix="baseline_test_")
+        row = {"train_spots": len(fit_idx), "baseline_train_spots": len(fit_idx), "val_spots": len(val),
+               "test_spots": len(test),
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
+        # genes predicted as a constant count as r = 0 in mean_pearson; how many there were
+        row |= {"constant_genes": int(ours["test_constant_predictions"]),
+                "baseline_constant_genes": int(base["baseline_test_constant_predictions"])}
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
-        if run is not None:
+        if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
             folder = run.path / "folds" / name
             folder.mkdir(parents=True, exist_ok=True)
             run.save_json(f"folds/{name}/metrics.json", {**row, "test_slides": test_slides,
@@ -801,6 +830,9 @@ def evaluate(result: CVResult, *, run=None, extra: Mapping | None = None) -> CVR
         final[metric] = float(row["mean"])
         final[f"{metric}_std"] = float(row["std"])
     final["folds"] = len(result.per_fold)
+    # spots the model and ridge regression were fit on, mean over folds
+    final["n_train"] = float(result.per_fold["train_spots"].mean())
+    final["baseline_n_train"] = float(result.per_fold["baseline_train_spots"].mean())
     final |= {k: float(v) for k, v in dict(extra or {}).items()}
     if run is not None:
         run.save_json("cv_summary.json", {"summary": result.summary.drop(columns="mean ± std").to_dict(orient="index"),
