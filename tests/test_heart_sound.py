@@ -24,8 +24,9 @@ TINY = {"task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size"
 
 @pytest.fixture(scope="module")
 def physionet(tmp_path_factory):
+    # seed 7: the 2 validation patients of the notebook's split hold both classes (val_auroc picks the best epoch)
     return hs.write_layout(tmp_path_factory.mktemp("pcg") / "physionet", "physionet2016", n_patients=16, seconds=3,
-                           seed=1)
+                           seed=7)
 
 
 def pcg(seconds=3.0, rate=4000, seed=0):
