@@ -812,7 +812,7 @@ def _baseline_features(data: RegulatoryData, idx) -> np.ndarray:
     return np.concatenate([data.regions[idx].reshape(len(idx), -1), *onehot, numeric], axis=1).astype(np.float32)
 
 
-def fit_rows(data: RegulatoryData, pretrained_checkpoint: str = "pretrain") -> np.ndarray:
+def fit_rows(data: RegulatoryData, *, pretrained_checkpoint: str = "pretrain") -> np.ndarray:
     """The rows whose expression the model learnt from, so the baseline fits the same ones.
 
     The fine-tuning train rows, and the source rows when the model was pretrained on them here
@@ -824,7 +824,7 @@ def fit_rows(data: RegulatoryData, pretrained_checkpoint: str = "pretrain") -> n
     return np.asarray(data.train_idx)
 
 
-def baseline(data: RegulatoryData, rows=None) -> np.ndarray:
+def baseline(data: RegulatoryData, *, rows=None) -> np.ndarray:
     """Ridge regression on the same features, fit on ``rows`` (default: source + train); test predictions."""
     from sklearn.linear_model import RidgeCV
 
@@ -888,9 +888,9 @@ def evaluate(model, data: RegulatoryData, *, run=None, pretrained_checkpoint: st
     pred = predict(model, data, data.test_idx)
     truth = data.y[data.test_idx]
     groups = data.condition_names[data.test_idx]
-    rows = fit_rows(data, pretrained_checkpoint)
+    rows = fit_rows(data, pretrained_checkpoint=pretrained_checkpoint)
     ours = grouped_regression_metrics(truth, pred, groups)
-    base = grouped_regression_metrics(truth, baseline(data, rows), groups)
+    base = grouped_regression_metrics(truth, baseline(data, rows=rows), groups)
     keys = ("pearson", "spearman", "r2", "mse")
     overall, base_overall = ours.loc["overall", list(keys)].to_dict(), base.loc["overall", list(keys)].to_dict()
     table = MetricsTable({"fine-tuned model": overall, "baseline (ridge regression)": base_overall})
