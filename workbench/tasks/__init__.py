@@ -54,10 +54,17 @@ def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` torch threads (default: ``$TORCH_NUM_THREADS``, which sweep workers set).
 
     A workflow notebook calls it first, so that parallel sweep runs share the cores instead of
-    each starting one thread per core.
+    each starting one thread per core. The BLAS and OpenMP pools (numpy's and torch's OpenBLAS, which
+    ``torch.set_num_threads`` does not govern) get the same number: a matrix product's summation order
+    depends on its thread count, so a run's figures would otherwise depend on what the process did
+    before (a pytest worker, a kernel) rather than on its parameters.
     """
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = threads or int(os.environ.get("TORCH_NUM_THREADS", 0)) or torch.get_num_threads()
     torch.set_num_threads(threads)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)  # pools loaded later (scipy's, with scikit-learn) read these when they load
+    threadpool_limits(limits=threads)  # pools loaded already; process-wide, not a context: it lasts for the run
     return threads
