@@ -30,6 +30,9 @@ _EXPORTS = {
     "lr_find": "lr_range",
     "LRFinderResult": "lr_range",
     "fit": "training",
+    "place": "devices",
+    "to_model": "devices",
+    "to_numpy": "devices",
     "History": "training",
     "Callback": "training",
     "EarlyStopping": "training",
@@ -46,7 +49,7 @@ _EXPORTS = {
     "run_sweep": "sweeps",
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
-               "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli"}
+               "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

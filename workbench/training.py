@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_state, save_state, save_weights
+from .devices import cuda_rng_states_for, resolve_dtype, set_deterministic, to_device
 from .distributed import DistContext, set_epoch
 from .distributed import context as dist_context
 from .ema import ModelEMA
@@ -74,10 +75,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 #: The settings that shape training; ``last.pt`` records them and a resume must match them all.
 SETTINGS = ("epochs", "schedule", "warmup_ratio", "min_lr_ratio", "optimizer", "lr", "weight_decay", "batch_size",
             "steps_per_epoch", "strategy", "freeze_epochs", "backbone_lr_ratio", "grad_clip", "amp", "seed",
-            "world_size", "accumulate", "layer_decay", "ema", "ema_eval")
+            "world_size", "accumulate", "layer_decay", "ema", "ema_eval", "dtype")
 
 #: What a setting added after a ``last.pt`` was written meant before it existed (so the old state still resumes).
-_SETTING_DEFAULTS = {"accumulate": 1, "layer_decay": None, "ema": None, "ema_eval": False}
+_SETTING_DEFAULTS = {"accumulate": 1, "layer_decay": None, "ema": None, "ema_eval": False, "dtype": None}
 
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("workbench_extra_callbacks", default=())
 
@@ -356,18 +357,35 @@ class LiveCurves(Callback):
 # --------------------------------------------------------------------------- loop
 
 
-def move_to(batch, device: torch.device):
-    """Move tensors inside nested dicts / lists / tuples (or objects with ``.to``) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [move_to(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    if hasattr(batch, "to"):
-        return batch.to(device)
-    return batch
+def move_to(batch, device: torch.device, dtype: torch.dtype | None = None):
+    """Move tensors inside nested dicts / lists / tuples (or objects with ``.to``) to ``device``.
+
+    The same as :func:`workbench.devices.to_device` (the one device path); floating tensors are cast to ``dtype``
+    when it is given.
+    """
+    return to_device(batch, device, dtype)
+
+
+class _OnDevice:
+    """``data``'s batches moved to ``device`` (and ``dtype``) as they are drawn; other attributes are ``data``'s.
+
+    What :func:`fit` hands to ``evaluate``, so a task's metrics run on the model's device.
+    """
+
+    def __init__(self, data, device, dtype):
+        self.data, self.device, self.dtype = data, device, dtype
+
+    def __iter__(self):
+        for batch in self.data:
+            yield to_device(batch, self.device, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getattr__(self, name):
+        if name == "data":
+            raise AttributeError(name)
+        return getattr(self.data, name)
 
 
 def _default_loss(model, batch):
@@ -388,7 +406,7 @@ def _rng_state(loader) -> dict:
         "python": repr(random.getstate()),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per visible GPU
     generator = getattr(loader, "generator", None)
     if generator is not None:
         state["loader"] = generator.get_state()
@@ -403,7 +421,11 @@ def _set_rng_state(state: dict, loader) -> None:
 
     random.setstate(ast.literal_eval(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        states, note = cuda_rng_states_for(state["cuda"], torch.cuda.device_count())
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        for index, cuda_state in enumerate(states):
+            torch.cuda.set_rng_state(cuda_state, index)
     generator = getattr(loader, "generator", None)
     if generator is not None and "loader" in state:
         generator.set_state(state["loader"])
@@ -452,6 +474,7 @@ class Trainer:
         self.loss_fn: Callable = _default_loss
         self.autocast = contextlib.nullcontext
         self.scaler = None
+        self.dtype: torch.dtype | None = None  # batches' floating tensors are cast to it (fit(dtype=...))
         self.grad_clip: float | None = None
         self.log_every = 50
         self.last_path: Path | None = None
@@ -499,6 +522,7 @@ class Trainer:
             "stopped": self.should_stop,
             "settings": self.settings,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save_state(self, train_data) -> None:
@@ -552,6 +576,8 @@ class Trainer:
         self.global_step = state["global_step"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and "scaler" in state:  # fp16: the loss scale goes on where it was
+            self.scaler.load_state_dict(state["scaler"])
         if self.run is not None:
             self.run.rewrite_metrics(self.history.rows)  # drop rows logged after the state was saved
         _set_rng_state(state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"], train_data)
@@ -602,7 +628,6 @@ class Trainer:
         running = torch.zeros((), device=self.device)
         seen = 0  # samples (or batches, where a batch does not say its size)
         for batches in _micro_batches(train_data, self.accumulate):
-            batches = [move_to(batch, self.device) for batch in batches]
             summed, n = self.train_step(batches)
             running += summed
             seen += n
@@ -616,11 +641,12 @@ class Trainer:
         return value if math.isfinite(value) else self._bad_loss(value)
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, int]:
-        """One optimizer step over ``batches`` (one batch, or ``accumulate`` micro-batches).
+        """One optimizer step over ``batches`` (one batch, or ``accumulate`` micro-batches), as the data yields them.
 
         Each micro-batch's mean loss is weighted by its share of the step's samples before its
         backward pass, so the summed gradient is that of one batch holding them all. Under DDP
         the gradients are averaged over the ranks on the last micro-batch only (``no_sync``).
+        Each micro-batch reaches the device (:func:`workbench.devices.to_device`) just before its forward pass.
         Returns the step's loss summed over samples (on the device) and its number of samples.
         """
         opt = self.optimizer
@@ -630,6 +656,7 @@ class Trainer:
         total = sum(sizes)
         summed = None
         for i, (batch, n) in enumerate(zip(batches, sizes)):
+            batch = to_device(batch, self.device, self.dtype)
             with self._no_sync(last=i == len(batches) - 1):
                 with self.autocast():
                     loss = self.forward_loss(batch)
@@ -677,9 +704,10 @@ class Trainer:
         total, n, metrics = None, 1, {}
         with torch.no_grad(), self.autocast():
             if val_data is not None:
-                total, n = _sum_loss(self.model, val_data, self.loss_fn, self.device)
-            if evaluate is not None:
-                metrics = {k: float(v) for k, v in evaluate(self.model, val_data).items()}
+                total, n = _sum_loss(self.model, val_data, self.loss_fn, self.device, self.dtype)
+            if evaluate is not None:  # its batches arrive on the model's device
+                metrics = {k: float(v) for k, v in evaluate(self.model, _OnDevice(val_data, self.device,
+                                                                                  self.dtype)).items()}
         if not self.dist.enabled:
             return ({} if total is None else {"val_loss": total / max(1, n)}) | metrics
         names = ([] if total is None else ["val_loss"]) + sorted(metrics)
@@ -798,6 +826,8 @@ def fit(
     resume: bool = False,
     log_every: int = 50,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    deterministic: bool = False,
     seed: int | None = None,
     progress: bool = True,
     distributed: bool | None = None,
@@ -866,7 +896,19 @@ def fit(
     log_every
         Steps between reads of the running loss (the only host syncs in the hot loop).
     device
-        Default: ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU.
+        ``"auto"`` or None (default): ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else
+        the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under DDP every rank trains on ``cuda:LOCAL_RANK``).
+        See :func:`workbench.devices.resolve_device`. The model is moved there, and every batch (training,
+        validation, the batches ``evaluate`` receives) through :func:`workbench.devices.to_device`.
+    dtype
+        None (default) keeps the model's dtype; ``"float32"``, ``"float64"``, ...: the model's floating tensors
+        are cast to it, and so is every floating tensor of every batch the loop moves. ``"float64"`` on the CPU
+        is the check that every tensor takes the device path (one that does not meets the model as float32).
+    deterministic
+        Ask torch for deterministic kernels (:func:`workbench.devices.set_deterministic`: cuDNN flags,
+        ``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``); the setting stays on for the
+        process. The CPU loop is bit for bit reproducible without it; on a GPU a resume equals an
+        uninterrupted run only with it (and raises where an operation has no deterministic kernel).
     seed
         Seeds torch before training; also the seed of the DistributedSampler under DDP (default 0).
     distributed
@@ -881,17 +923,21 @@ def fit(
     if dist.is_main:
         _check_resume(run, resume)
     device = dist.device(device)
+    dtype = resolve_dtype(dtype)
+    if deterministic:
+        set_deterministic()
     train_data = dist.shard_train(train_data, seed=seed)
     val_data = dist.shard_eval(val_data)
     if seed is not None:
         torch.manual_seed(seed)
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     settings = _settings(
         epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
         lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
         steps_per_epoch=math.ceil(len(train_data) / accumulate), strategy=strategy, freeze_epochs=freeze_epochs,
         backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed, world_size=dist.world_size,
         accumulate=accumulate, layer_decay=layer_decay, ema=ema, ema_eval=ema_eval,
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
     )
     trainer = None
     with dist.watch(lambda: trainer.where() if trainer is not None else "setup"):
@@ -905,7 +951,7 @@ def fit(
             run=run if dist.is_main else None, device=device, loss_fn=loss_fn or _default_loss, amp=amp,
             grad_clip=grad_clip, log_every=log_every, progress=progress,
         )
-        trainer.accumulate, trainer.ema_eval = accumulate, ema_eval
+        trainer.accumulate, trainer.ema_eval, trainer.dtype = accumulate, ema_eval, dtype
         trainer.ema = ModelEMA(model, decay=ema) if ema is not None else None
         start_epoch, finished = trainer.restore(resume=resume, train_data=train_data, epochs=epochs)
         if not finished:
@@ -1073,12 +1119,12 @@ def _keyed(callbacks: Sequence[Callback]) -> dict[str, Callback]:
     return out
 
 
-def _sum_loss(model, batches, loss_fn, device) -> tuple[float, int]:
+def _sum_loss(model, batches, loss_fn, device, dtype=None) -> tuple[float, int]:
     """Summed loss over the samples of ``batches`` (batch means times batch sizes), and their number."""
     total = torch.zeros((), device=device)
     n = 0
     for batch in batches:
         size = _batch_len(batch)
-        total += loss_fn(model, move_to(batch, device)).detach().float() * size
+        total += loss_fn(model, to_device(batch, device, dtype)).detach().float() * size
         n += size
     return total.item(), n

@@ -60,6 +60,7 @@ from ..batches import TensorBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import resolve_pretrained, save_weights
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..tracking import TRACKERS
@@ -93,6 +94,8 @@ PARAMETERS = Spec(
     seed=Integer(ge=0),
     output_dir=Text(),
     tracker=Choice(*TRACKERS),
+    device=DeviceName(),
+    dtype=Choice(*NOTEBOOK_DTYPES),
     interactive=Flag(),
 )
 PACKAGES = ("peft", "scipy")
@@ -648,7 +651,8 @@ def build_model(data: RegulatoryData, **overrides) -> RegulatoryModel:
 # --------------------------------------------------------------------------- pretraining
 
 
-def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
+def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, device="auto",
+             dtype=None, **overrides) -> Path:
     """Train the model on the source conditions; return ``pretrained.safetensors`` (cached by fingerprint).
 
     The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``
@@ -659,6 +663,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
                          "pretrained_checkpoint='none' (from scratch) or a checkpoint path.")
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS} | {"seed": seed, "objective": "expression_on_source"}
+    settings.update(placement_key(device, dtype))
     key = fingerprint(data.content_hash, data.source_idx, data.vocab, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -670,7 +675,8 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
         run = Run(folder / "run", params=settings, resume=True)
         batches = data.batches(data.source_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
-            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
+            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100,
+            device=device, dtype=dtype)
         meta = {"task": "regulatory", "fingerprint": key, "vocab": data.vocab, "samples": len(data.source_idx),
                 **settings}
         save_weights(model, folder / "pretrained.safetensors", metadata=meta)
@@ -762,7 +768,7 @@ class LoraCheckpoint(Callback):
 
 def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, batch_size: int = 64,
              warmup_ratio: float = 0.1, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
-             progress: bool = True):
+             progress: bool = True, device="auto", dtype=None):
     """Fine-tune on the new-condition train rows, pick the epoch with the lowest ``val_loss``.
 
     ``model`` is what :func:`prepare` returned. A LoRA model (peft) keeps its own freezing and
@@ -776,7 +782,8 @@ def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, 
     val = data.batches(data.val_idx, batch_size=512) if has_val else None
     monitor = "val_loss" if has_val else "train_loss"
     common = dict(epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"], schedule="cosine",
-                  warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress, seed=seed, log_every=100)
+                  warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress, seed=seed, log_every=100,
+                  device=device, dtype=dtype)
     if is_lora:
         checkpoint = LoraCheckpoint(run, monitor=monitor, every_n_epochs=save_every)
         return fit(model, batches, strategy=None, callbacks=[checkpoint, *callbacks], **common)
@@ -793,8 +800,9 @@ def predict(model, data: RegulatoryData, idx, *, conditions: pd.DataFrame | None
     tensors = data.encode(idx, conditions=conditions, warn=warn)
     model.eval()
     with torch.no_grad():
-        parts = [model(r, c, n) for r, c, n, _ in RegulatoryBatches(tensors, batch_size=batch_size, shuffle=False)]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+        parts = [model(*to_model((r, c, n), model))
+                 for r, c, n, _ in RegulatoryBatches(tensors, batch_size=batch_size, shuffle=False)]
+    return to_numpy(torch.cat(parts).float()) if parts else np.zeros(0, np.float32)
 
 
 def _baseline_features(data: RegulatoryData, idx) -> np.ndarray:
