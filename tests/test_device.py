@@ -295,3 +295,60 @@ def test_deterministic_fit_sets_torch_flags_and_the_cublas_workspace(monkeypatch
     finally:
         torch.use_deterministic_algorithms(before)
         torch.backends.cudnn.deterministic = False
+
+
+# --------------------------------------------------------------------------- make gpu-check
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert "gpu_check: no CUDA device here" in done.stdout and not out.exists()
+    assert "gpu-check:" in (ROOT / "Makefile").read_text()
+
+
+# --------------------------------------------------------------------------- batches built ahead
+
+
+def test_prefetch_yields_the_same_batches_in_order_and_leaves_the_generator_as_a_plain_pass():
+    from workbench.batches import Prefetch, TensorBatches
+
+    def batches():
+        return TensorBatches((torch.arange(50.0), torch.arange(50)), batch_size=8, shuffle=True, seed=3)
+
+    plain, ahead = batches(), Prefetch(batches(), depth=2, pin_memory=True)
+    for _ in range(2):  # two epochs: a new permutation each
+        assert [b[0].tolist() for b in ahead] == [b[0].tolist() for b in plain]
+    assert torch.equal(ahead.generator.get_state(), plain.generator.get_state()) and len(ahead) == len(plain) == 7
+    first = next(iter(ahead))  # a loop that stops early ends the thread (no hang)
+    assert len(first[0]) == 8
+
+    class Broken:
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            yield torch.zeros(2)
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(Prefetch(Broken()))
+
+
+def test_fit_with_prefetch_trains_exactly_as_without(tmp_path):
+    from workbench.batches import TensorBatches
+
+    x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
+    histories = []
+    for prefetch in (0, 3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+        history = wb.fit(model, TensorBatches((x, y), batch_size=8, shuffle=True, seed=1), epochs=2, lr=0.05, seed=0,
+                         loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), prefetch=prefetch,
+                         progress=False)
+        histories.append(([r["train_loss"] for r in history.rows], [p.detach().clone() for p in model.parameters()]))
+    assert histories[0][0] == histories[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(histories[0][1], histories[1][1]))

@@ -9,7 +9,8 @@ only every ``log_every`` steps and at the end of an epoch (see ``benchmarks/loop
 At the end of every epoch, when a run folder is given, the loop writes ``checkpoints/last.pt``
 (model, optimizer, scheduler, RNG states, epoch, step, callback states, history, whether the run
 stopped, and the settings that shape training) atomically, so a run killed at any moment resumes
-with ``resume=True`` to the same final weights, bit for bit on the CPU. A resume with other
+with ``resume=True`` to the same final weights, bit for bit on the CPU (on a GPU only with
+``deterministic=True``, and on as many GPUs). A resume with other
 settings (more epochs, another schedule, batch size, ...) is refused with the list of what
 differs: the schedule was planned for the saved settings, and continuing it under new ones
 would train at the wrong learning rates. A run that finished or stopped early returns its
@@ -828,6 +829,8 @@ def fit(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     deterministic: bool = False,
+    prefetch: int | None = None,
+    pin_memory: bool | None = None,
     seed: int | None = None,
     progress: bool = True,
     distributed: bool | None = None,
@@ -909,6 +912,12 @@ def fit(
         ``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``); the setting stays on for the
         process. The CPU loop is bit for bit reproducible without it; on a GPU a resume equals an
         uninterrupted run only with it (and raises where an operation has no deterministic kernel).
+    prefetch, pin_memory
+        Build the next ``prefetch`` training batches in a background thread while the model trains
+        (:class:`workbench.batches.Prefetch`), in pinned memory with ``pin_memory``. None (default): 2 batches,
+        pinned, on a CUDA device when ``train_data`` is not a ``DataLoader`` (a DataLoader has its own
+        ``num_workers`` and ``pin_memory``); nothing on the CPU. 0 turns it off. The batches and their order
+        are the same either way.
     seed
         Seeds torch before training; also the seed of the DistributedSampler under DDP (default 0).
     distributed
@@ -926,7 +935,7 @@ def fit(
     dtype = resolve_dtype(dtype)
     if deterministic:
         set_deterministic()
-    train_data = dist.shard_train(train_data, seed=seed)
+    train_data = _prefetched(dist.shard_train(train_data, seed=seed), device, prefetch=prefetch, pin_memory=pin_memory)
     val_data = dist.shard_eval(val_data)
     if seed is not None:
         torch.manual_seed(seed)
@@ -961,6 +970,18 @@ def fit(
         _finish_ema(trainer)
         _restore_best(trainer, restore_best)
     return trainer.history
+
+
+def _prefetched(train_data, device: torch.device, *, prefetch: int | None, pin_memory: bool | None):
+    """``train_data`` built ahead by :class:`workbench.batches.Prefetch` when asked (or by default on CUDA)."""
+    from .batches import Prefetch
+
+    python_batches = not isinstance(train_data, (torch.utils.data.DataLoader, Prefetch))
+    if prefetch is None:
+        prefetch = 2 if device.type == "cuda" and python_batches else 0
+    if not prefetch or not python_batches:
+        return train_data
+    return Prefetch(train_data, depth=prefetch, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
 
 
 def _check_args(*, epochs: int, optimizer: str, accumulate: int, ema: float | None, ema_eval: bool) -> None:

@@ -53,6 +53,7 @@ Baseline
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -559,6 +560,29 @@ def coles_loader(data: EventData, idx, *, batch_size: int, split_count: int, cnt
 # --------------------------------------------------------------------------- models
 
 
+@functools.cache
+def _numeric_scalers():
+    """ptls's ``identity`` and ``log`` scalers, keeping a floating field's dtype.
+
+    ptls casts every numeric field to float32; these leave float32 fields as they are (the same
+    numbers) and let a float64 batch reach a float64 model (``fit(dtype="float64")``, the CPU
+    check that every batch takes the device path).
+    """
+    from ptls.nn.trx_encoder.scalers import IdentityScaler
+
+    class Identity(IdentityScaler):
+        def forward(self, x):
+            x = x.unsqueeze(2)
+            return x if x.is_floating_point() else x.float()
+
+    class Log(Identity):
+        def forward(self, x):
+            x = super().forward(x)
+            return x.abs().log1p() * x.sign()
+
+    return Identity, Log
+
+
 def build_encoder(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 64, **overrides):
     """A ptls sequence encoder: ``TrxEncoder`` + ``RnnSeqEncoder`` (gru | lstm) or ``TransformerSeqEncoder``."""
     _ptls()
@@ -569,7 +593,8 @@ def build_encoder(data: EventData, *, encoder_type: str = "gru", hidden_size: in
     cfg = {**DEFAULTS, **overrides}
     dim = cfg["embedding_dim"]
     embeddings = {c: {"in": len(data.vocab[c]), "out": min(dim, len(data.vocab[c]))} for c in data.categorical}
-    numeric = {c: ("identity" if c == TIME_GAP else "log") for c in data.numeric}
+    identity, log = _numeric_scalers()
+    numeric = {c: (identity() if c == TIME_GAP else log()) for c in data.numeric}
     if encoder_type == "transformer":
         trx = TrxEncoder(embeddings=embeddings, numeric_values=numeric, linear_projection_size=hidden_size)
         return TransformerSeqEncoder(trx_encoder=trx, n_heads=cfg["transformer_heads"],
