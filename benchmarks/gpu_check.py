@@ -246,7 +246,8 @@ def check_cell_type_batch(device: str, *, genes: int, limit: int) -> dict:
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         out["samples_per_s"] = steps * largest / (time.perf_counter() - started)
     out["ok"] = largest is not None
-    print(f"cell-type batch: largest {largest} ({genes} genes), {out.get('samples_per_s', 0):.0f} samples/s", flush=True)
+    print(f"cell-type batch: largest {largest} ({genes} genes), {out.get('samples_per_s', 0):.0f} samples/s",
+          flush=True)
     return out
 
 

@@ -229,7 +229,7 @@ class DeviceName(Constraint):
         return f"{name}={value!r} is not {self.describe()}."
 
 
-#: The ``dtype`` values a notebook accepts: float32 (what a model trains in), float64 (the CPU check of the device path).
+#: The ``dtype`` values a notebook accepts: float32 (what models train in), float64 (the CPU check of the device path).
 NOTEBOOK_DTYPES = ("float32", "float64")
 
 

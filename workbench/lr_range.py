@@ -165,8 +165,9 @@ def lr_find(
         try:
             opt = _optimizer(model, optimizer, lr=start_lr, weight_decay=weight_decay,
                              backbone_lr_ratio=backbone_lr_ratio, layer_decay=layer_decay)
-            lrs, losses, stopped = _sweep(model, data, opt, loss_fn=loss_fn, device=device, dtype=dtype, start_lr=start_lr,
-                                          end_lr=end_lr, num_steps=num_steps, beta=beta, diverge=diverge)
+            lrs, losses, stopped = _sweep(model, data, opt, loss_fn=loss_fn, device=device, dtype=dtype,
+                                          start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, beta=beta,
+                                          diverge=diverge)
         finally:
             _set_rng_state(rng, data)
     smoothed = smooth(losses, beta=beta)

@@ -125,7 +125,8 @@ PARAMETERS = Spec(
     optimizer=Choice("adam", "adamw"), lr_scheduler_type=Choice(*SCHEDULES),
     class_weights=Choice("none", "balanced"), label_smoothing=Real(ge=0, lt=1), grad_clip=Real(ge=0),
     amp=Choice("none", "bf16"), save_top_k=Integer(ge=1), label_fraction=Real(gt=0, le=1), seed=Integer(ge=0),
-    output_dir=Text(), tracker=Choice(*TRACKERS), interactive=Flag(), device=DeviceName(), dtype=Choice(*NOTEBOOK_DTYPES),
+    output_dir=Text(), tracker=Choice(*TRACKERS), interactive=Flag(),
+    device=DeviceName(), dtype=Choice(*NOTEBOOK_DTYPES),
 )
 
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
