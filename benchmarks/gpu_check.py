@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 #: Tiny parameters of each workflow's notebook (tests/test_device.py runs the same in float64 on the CPU).
 WORKFLOWS = {
-    "cell_type_annotation": {"epochs": 1, "pretrained_checkpoint": "none"},
+    "cell_type_annotation": {"epochs": 1, "pretrained_checkpoint": "none", "find_lr": True},
     "heart_sound_classification": {"task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size": 16},
     "event_sequence_classification": {"pretrain_epochs": 1, "epochs": 2, "freeze_epochs": 1, "hidden_size": 8,
                                       "head_hidden": "8", "label_fraction": 0.5, "class_weights": "balanced"},

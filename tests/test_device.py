@@ -112,32 +112,14 @@ def test_dtype_is_a_setting_a_resume_must_match(tmp_path):
 
 # --------------------------------------------------------------------------- the float64 proxy, every workflow
 
-#: Each workflow's notebook with tiny parameters, its pretraining (cached build) and every step after it included.
-PROXY_RUNS = {
-    "cell_type_annotation": {"epochs": 1, "pretrained_checkpoint": "none", "find_lr": True},
-    "heart_sound_classification": {"task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size": 16},
-    "event_sequence_classification": {"pretrain_epochs": 1, "epochs": 2, "freeze_epochs": 1, "hidden_size": 8,
-                                      "head_hidden": "8", "label_fraction": 0.5, "class_weights": "balanced"},
-    "spatial_transfer": {"n_bulk_slides": 3, "n_spatial_slides": 2, "epochs": 2, "pretrain_epochs": 1, "cv": "kfold",
-                         "folds": 2},
-    "regulatory_lora": {"epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.5, "lora_rank": 2},
-}
+#: Each workflow's tiny notebook run and its small inputs: the same as `make gpu-check` runs on a GPU.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_check import WORKFLOWS as PROXY_RUNS, workflow_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def proxy_data(tmp_path_factory):
-    """Small inputs of the workflows whose default data is large (as their own notebook tests use)."""
-    from workbench.tasks import event_sequence, heart_sound, regulatory
-
-    root = tmp_path_factory.mktemp("proxy_data")
-    return {
-        "heart_sound_classification": {"data_path": str(heart_sound.write_layout(
-            root / "physionet", "physionet2016", n_patients=16, seconds=3, seed=1))},
-        "event_sequence_classification": {"data_path": str(event_sequence.write_tables(
-            *event_sequence.simulate(n_clients=48, max_len=60, seed=0), root / "events.csv")[0])},
-        "regulatory_lora": {"data_path": str(regulatory.write_csv(regulatory.simulate(
-            n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2), root / "regulatory.csv"))},
-    }
+    return workflow_inputs(tmp_path_factory.mktemp("proxy_data"))
 
 
 @pytest.mark.slow

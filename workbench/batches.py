@@ -168,14 +168,7 @@ class Prefetch:
 
 
 def _pinned(batch):
-    """``batch`` with every CPU tensor in pinned memory (nested dicts, lists, tuples)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.pin_memory() if batch.device.type == "cpu" else batch
-    if isinstance(batch, dict):
-        return {k: _pinned(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [_pinned(v) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    if hasattr(batch, "payload") and hasattr(batch, "seq_lens") and isinstance(batch.payload, dict):
-        return type(batch)(_pinned(batch.payload), _pinned(batch.seq_lens))
-    return batch
+    """``batch`` with every CPU tensor in pinned memory (see :func:`workbench.devices.map_tensors`)."""
+    from .devices import map_tensors
+
+    return map_tensors(batch, lambda t: t.pin_memory() if t.device.type == "cpu" else t)

@@ -31,7 +31,7 @@ import torch
 from .params import Constraint
 
 __all__ = ["DEVICES", "DTYPES", "resolve_device", "resolve_dtype", "place", "placement", "to_device", "to_model",
-           "to_numpy", "cuda_rng_states_for", "set_deterministic", "visible_gpus", "worker_gpus", "DeviceName",
+           "to_numpy", "map_tensors", "cuda_rng_states_for", "set_deterministic", "visible_gpus", "worker_gpus", "DeviceName",
            "NOTEBOOK_DTYPES", "placement_key"]
 
 #: What a notebook's ``device`` parameter accepts besides ``cuda:N``.
@@ -115,21 +115,27 @@ def to_device(batch, device: torch.device | str, dtype: torch.dtype | None = Non
     tensors are cast when they expose them as ``payload`` (pytorch-lifestream's PaddedBatch). A
     tensor already in place is returned as it is, so moving twice costs nothing.
     """
+    def move(tensor):
+        if dtype is not None and tensor.is_floating_point():
+            return tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
+        return tensor.to(device, non_blocking=non_blocking)
+
+    return map_tensors(batch, move, other=lambda obj: obj.to(device) if hasattr(obj, "to") else obj)
+
+
+def map_tensors(batch, fn, *, other=None):
+    """``batch`` with ``fn(tensor)`` in place of every tensor, in nested dicts, lists, tuples, named tuples and
+    padded sequence batches (``payload`` and ``seq_lens``); any other object goes through ``other`` (default: kept)."""
     if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype, non_blocking=non_blocking)
-        return batch.to(device, non_blocking=non_blocking)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, dtype, non_blocking=non_blocking) for k, v in batch.items()}
+        return {k: map_tensors(v, fn, other=other) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, dtype, non_blocking=non_blocking) for v in batch]
+        moved = [map_tensors(v, fn, other=other) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if hasattr(batch, "payload") and hasattr(batch, "seq_lens") and isinstance(batch.payload, dict):
-        return type(batch)(to_device(batch.payload, device, dtype, non_blocking=non_blocking),
-                           batch.seq_lens.to(device, non_blocking=non_blocking))
-    if hasattr(batch, "to"):
-        return batch.to(device)
-    return batch
+        return type(batch)(map_tensors(batch.payload, fn, other=other), fn(batch.seq_lens))
+    return other(batch) if other is not None else batch
 
 
 def to_model(batch, model: torch.nn.Module):
