@@ -127,6 +127,24 @@ def cell_type_nan_features(tmp):
     cell_type.load(str(path), "celltype")
 
 
+def cell_type_counts_in_raw(tmp):
+    from workbench.tasks import cell_type
+
+    from .test_cell_type import write_counts_h5ad
+
+    path, _ = write_counts_h5ad(tmp / "cells.h5ad", counts_in="raw")
+    cell_type.load(str(path), "celltype", backed="false")
+
+
+def cell_type_counts_streamed_from_the_file(tmp):
+    from workbench.tasks import cell_type
+
+    from .test_cell_type import write_counts_h5ad
+
+    path, _ = write_counts_h5ad(tmp / "cells.h5ad", counts_in="X")
+    cell_type.load(str(path), "celltype", backed="true")
+
+
 def cell_type_not_h5ad(tmp):
     from workbench.tasks import cell_type
 
@@ -151,6 +169,14 @@ def regulatory_unknown_category_at_predict_time(tmp):
     conditions = data.conditions.copy()
     conditions.loc[conditions.index[data.test_idx[0]], "medium"] = "medium_never_seen"
     data.encode(data.test_idx, conditions=conditions)
+
+
+def regulatory_set_value_not_source_or_target(tmp):
+    from workbench.tasks import regulatory
+
+    frame = regulatory.simulate(n_genes=6, n_regions=2, n_motifs=6, n_source_conditions=2, n_new_conditions=2)
+    frame["set"] = frame["set"].replace({"source": "pretraining"})
+    regulatory.load(str(regulatory.write_csv(frame, tmp / "samples.csv")))
 
 
 def regulatory_missing_file(tmp):
@@ -261,6 +287,16 @@ def events_out_of_time_order(tmp):
             label_fraction=0.5)
 
 
+def events_conflicting_label_rows(tmp):
+    import pandas as pd
+
+    es, events, labels = _events(tmp)
+    client = labels[es.CLIENT].iloc[0]
+    other = "class1" if labels[es.TARGET].iloc[0] != "class1" else "class0"
+    labels = pd.concat([labels, pd.DataFrame({es.CLIENT: [client], es.TARGET: [other]})])
+    es.load(str(es.write_tables(events, labels, tmp / "events.csv")[0]), label_fraction=0.5)
+
+
 CASES = [
     Case("core", "truncated checkpoint", truncated_checkpoint, CheckpointError, "truncated", "Re-create it"),
     Case("core", "checkpoint in a wrong format", wrong_format_checkpoint, CheckpointError, "weights.pt", "safetensors"),
@@ -278,12 +314,18 @@ CASES = [
     Case("cell_type", "label key missing", cell_type_missing_label_key, KeyError, "cell_type_typo", "celltype"),
     Case("cell_type", "NaN labels", cell_type_nan_labels, ValueError, "3 missing labels", "Drop those cells"),
     Case("cell_type", "NaN features", cell_type_nan_features, ValueError, "NaN/inf", "np.nan_to_num"),
+    Case("cell_type", "integer counts in .raw (X log-normalised)", cell_type_counts_in_raw, UserWarning,
+         "adata.raw.X holds integer counts", "normalised here to 10,000 counts per cell, then log1p"),
+    Case("cell_type", "integer counts in X, streamed from the file", cell_type_counts_streamed_from_the_file,
+         ValueError, "adata.X of cells.h5ad holds integer counts", "sc.pp.normalize_total(adata, target_sum=1e4)"),
     Case("cell_type", "data file that is not .h5ad", cell_type_not_h5ad, ValueError, "is not an .h5ad file",
          "write_h5ad"),
     Case("cell_type", "parameter value with a typo", cell_type_bad_parameter, ValueError,
          "lr_scheduler_type='cosin' is not one of", "Did you mean 'cosine'?"),
     Case("regulatory", "unknown category at predict time", regulatory_unknown_category_at_predict_time, UserWarning,
          "1 sample(s) have a medium not seen in training", "'unknown' embedding"),
+    Case("regulatory", "set column value that is neither source nor target", regulatory_set_value_not_source_or_target,
+         ValueError, "column 'set' holds 12 value(s) that are not one of source, target", "Mark the pretraining rows 'source'"),
     Case("regulatory", "data file that does not exist", regulatory_missing_file, FileNotFoundError, "samples.csv",
          "or '' to simulate"),
     Case("heart_sound", "label that is not one of the task's classes", heart_label_outside_the_task, ValueError,
@@ -304,6 +346,8 @@ CASES = [
          "numeric field 'amount' has 2 NaN value(s)", "impute_numeric=True"),
     Case("event_sequence", "events out of time order", events_out_of_time_order, UserWarning,
          "have events out of time order", "they were sorted"),
+    Case("event_sequence", "conflicting label rows for one client", events_conflicting_label_rows, ValueError,
+         "1 client(s) have label rows that disagree", "keep one row per client_id"),
     Case("spatial_transfer", "NaN targets", spatial_nan_targets, ValueError, "NaN/inf value(s) in 1 spot(s)",
          "drop those spots"),
 ]

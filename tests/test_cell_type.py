@@ -54,6 +54,52 @@ def test_load_pbmc_keeps_x_sparse_and_splits_stratified():
     assert "cells" in data.to_dict() and "test" in data.to_frame().columns
 
 
+def write_counts_h5ad(path, *, counts_in="raw", n_cells=240, n_genes=60, n_classes=4, seed=0):
+    """Integer counts in ``.raw`` with log-normalised X (the common layout), or counts in X and no ``.raw``.
+
+    Returns the path and the log-normalised matrix (normalize_total to 1e4 + log1p) of the counts.
+    """
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n_cells)
+    rates = np.exp(rng.normal(0, 1, (n_classes, n_genes)))
+    counts = rng.poisson(rates[y] * 3).astype(np.float32)
+    counts[:, 0] += 1  # every cell has counts
+    lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    obs = pd.DataFrame({"celltype": pd.Categorical([f"type_{k}" for k in y])}, index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"GENE_{i:03d}" for i in range(n_genes)])
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    if counts_in == "raw":
+        adata.raw = adata
+        adata.X = lognorm
+    adata.write_h5ad(path)
+    return path, lognorm
+
+
+@pytest.mark.parametrize("counts_in", ["raw", "X"])
+def test_integer_counts_are_log_normalised_with_a_warning_never_used_as_they_are(tmp_path, counts_in):
+    """Issue 21 item 17: features='auto' took .raw whenever it existed, counts or not, and X of counts silently."""
+    path, lognorm = write_counts_h5ad(tmp_path / "counts.h5ad", counts_in=counts_in)
+    where = "adata.raw.X" if counts_in == "raw" else "adata.X"
+    with pytest.warns(UserWarning, match=rf"{where} holds integer counts \(whole numbers up to \d+\): normalised here "
+                                         r"to 10,000 counts per cell, then log1p"):
+        data = cell_type.load(str(path), "celltype", backed="false")
+    np.testing.assert_allclose(data.dense(np.arange(240)), lognorm, rtol=1e-5, atol=1e-5)
+    assert "normalised here" in data.features and "normalised here" in data.summary()
+    with pytest.raises(ValueError, match=r"holds integer counts .* pass backed='false'"):
+        cell_type.load(str(path), "celltype", backed="true")
+    if counts_in == "raw":  # X is log-normalised already: features='X' takes it without a word
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data_x = cell_type.load(str(path), "celltype", features="X", backed="false")
+        np.testing.assert_allclose(data_x.dense(np.arange(240)), lognorm, rtol=1e-6)
+
+
 def test_bad_inputs_name_the_fix(tmp_path):
     path = write_h5ad(tmp_path / "a.h5ad")
     with pytest.raises(KeyError, match=r"label_key='cell_type' is not a column.*\['celltype', 'batch'\]"):
@@ -91,6 +137,72 @@ def test_pretraining_checkpoint_loads_into_the_classifier_like_an_external_one(t
     assert report.missing == ["head.bias", "head.weight"]
     assert report.unexpected and all(k.startswith("decoder.") for k in report.unexpected)
     assert report.loaded_fraction > 0.9
+
+
+def _with_genes(source, path, order):
+    """The same cells as the file at ``source`` with the genes (columns and names) in ``order``."""
+    import anndata
+
+    adata = anndata.read_h5ad(source)
+    adata[:, order].copy().write_h5ad(path)
+    return path
+
+
+def test_a_checkpoint_meets_the_data_genes_by_name_not_by_position(tmp_path):
+    """Issue 21 item 16: an encoder pretrained on one gene order, data with the same genes in another order."""
+    import warnings
+
+    import torch
+
+    import workbench as wb
+
+    ordered = cell_type.load(str(write_h5ad(tmp_path / "a.h5ad")), "celltype")
+    order = np.random.default_rng(1).permutation(60)
+    shuffled = cell_type.load(str(_with_genes(tmp_path / "a.h5ad", tmp_path / "shuffled.h5ad", order)), "celltype")
+    assert shuffled.genes != ordered.genes and sorted(shuffled.genes) == sorted(ordered.genes)
+    assert np.array_equal(shuffled.test_idx, ordered.test_idx)  # the same cells, the same split
+
+    torch.manual_seed(0)
+    trained = cell_type.build_model(ordered, hidden=(16,))
+    path = wb.save_weights(trained, tmp_path / "mine.safetensors", metadata={"genes": ordered.genes})
+    model = cell_type.build_model(shuffled, hidden=(16,))
+    report = cell_type.load_checkpoint(model, shuffled, path)
+    expected = cell_type.predict_proba(trained, ordered, ordered.test_idx)
+    np.testing.assert_allclose(cell_type.predict_proba(model, shuffled, shuffled.test_idx), expected, atol=1e-5)
+    assert report.alignment["matched"] == 60 and report.alignment["reordered"]
+    assert report.alignment["only_in_data"] == report.alignment["only_in_checkpoint"] == 0
+    assert report.loaded_fraction == 1.0 and not report.partial and "60 genes met by name and reordered" in report.summary()
+
+    # genes on one side only: counted; the data's new genes keep their initialisation and stay trainable
+    fewer = cell_type.load(str(_with_genes(tmp_path / "a.h5ad", tmp_path / "fewer.h5ad", order[:57])), "celltype")
+    trained_fewer = cell_type.build_model(fewer, hidden=(16,))
+    path_fewer = wb.save_weights(trained_fewer, tmp_path / "fewer.safetensors", metadata={"genes": fewer.genes})
+    torch.manual_seed(1)
+    model = cell_type.build_model(ordered, hidden=(16,))
+    init = model.encoder.layers[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sidecar names the genes: no warning
+        report = cell_type.load_checkpoint(model, ordered, path_fewer)
+    assert {k: report.alignment[k] for k in ("matched", "only_in_data", "only_in_checkpoint")} == \
+        {"matched": 57, "only_in_data": 3, "only_in_checkpoint": 0}
+    new = [ordered.genes.index(g) for g in report.alignment["first_only_in_data"]]
+    assert sorted(new) == sorted(order[57:].tolist())
+    weight = model.encoder.layers[0].weight.detach()
+    assert torch.equal(weight[:, new], init[:, new])
+    common = [ordered.genes.index(g) for g in fewer.genes]
+    assert torch.equal(weight[:, common], trained_fewer.encoder.layers[0].weight.detach())
+    assert set(report.partial) == {"encoder.layers.0.weight"} and report.loaded_fraction < 1.0
+    freeze = wb.apply_strategy(model, "frozen_backbone")
+    assert "encoder.layers.0.weight" in freeze.kept_trainable and not model.encoder.layers[0].bias.requires_grad
+
+    # no shared gene: refused, naming both sides; a checkpoint that names no genes loads by position, with a warning
+    other = wb.save_weights(trained, tmp_path / "other.safetensors", metadata={"genes": [f"X{i}" for i in range(60)]})
+    with pytest.raises(wb.LoadError, match=r"None of the data's 60 genes is among the checkpoint's 60.*GENE_"):
+        cell_type.load_checkpoint(cell_type.build_model(ordered, hidden=(16,)), ordered, other)
+    bare = wb.save_weights(trained, tmp_path / "bare.safetensors")
+    with pytest.warns(UserWarning, match="inputs met by position"):
+        report = cell_type.load_checkpoint(cell_type.build_model(shuffled, hidden=(16,)), shuffled, bare)
+    assert report.alignment["by"] == "position"
 
 
 def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_path):

@@ -174,3 +174,43 @@ def test_fit_calls_set_epoch_so_each_epoch_has_its_own_order():
         sampler.set_epoch(epoch)
         assert torch.equal(seen[epoch], data.tensors[0][list(sampler), 0])
     assert not torch.equal(seen[0], seen[1])
+
+
+EVAL_WORKER = Path(__file__).with_name("ddp_eval_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_eval(tmp_path_factory):
+    """tests/ddp_eval_worker.py on 2 processes: its cases' records, per case and rank."""
+    tmp = tmp_path_factory.mktemp("ddp_eval")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_DDP_TIMEOUT_S": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EVAL_WORKER),
+           str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {case: [json.loads((tmp / f"{case}_rank{r}.json").read_text()) for r in (0, 1)]
+            for case in ("macro_f1", "batchnorm", "restore_best")}
+
+
+def test_macro_f1_under_ddp_is_the_whole_validation_sets(ddp_eval):
+    """Issue 21 item 5: each rank's macro-F1 was averaged (0.6667 logged with 2 processes, 0.6944 for the whole set)."""
+    rank0, rank1 = ddp_eval["macro_f1"]
+    logged = rank0["rows"][-1]["val_macro_f1"]
+    assert logged == pytest.approx(rank0["whole_set"]["val_macro_f1"], abs=1e-12)
+    assert rank1["rows"][-1]["val_macro_f1"] == logged  # every rank logs (and early-stops on) the same number
+
+
+def test_validation_under_ddp_runs_rank_zeros_batchnorm_statistics(ddp_eval):
+    """Issue 21 item 12: each rank validated with its own BatchNorm running statistics, and the ranks ended apart."""
+    rank0, rank1 = ddp_eval["batchnorm"]
+    assert rank0["rows"][-1]["val_loss"] == pytest.approx(rank0["rank0_val_loss"], rel=1e-6)
+    assert [r["val_loss"] for r in rank0["rows"]] == [r["val_loss"] for r in rank1["rows"]]
+    assert rank0["state"] == rank1["state"]  # one model on every rank when fit returns, buffers included
+
+
+def test_restore_best_without_a_run_under_ddp_gives_every_rank_the_best_epoch(ddp_eval):
+    """Issue 21 item 1 under DDP: the best epoch's weights, kept in memory by rank 0, reach every rank."""
+    for record in ddp_eval["restore_best"]:
+        assert record["best_epoch"] == 1
+        assert record["final"] == ddp_eval["restore_best"][0]["epochs"][1]
+        assert record["final"] != record["epochs"][2]

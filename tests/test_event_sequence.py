@@ -114,6 +114,21 @@ def test_a_client_without_a_label_is_an_error_listing_the_first_five(tables, tmp
         es.load(_write(tmp_path, events, labels[~labels[es.CLIENT].isin(dropped)]))
 
 
+def test_conflicting_label_rows_are_an_error_and_repeated_ones_a_counted_notice(tables, tmp_path):
+    events, labels = tables
+    first, second = labels.iloc[0], labels.iloc[1]
+    other = "class1" if first[es.TARGET] != "class1" else "class0"
+    conflicting = pd.concat([labels, pd.DataFrame({es.CLIENT: [first[es.CLIENT]], es.TARGET: [other]})])
+    with pytest.raises(ValueError, match=r"1 client\(s\) have label rows that disagree \(first 5: "
+                       + repr(first[es.CLIENT]) + r": \[.*keep one row per client_id"):
+        es.load(_write(tmp_path, events, conflicting), label_fraction=0.5, seed=0)
+    repeated = pd.concat([labels, labels.iloc[[1, 1]]])
+    with pytest.warns(UserWarning, match=r"2 label row\(s\) repeat a client's row with the same label"):
+        loaded = es.load(_write(tmp_path, events, repeated), label_fraction=0.5, seed=0)
+    assert loaded.notices["repeated label rows (same label, dropped)"] == 2 and len(loaded.sequences) == 48
+    assert loaded.labels[list(loaded.client_ids).index(second[es.CLIENT])] == second[es.TARGET]
+
+
 def test_nan_in_a_numeric_field_is_an_error_naming_it_or_imputed_when_asked(tables, tmp_path, data):
     events, labels = tables[0].copy(), tables[1]
     events.loc[[4, 10], "amount"] = np.nan

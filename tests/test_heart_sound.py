@@ -160,6 +160,28 @@ def test_a_label_outside_the_task_names_the_file_and_the_row(tmp_path):
         hs.read_folder(tmp_path / "pascal", "pascal")
 
 
+def test_physionet_validation_folder_copies_are_read_once_and_counted(tmp_path):
+    """The challenge's validation/ folder copies training recordings under the same record names."""
+    import shutil
+
+    root = hs.write_layout(tmp_path / "physionet", "physionet2016", n_patients=8, seconds=3, seed=0)
+    alone, _ = hs.read_folder(root, "physionet2016")
+    rows = (root / "training-a" / "REFERENCE.csv").read_text().splitlines()[:3]
+    validation = root / "validation"
+    validation.mkdir()
+    for row in rows:
+        shutil.copy(root / "training-a" / f"{row.split(',')[0]}.wav", validation)
+    (validation / "REFERENCE.csv").write_text("\n".join(rows) + "\n")
+
+    recordings, notes = hs.read_folder(root, "physionet2016")
+    assert [r.patient for r in recordings] == [r.patient for r in alone]  # each recording once, as a training record
+    assert not any(r.patient.startswith("validation/") for r in recordings)
+    dropped = [n for n in notes if n.startswith("dropped 3 duplicate record(s)")]
+    assert dropped and "validation/a0001 (read from training-a/)" in dropped[0]
+    only, _ = hs.read_folder(validation, "physionet2016")  # the validation folder on its own is read as given
+    assert len(only) == 3
+
+
 def test_a_circor_patient_without_a_wav_names_the_patient(tmp_path):
     circor = write_circor(tmp_path / "circor", [("201", "Absent"), ("202", "Present")], wavs={"202": []})
     with pytest.raises(FileNotFoundError, match="row 3: patient 202 has no recording"):

@@ -61,3 +61,48 @@ def test_nproc_checks_parameters_before_torchrun_starts(tmp_path):
 
     assert main(["run", str(NOTEBOOK), "--nproc", "2", "-p", "epochs", "0", "-o", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+RANKED_NOTEBOOK = '''
+import os, pathlib, time
+rank = int(os.environ["RANK"])
+pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+time.sleep(3 if rank == 1 else 0)  # rank 1 finishes well after rank 0
+if rank == 1 and fail:
+    raise ValueError("rank 1 broke after rank 0 had finished")
+if rank == 1:
+    (pathlib.Path(output_dir).parent / "rank1_done").write_text(str(time.time()))
+'''
+
+
+def _ranked_run(tmp_path, name: str, *, fail: bool):
+    import nbformat
+
+    notebook = tmp_path / "ranked.ipynb"
+    if not notebook.exists():
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell('output_dir = ""\nfail = False', metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(RANKED_NOTEBOOK)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, notebook)
+    folder = tmp_path / name
+    folder.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_DDP_TIMEOUT_S": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "workbench.launch", str(notebook), "-o", str(folder / "run"), "-p", "fail", str(fail)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    return done, folder
+
+
+def test_status_says_ok_only_after_every_rank_has_finished(tmp_path):
+    """Issue 21 item 11: rank 0 wrote status.json (ok) as soon as its own cells were done, whatever the others did."""
+    done, folder = _ranked_run(tmp_path, "fails", fail=True)
+    assert done.returncode != 0
+    status = json.loads((folder / "run" / "status.json").read_text())
+    assert not status["ok"] and "rank 1: ValueError: rank 1 broke after rank 0 had finished" in status["error"]
+
+    done, folder = _ranked_run(tmp_path, "slow", fail=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status_file = folder / "run" / "status.json"
+    assert json.loads(status_file.read_text())["ok"]
+    assert status_file.stat().st_mtime >= float((folder / "rank1_done").read_text())  # written after rank 1 ended

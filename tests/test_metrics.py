@@ -214,3 +214,28 @@ def test_fold_summary_mean_and_sample_std_skip_nan_folds():
     assert np.isnan(fold_summary(frame.iloc[:1], ["mse"]).loc["mse", "std"])  # one fold: no spread
     with pytest.raises(ValueError, match=r"\['r2'\] are not columns of per_fold"):
         fold_summary(frame, ["r2"])
+
+
+def test_mean_pearson_counts_genes_with_constant_predictions_as_zero():
+    """Issue 21 item 7: a model predicting a constant for 9 of 10 genes scored 0.680 against 0.703 for the
+    honest model: the 9 genes it gave up on were skipped."""
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(200, 10))
+    honest = truth + rng.normal(scale=1.0, size=truth.shape)  # r about 0.7 on every gene
+    lazy = np.zeros_like(truth)  # a constant for every gene ...
+    lazy[:, 0] = truth[:, 0] + rng.normal(scale=0.9, size=200)  # ... but the first, predicted a little better
+    good, gave_up = regression_metrics(truth, honest), regression_metrics(truth, lazy)
+    r_first = np.corrcoef(truth[:, 0], lazy[:, 0])[0, 1]
+    assert gave_up["mean_pearson"] == pytest.approx(r_first / 10)  # 9 genes at r = 0
+    assert gave_up["constant_predictions"] == 9 and good["constant_predictions"] == 0
+    assert gave_up["mean_pearson"] < good["mean_pearson"]
+    # a gene whose true values are constant is left out for every prediction: model and baseline share the genes
+    truth[:, 5] = 1.0
+    assert regression_metrics(truth, lazy)["mean_pearson"] == pytest.approx(r_first / 9)
+    assert regression_metrics(truth, lazy)["constant_predictions"] == 8
+    # a constant prediction of one target (1-D) scores 0 too, and grouped metrics agree
+    assert regression_metrics(truth[:, 1], lazy[:, 1])["mean_pearson"] == 0.0
+    from workbench.metrics import grouped_regression_metrics
+
+    frame = grouped_regression_metrics(truth[:, 1], lazy[:, 1], ["a"] * 200)
+    assert frame.loc["a", "pearson"] == 0.0 and frame.loc["a", "spearman"] == 0.0

@@ -71,6 +71,24 @@ def test_a_missing_target_is_an_error(tmp_path):
         regulatory.load(str(path))
 
 
+def test_the_set_column_ignores_case_and_spaces_and_refuses_other_values(tiny_csv, tmp_path):
+    import pandas as pd
+
+    frame = pd.read_csv(tiny_csv)
+    frame["set"] = frame["set"].map({"source": " Source", "target": "TARGET "})
+    frame.to_csv(tmp_path / "spaced.csv", index=False)
+    data = regulatory.load(str(tmp_path / "spaced.csv"), train_fraction=0.5, val_fraction=0.25, seed=0)
+    expected = regulatory.load(str(tiny_csv), train_fraction=0.5, val_fraction=0.25, seed=0)
+    assert len(data.source_idx) == 96 and np.array_equal(data.source_idx, expected.source_idx)
+    assert np.array_equal(data.test_idx, expected.test_idx)
+
+    frame.loc[[2, 7], "set"] = "pretrain"
+    frame.to_csv(tmp_path / "typo.csv", index=False)
+    with pytest.raises(ValueError, match=r"column 'set' holds 2 value\(s\) that are not one of source, target .*"
+                                         r"'pretrain', first in row 2\. Mark the pretraining rows 'source'"):
+        regulatory.load(str(tmp_path / "typo.csv"))
+
+
 def test_unseen_medium_at_predict_time_gets_the_unknown_embedding_and_a_warning_with_a_count(tiny_csv):
     data = regulatory.load(str(tiny_csv), seed=0)
     torch.manual_seed(0)

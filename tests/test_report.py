@@ -111,6 +111,29 @@ def test_the_transfer_curve_shows_both_settings_and_the_gap_paired_by_seed():
     assert list(drawn) == pytest.approx([0.1 * (1 - f) for f in FRACTIONS])
 
 
+def test_with_a_failed_run_every_column_of_the_gap_and_the_curve_use_the_same_pairs():
+    """Issue 21 item 20: with one failed run, pretrain_mean - none_mean was -0.067 on the row where gap_mean (paired
+    by seed) was +0.05, and the curve drew the unpaired means."""
+    result = made_up_sweep(TRANSFER_GRID, transfer)
+    frame = result.results
+    lost = (frame["pretrained_checkpoint"] == "pretrain") & (frame["label_fraction"] == 0.05) & (frame["seed"] == 2)
+    frame.loc[lost, "status"] = "failed"  # seed 2 is the best seed (+0.10): without it pretrain looks worse
+    frame.loc[lost, "test_score"] = float("nan")
+    gap = transfer_gap(result).set_index("label_fraction")
+    row = gap.loc[0.05]
+    assert row["pretrain_mean"] - row["none_mean"] == pytest.approx(row["gap_mean"])
+    assert row["gap_mean"] == pytest.approx(0.1 * 0.95) and row["n_pairs"] == 2 and row["n_unpaired"] == 1
+    assert row["none_mean"] == pytest.approx(transfer({"label_fraction": 0.05, "seed": 0.5,
+                                                       "pretrained_checkpoint": "none"}))  # seeds 0 and 1
+    assert gap.attrs["unpaired"] == 1 and (gap.drop(index=0.05)["n_unpaired"] == 0).all()
+    figure = plot(result)
+    curves = figure.axes[0]
+    none_curve = curves.lines[1]
+    assert none_curve.get_ydata()[0] == pytest.approx(row["none_mean"])  # the curve's point: the paired mean
+    assert curves.lines[0].get_ydata()[0] - none_curve.get_ydata()[0] == pytest.approx(row["gap_mean"])
+    assert "1 run(s) whose seed did not finish" in curves.get_title()
+
+
 def test_runs_without_the_x_parameter_are_drawn_as_reference_levels():
     """As regulatory_lora.yaml: LoRA ranks on the x axis, full fine-tuning has no rank."""
     rows = []

@@ -139,6 +139,45 @@ def test_named_strategies_freeze_the_declared_modules_and_freezing_all_is_refuse
         wb.apply_strategy(model, ["gnn", "projection", "encoder", "output"])
 
 
+def test_tensors_the_checkpoint_skipped_stay_trainable_under_every_strategy(study, tmp_path):
+    """Issue 21 item 9: spot features 64 wide, the bulk model's 30: the GNN's input weights are skipped for
+    their shape, and frozen_backbone must not freeze them at their random initialisation."""
+    import dataclasses
+
+    import workbench as wb
+
+    torch.manual_seed(0)
+    bulk = st.build_model(study.bulk, layers=3, **TINY)
+    path = wb.save_weights(bulk, tmp_path / "bulk.safetensors")
+    rng = np.random.default_rng(0)
+    spatial = dataclasses.replace(study.spatial, features=rng.normal(size=(len(study.spatial.spot_ids), 64)).astype(np.float32))
+    model = st.build_model(spatial, **TINY)
+    report = st.load_report(model, path)
+    skipped = {"gnn.conv.lin.weight", "gnn.skip.weight"}
+    assert skipped <= set(report.mismatched)
+
+    table = st.strategy_table(model)
+    n_skipped = sum(p.numel() for n, p in model.named_parameters() if n in skipped)
+    assert table.loc["gnn", "frozen_backbone"] == table.loc["gnn", "frozen_decoder"] == n_skipped
+    assert table.loc["kept trainable (not loaded)", "frozen_backbone"] == n_skipped
+    assert table.loc["kept trainable (not loaded)", "full"] == 0
+
+    freeze = wb.apply_strategy(model, "frozen_backbone")
+    assert set(freeze.kept_trainable) == skipped and "shape (8, 30) in the checkpoint, (8, 64) here" in freeze.summary()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith(("gnn", "projection"))}
+    assert trainable == skipped  # the loaded GNN and projection tensors stay frozen
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = np.flatnonzero(spatial.slides != spatial.slide_names[-1])
+    val = np.flatnonzero(spatial.slides == spatial.slide_names[-1])
+    st._fit(model, spatial, train, val, epochs=2, lr=1e-2, patience=0, strategy="frozen_backbone")
+    after = model.state_dict()
+    assert not torch.equal(before["gnn.skip.weight"], after["gnn.skip.weight"])
+    assert not torch.equal(before["gnn.conv.lin.weight"], after["gnn.conv.lin.weight"])
+    assert torch.equal(before["gnn.skip.bias"], after["gnn.skip.bias"])
+    assert torch.equal(before["projection.0.weight"], after["projection.0.weight"])
+
+
 def test_pretraining_is_cached_and_cross_validation_writes_each_fold(study, tmp_path):
     import workbench as wb
 
@@ -195,3 +234,30 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
     in_process = st.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
+
+
+def _masked_mean_error(model, data, scaler, idx) -> tuple[float, int]:
+    """Mean squared error (scaled units) over the spots ``idx``, recomputed outside fit; and their number."""
+    mask = np.zeros(len(data.spot_ids), bool)
+    mask[idx] = True
+    model.eval()
+    with torch.no_grad():
+        per_spot = torch.cat([((model(x, edges) - y)[m] ** 2).mean(1)
+                              for x, edges, y, m, *_ in st.SlideBatches(data, scaler, data.slide_names, mask)])
+    return per_spot.mean().item(), len(per_spot)
+
+
+def test_val_loss_is_the_mean_over_validation_spots_and_folds_are_scored_on_the_best_epoch(study):
+    """Issue 21 items 6 and 1: a slide batch was weighted by all its spots (val_loss 2.0986 logged, 2.4036 the
+    mean over validation spots), and _fit (cross_validate's folds, no run) returned the last epoch's weights."""
+    data = study.spatial
+    perm = np.random.default_rng(0).permutation(len(data.spot_ids))
+    val, train = np.sort(perm[:20]), np.sort(perm[20:])
+    torch.manual_seed(0)
+    model = st.build_model(data, **TINY)
+    history, scaler = st._fit(model, data, train, val, epochs=7, lr=0.1, patience=0)
+    best = history.best_epoch
+    assert best < len(history.rows) - 1  # later epochs were worse: the weights returned must be the best ones
+    error, n_spots = _masked_mean_error(model, data, scaler, val)
+    assert n_spots == 20
+    assert error == pytest.approx(history.rows[best]["val_loss"], rel=1e-5)

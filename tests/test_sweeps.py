@@ -443,3 +443,25 @@ def test_the_lock_is_released_when_a_sweep_is_interrupted(tmp_path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while the lock is still held
     result = run_sweep(spec, progress=False)
     assert result.n_executed == 1 and result.n_failed == 0
+
+
+def test_collect_keeps_a_final_metric_named_like_a_parameter(tmp_path):
+    """Issue 21 item 13: spatial's final metric `folds` (folds run) was dropped beside its parameter `folds`."""
+    from workbench.execute import METRICS_FILE, STATUS_FILE, notebook_sha256
+    from workbench.sweeps import collect
+
+    spec = load_spec(write_spec(tmp_path, grid={"epochs": [2, 3]}, seeds=[0]))
+    for i, (rid, params) in enumerate(spec.runs()):
+        folder = spec.path / rid
+        folder.mkdir(parents=True)
+        (folder / STATUS_FILE).write_text(json.dumps({"ok": True, "error": None, "failed_cell": None, "seconds": 1.0,
+                                                      "notebook_sha256": notebook_sha256(spec.notebook)}))
+        metrics = {"accuracy": 0.5 + i / 10, "epochs": params["epochs"] - 1, "seconds": 99.0}
+        (folder / METRICS_FILE).write_text(json.dumps(metrics))
+    result = collect(spec)
+    frame = result.results.set_index("epochs")
+    assert frame.loc[2, "metric_epochs"] == 1 and frame.loc[3, "metric_epochs"] == 2  # the runs' own numbers
+    assert frame.loc[2, "metric_seconds"] == 99.0 and frame.loc[2, "seconds"] == 1.0
+    assert frame.loc[3, "accuracy"] == pytest.approx(0.6)
+    assert "metric_epochs_mean" in result.summary.columns
+    assert pd.read_csv(spec.path / "results.csv")["metric_epochs"].tolist() == [1, 2]

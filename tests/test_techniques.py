@@ -10,7 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import workbench as wb
 from workbench.checkpoints import load_state, read_state_dict
-from workbench.lr_range import smooth, suggest
+from workbench.lr_range import smooth, suggest_rates
 from workbench.transfer import layer_prefixes, lr_ratios, param_groups
 
 from .helpers import TinyNet, toy_loader
@@ -96,16 +96,16 @@ def test_fit_after_lr_find_is_the_fit_without_it():
 
 def test_lr_find_result_faces_rules_and_plot():
     torch.manual_seed(0)
-    result = wb.lr_find(PlainMLP(), toy_loader(), num_steps=40, rule="minimum/10")
+    result = wb.lr_find(PlainMLP(), toy_loader(), num_steps=40, suggest="minimum/10")
     assert result.rule == "minimum/10" and result.suggestion == result.suggestions["minimum/10"]
-    assert set(result.suggestions) == {"steepest", "minimum/10"}
+    assert set(result.suggestions) == {"steepest", "minimum/10", "valley"}
     frame = result.to_frame()
     assert list(frame.columns) == ["lr", "loss", "smoothed"] and frame["lr"].is_monotonic_increasing
     assert result.to_dict()["suggestion"] == result.suggestion and "minimum/10" in result._repr_html_()
     fig = wb.plots.plot_lr_find(result)
-    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].lines) == 4  # loss, smoothed, 2 rules
-    with pytest.raises(ValueError, match="rule='steep' is not one of steepest, minimum/10"):
-        wb.lr_find(PlainMLP(), toy_loader(), rule="steep")
+    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].lines) == 5  # loss, smoothed, 3 rules
+    with pytest.raises(ValueError, match="suggest='steep' is not one of steepest, minimum/10, valley"):
+        wb.lr_find(PlainMLP(), toy_loader(), suggest="steep")
 
 
 def test_suggestion_rules_on_a_known_curve():
@@ -113,9 +113,15 @@ def test_suggestion_rules_on_a_known_curve():
     lrs = list(np.logspace(-6, 1, 71))
     x = np.log10(lrs)
     loss = 2 - np.tanh((x + 3) * 2) + np.where(x > -1, 10 * (x + 1) ** 2, 0)
-    found = suggest(lrs, list(loss), skip_start=0)
+    found = suggest_rates(lrs, list(loss), skip_start=0)
     assert found["steepest"] == pytest.approx(1e-3, rel=0.13)
     assert found["minimum/10"] == pytest.approx(1e-2, rel=0.3)
+    # the loss falls from the first step to its minimum at 1e-1: valley is halfway, in log space
+    assert found["valley"] == pytest.approx(10 ** ((-6 + -1) / 2), rel=0.2)
+    # a bump inside the descent does not end the valley; the blow-up after the minimum does
+    bumpy = [5.0, 4.0, 4.5, 3.0, 2.0, 1.0, 8.0, 9.0]
+    assert suggest_rates(list(np.logspace(-5, 2, 8)), bumpy, skip_start=0)["valley"] == pytest.approx(
+        np.logspace(-5, 2, 8)[2])  # longest fall: steps 0, 1, 3, 4, 5 -> halfway is step 2
     assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected: no start at 0
 
 

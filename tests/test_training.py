@@ -248,3 +248,105 @@ def test_best_checkpoint_of_a_peft_model_restores(tmp_path):
                      restore_best=True, progress=False)
     saved = read_state_dict(tmp_path / "checkpoints" / "best.safetensors")
     assert not any(k.startswith("base_model.") for k in saved) and history.best_epoch is not None
+
+
+def _val_loss(model, loader) -> float:
+    """Mean cross-entropy over the samples of ``loader``, recomputed outside fit."""
+    model.eval()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in loader]
+    return float(sum(losses)) / len(loader.dataset)
+
+
+def test_restore_best_without_a_run_returns_the_best_epochs_weights():
+    """Issue 21 item 1: without a run folder restore_best did nothing: the last epoch's weights came back
+    (spatial cross_validate tested every fold that way, while reporting best_epoch)."""
+    train = toy_loader(32, seed=5)
+    train.dataset.tensors[1][:] = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))  # noise
+    val = toy_loader(128, seed=6, shuffle=False)
+    torch.manual_seed(0)
+    model = TinyNet(n_hidden=64)
+    history = wb.fit(model, train, val_data=val, epochs=8, lr=0.05, restore_best=True, progress=False)
+    best = history.best_epoch
+    assert best < len(history.rows) - 1  # the memorised noise makes later epochs worse: the case that matters
+    values = [r["val_loss"] for r in history.rows]
+    assert _val_loss(model, val) == pytest.approx(values[best], rel=1e-5)
+    assert _val_loss(model, val) != pytest.approx(values[-1], rel=1e-3)
+
+
+def test_restore_best_in_memory_breaks_a_tie_like_the_history(tmp_path):
+    """A tie goes to the later epoch, as in History.best_epoch and ModelCheckpoint."""
+    scores = iter([0.5, 0.8, 0.8, 0.3])
+    seen = []
+
+    class Keep(wb.Callback):
+        def on_validation_end(self, trainer, logs):
+            seen.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    history = wb.fit(model, toy_loader(), epochs=4, lr=0.05, evaluate=lambda m, d: {"val_score": next(scores)},
+                     monitor="val_score", mode="max", restore_best=True, callbacks=[Keep()], progress=False)
+    assert history.best_epoch == 2
+    assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
+
+
+def test_resume_with_another_monitor_or_mode_is_refused_naming_them(tmp_path):
+    """Issue 21 item 4: a resume with val_acc/max compared against the saved val_loss 'best' (best epoch 4 in the
+    history, best.safetensors from epoch 1)."""
+    val = toy_loader(64, seed=3, shuffle=False)
+
+    def accuracy(model, data):
+        return {"val_acc": float(sum((model(x).argmax(1) == y).sum() for x, y in data)) / len(data.dataset)}
+
+    _interrupted_run(tmp_path / "run", epochs=6, val_data=val, evaluate=accuracy, patience=3)
+    run = wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True)
+    for changed, named in [(dict(monitor="val_acc", mode="max"), ["monitor: 'val_loss' saved, 'val_acc' now",
+                                                                    "mode: 'min' saved, 'max' now"]),
+                           (dict(patience=5, min_delta=0.1), ["patience: 3 saved, 5 now", "min_delta: 0.0 saved"]),
+                           (dict(save_top_k=2), ["save_top_k: 1 saved, 2 now"])]:
+        kwargs = dict(val_data=val, evaluate=accuracy, patience=3) | changed
+        with pytest.raises(ValueError) as info:
+            wb.fit(TinyNet(), toy_loader(), epochs=6, lr=0.05, schedule="cosine", run=run, resume=True,
+                   progress=False, **kwargs)
+        assert all(text in str(info.value) for text in named), str(info.value)
+
+
+def test_a_last_pt_without_the_callback_settings_still_resumes(tmp_path):
+    """A last.pt written before monitor/mode/patience/min_delta/save_top_k were recorded means fit's defaults."""
+    from workbench.checkpoints import load_state, save_state
+
+    val = toy_loader(64, seed=3, shuffle=False)
+    _interrupted_run(tmp_path / "run", val_data=val)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_state(last)
+    for key in ("monitor", "mode", "patience", "min_delta", "save_top_k"):
+        del state["settings"][key]
+    save_state(state, last)
+    history = wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, schedule="cosine", val_data=val,
+                     run=wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True), resume=True, progress=False)
+    assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]
+
+
+def test_epoch_loss_is_weighted_by_the_items_a_batch_supervises():
+    """Issue 21 item 6: a masked whole-slide batch was weighted by its first tensor's length (all spots), so
+    val_loss was not the mean over the validation spots (2.0986 logged, 2.4036 true)."""
+    g = torch.Generator().manual_seed(0)
+    slides = []
+    for n_spots, n_kept in [(50, 2), (10, 9), (30, 5)]:
+        mask = torch.zeros(n_spots, dtype=torch.bool)
+        mask[:n_kept] = True
+        y = torch.randn(n_spots, generator=g) * (1 + n_kept)  # slides differ in their error
+        slides.append({"x": torch.zeros(n_spots, 1), "y": y, "mask": mask, "n_items": int(mask.sum())})
+    model = torch.nn.ModuleDict({"head": torch.nn.Linear(1, 1)})
+    torch.nn.init.zeros_(model["head"].weight)
+    torch.nn.init.zeros_(model["head"].bias)
+
+    def loss_fn(m, batch):
+        pred = m["head"](batch["x"]).squeeze(1)
+        return ((pred - batch["y"])[batch["mask"]] ** 2).mean()
+
+    history = wb.fit(model, slides, val_data=slides, epochs=1, lr=0.0, loss_fn=loss_fn, progress=False)
+    squared = torch.cat([(s["y"][s["mask"]]) ** 2 for s in slides])
+    assert history.rows[0]["val_loss"] == pytest.approx(squared.mean().item(), rel=1e-6)
+    assert history.rows[0]["train_loss"] == pytest.approx(squared.mean().item(), rel=1e-6)

@@ -74,6 +74,46 @@ def test_explicit_key_map_for_an_encoder_only_checkpoint():
     assert report.missing == ["head.bias", "head.weight"] and not report.unexpected
 
 
+def test_a_named_strategy_never_freezes_a_tensor_the_checkpoint_did_not_load(tmp_path):
+    """Issue 21 item 9: a tensor skipped for its shape (or missing) stays trainable and the report says so."""
+    torch.manual_seed(0)
+    state = TinyNet(n_in=10).state_dict()
+    del state["encoder.1.weight"]  # the BatchNorm's scale is missing from the checkpoint
+    path = wb.save_weights(state, tmp_path / "pre.safetensors")
+    model = TinyNet(n_in=12)  # another input width: encoder.0.weight is skipped for its shape
+    report = load_pretrained(model, path)
+    assert report.not_loaded == {"encoder.0.weight": "shape (32, 10) in the checkpoint, (32, 12) here",
+                                 "encoder.1.weight": "not in the checkpoint"}
+    assert wb.transfer.not_loaded(nn.DataParallel(model)) == report.not_loaded
+
+    freeze = apply_strategy(model, "frozen_backbone")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder.0.weight", "encoder.1.weight", "head.weight", "head.bias"}
+    assert set(freeze.kept_trainable) == {"encoder.0.weight", "encoder.1.weight"}
+    assert "kept trainable, not loaded from the checkpoint (at initialisation): encoder.0.weight (shape (32, 10)" in \
+        freeze.summary()
+    frame = freeze.to_frame().set_index("module")
+    assert frame.loc["encoder", "kept_trainable"] == 32 * 12 + 32 and frame.loc["head", "kept_trainable"] == 0
+    assert freeze.to_dict()["kept_trainable"]["encoder.1.weight"] == "not in the checkpoint"
+    assert not model.encoder[1].__dict__.get("_workbench_eval_hook")  # its statistics train with its scale
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = wb.fit(model, toy_loader(n_in=12), epochs=1, lr=0.05, strategy="frozen_backbone", progress=False)
+    after = model.state_dict()
+    assert not torch.equal(before["encoder.0.weight"], after["encoder.0.weight"])
+    assert torch.equal(before["encoder.0.bias"], after["encoder.0.bias"])  # loaded: frozen as asked
+    assert history is not None
+
+    # a list of prefixes freezes what it names, and the report says which of them were never loaded
+    listed = apply_strategy(model, ["encoder"])
+    assert not model.encoder[0].weight.requires_grad and set(listed.frozen_not_loaded) == {"encoder.0.weight",
+                                                                                           "encoder.1.weight"}
+    # a later load that fills them clears the record
+    load_pretrained(model, TinyNet(n_in=12).state_dict())
+    assert wb.transfer.not_loaded(model) == {} and not apply_strategy(model, "frozen_backbone").kept_trainable
+    assert not model.encoder[0].weight.requires_grad
+
+
 def test_frozen_backbone_training_leaves_frozen_tensors_and_bn_stats_bitwise_unchanged():
     torch.manual_seed(0)
     model = TinyNet()

@@ -180,6 +180,23 @@ def test_export_writes_typed_yaml_the_driver_accepts(make_panel, tmp_path):
     assert "Export failed: ValueError: sweep name='no good'" in printed(panel.sweep_out)
 
 
+def test_export_uses_the_seed_the_field_holds_now(make_panel, tmp_path):
+    """Changing the seed field after opening the panel changes the exported sweep's seed (another split)."""
+    panel = make_panel(values={"seed": 0})
+    panel.fields["seed"].value = 5
+    assert "-p seed 5" in panel.command()
+    spec = yaml.safe_load(panel.export_sweep("seed_edit").read_text())
+    assert spec["seeds"] == [5] and "seed" not in spec["parameters"]
+    panel.set(seed=7)
+    assert panel.sweep_spec("x")["seeds"] == [7]
+    panel.seeds_field.value = "0, 1, 2"  # seeds the user typed stay as typed
+    panel.fields["seed"].value = 9
+    assert panel.sweep_spec("x")["seeds"] == [0, 1, 2]
+    panel.seeds_field.value = ""  # empty: the seed above, as a plain parameter
+    panel.fields["seed"].value = 4
+    assert panel.sweep_spec("x")["parameters"]["seed"] == 4 and "seeds" not in panel.sweep_spec("x")
+
+
 def test_exported_sweep_runs_through_the_driver(make_panel, tmp_path):
     panel = make_panel(values=TINY)
     panel.vary["lr_scheduler_type"].value = "constant, cosine"

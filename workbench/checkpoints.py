@@ -1,10 +1,12 @@
 """Read and write model weights safely.
 
 Writing
-    Weights are written as ``.safetensors`` (no code can hide in them) with a JSON sidecar
-    (``<name>.json``) for metadata. Every write is atomic: the bytes go to a temporary file in
-    the same folder, which is then renamed over the target, so an interrupted run never leaves a
-    half-written checkpoint behind.
+    Weights are written as ``.safetensors`` (no code can hide in them); their metadata goes into
+    the same file (the safetensors header's ``__metadata__``), with a JSON copy beside it
+    (``<name>.json``) for people and older readers. Every write is atomic: the bytes go to a
+    temporary file in the same folder, which is then renamed over the target, so an interrupted
+    run never leaves a half-written checkpoint behind, nor new weights beside old metadata
+    (:func:`read_metadata` reads the metadata back).
 
 Reading
     ``.safetensors`` directly; ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` through
@@ -29,6 +31,7 @@ __all__ = [
     "atomic_write",
     "read_state_dict",
     "save_weights",
+    "read_metadata",
     "save_state",
     "load_state",
 ]
@@ -36,6 +39,8 @@ __all__ = [
 #: Keys under which checkpoints written by common tools nest the actual weights.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+#: The key of the safetensors header's ``__metadata__`` under which ``save_weights`` keeps its metadata (JSON).
+METADATA_KEY = "workbench_metadata"
 
 
 class CheckpointError(RuntimeError):
@@ -146,7 +151,15 @@ def save_weights(
     *,
     metadata: Mapping | None = None,
 ) -> Path:
-    """Write weights as safetensors (atomically) plus an optional JSON metadata sidecar.
+    """Write weights and their metadata as one safetensors file (atomically), plus a JSON copy of the metadata.
+
+    The metadata is stored inside the file (the header's ``__metadata__``), so the weights and
+    their metadata are replaced together, by one rename. The sidecar ``<path without
+    suffix>.json`` is a copy for people and older readers: the previous one is removed once the
+    new file is complete, just before it takes the old one's place, and the new one is written
+    after. A process killed at any point leaves either the old weights or the new ones, each
+    with its own metadata in the file and a sidecar that is its own or absent, never new weights
+    beside old metadata. Read it back with :func:`read_metadata`.
 
     Parameters
     ----------
@@ -155,8 +168,7 @@ def save_weights(
     path
         Target file; ``.safetensors`` is appended when missing.
     metadata
-        Any JSON-serialisable mapping (model config, training step, metrics). Written to
-        ``<path without suffix>.json``.
+        Any JSON-serialisable mapping (model config, training step, metrics).
     """
     from safetensors.torch import save_file
 
@@ -164,11 +176,42 @@ def save_weights(
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     tensors = _plain_state(state)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    text = json.dumps(dict(metadata or {}), indent=2, default=str)
+    sidecar = path.with_suffix(".json")
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={METADATA_KEY: text})
+        sidecar.unlink(missing_ok=True)  # the old copy goes before the new weights replace the old ones
+
+    atomic_write(path, write)
     if metadata is not None:
-        text = json.dumps(dict(metadata), indent=2, default=str)
-        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata :func:`save_weights` stored with the weights at ``path`` ({} when there is none).
+
+    Read from the safetensors header; for a file written before the metadata went there (or by
+    another tool), from its ``.json`` sidecar.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+        if METADATA_KEY in header:
+            meta = json.loads(header[METADATA_KEY])
+            return meta if isinstance(meta, dict) else {}
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _unnest(obj, source: str) -> dict[str, torch.Tensor]:

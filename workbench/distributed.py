@@ -25,7 +25,9 @@ What changes when ``fit`` finds a process group (see :func:`context`):
   each rank already yields its own shard (every rank must then yield the same number of batches).
 * ``val_data`` (a map-style ``DataLoader``) is split across ranks without padding.
 * Logged losses and metrics are averaged across ranks (weighted by samples) at the end of an
-  epoch and at ``log_every`` steps; never per step.
+  epoch and at ``log_every`` steps; never per step. Validation runs rank 0's model (its
+  BatchNorm buffers are broadcast first), and a metric returned as
+  :class:`workbench.training.PerSample` is scored on the outputs gathered from every rank.
 * Only rank 0 writes the run folder; other ranks never touch it. Rank 0 reads ``last.pt`` on
   resume and sends it to the others, so the run folder need not be on a shared disk.
 * A rank that dies makes the others stop with :class:`RankFailedError`, naming the dead rank.
@@ -190,6 +192,16 @@ class DistContext:
         """Copy rank 0's parameters and buffers into ``module`` on every rank."""
         if self.enabled:
             for tensor in module.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) into ``module`` on every rank.
+
+        Under DDP the parameters stay equal, but each rank's running statistics follow its own
+        batches; validation and the returned model use rank 0's.
+        """
+        if self.enabled:
+            for tensor in module.buffers():
                 torch.distributed.broadcast(tensor, src=0)
 
     # ---- data

@@ -12,7 +12,8 @@ On several machines, start this module with torchrun yourself, on each machine::
 What differs from a one-process run:
 
 * Only rank 0 writes the run folder (params.json, metrics.jsonl, checkpoints, figures,
-  ``status.json``); ``wb.Run`` is rank-aware. No executed notebook is written: the notebook
+  ``status.json``); ``wb.Run`` is rank-aware. ``status.json`` is written once every rank has
+  finished (their outcomes are gathered), and says ok only when every rank did. No executed notebook is written: the notebook
   stays the one-process view (open it, or ``workbench run`` without ``--nproc``, to see figures).
 * Work that is cached (:func:`workbench.cache.cached`, e.g. pretraining) is built by one process
   while the others wait for it, then every rank loads it.
@@ -76,8 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _outcomes(error: str | None, *, rank: int, world: int) -> dict[int, str | None]:
+    """Every rank's error (None: it finished), gathered once all of them are done; this rank's alone with one."""
+    if world <= 1:
+        return {0: error}
+    try:
+        from .distributed import context
+
+        return dict(enumerate(context(True).gather_objects(error)))
+    except Exception as err:  # noqa: BLE001 - a rank that died or hung: not every rank is known to have finished
+        text = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        return {rank: error, -1: f"not every rank reported that it finished ({text})"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the notebook on this rank; rank 0 writes ``status.json`` last. Returns the exit status."""
+    """Run the notebook on this rank; rank 0 writes ``status.json`` once every rank has finished.
+
+    Returns the exit status: 1 on rank 0 when another rank failed (a failure here raises).
+    """
     from .execute import STATUS_FILE, notebook_sha256, run_in_process
     from .tracking import process_rank
 
@@ -86,19 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir.resolve()
     rank, world = process_rank(), int(os.environ.get("WORLD_SIZE", 1))
     start = time.perf_counter()
-    error = None
+    error, failed = None, {}
     try:
         run_in_process(args.notebook, parameters={**params, "output_dir": str(out)})
     except Exception as err:  # noqa: BLE001 - recorded in status.json, then re-raised
         error = f"{type(err).__name__}: {err}".splitlines()[0]
         raise
     finally:
+        failed = {r: e for r, e in _outcomes(error, rank=rank, world=world).items() if e is not None}
+        if world > 1 and failed:
+            error = "; ".join(e if r < 0 else f"rank {r}: {e}" for r, e in sorted(failed.items()))
         if rank == 0 and out.is_dir():
-            status = {"ok": error is None, "error": error, "failed_cell": None,
+            status = {"ok": not failed, "error": error, "failed_cell": None,
                       "seconds": round(time.perf_counter() - start, 3), "notebook": str(args.notebook.resolve()),
                       "notebook_sha256": notebook_sha256(args.notebook), "world_size": world}
             (out / STATUS_FILE).write_text(json.dumps(status, indent=2))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

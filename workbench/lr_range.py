@@ -9,7 +9,11 @@ curve by a named rule:
     where the smoothed loss falls fastest against ``log(lr)`` (fastai's ``steep``);
 ``minimum/10``
     a tenth of the rate at the smoothed loss's minimum (fastai's ``minimum``, the rule of thumb
-    from Smith's paper).
+    from Smith's paper);
+``valley``
+    halfway along the longest stretch over which the smoothed loss keeps falling (fastai's
+    ``valley``, its default since 2.4): robust to a single steep blip, and further from the
+    edge of divergence than ``steepest`` on a long, shallow descent.
 
 The test stops early once the smoothed loss exceeds ``diverge`` times its best value. Everything
 it touches is put back exactly: the weights and buffers, ``requires_grad`` and train/eval modes,
@@ -32,7 +36,7 @@ from torch import nn
 __all__ = ["lr_find", "LRFinderResult", "RULES"]
 
 #: The suggestion rules :func:`lr_find` knows.
-RULES = ("steepest", "minimum/10")
+RULES = ("steepest", "minimum/10", "valley")
 
 
 @dataclass
@@ -88,7 +92,7 @@ def smooth(losses: list[float], *, beta: float = 0.98) -> list[float]:
     return out
 
 
-def suggest(lrs: list[float], smoothed: list[float], *, skip_start: int | None = None) -> dict[str, float]:
+def suggest_rates(lrs: list[float], smoothed: list[float], *, skip_start: int | None = None) -> dict[str, float]:
     """Each rule's learning rate from a smoothed curve (see :data:`RULES`)."""
     n = len(lrs)
     if n < 3:
@@ -100,7 +104,28 @@ def suggest(lrs: list[float], smoothed: list[float], *, skip_start: int | None =
     loss = np.asarray(smoothed[skip:])
     steepest = int(np.argmin(np.gradient(loss, log_lr)))
     lowest = int(np.argmin(np.asarray(smoothed)))
-    return {"steepest": float(lrs[skip + steepest]), "minimum/10": float(lrs[lowest]) / 10}
+    return {"steepest": float(lrs[skip + steepest]), "minimum/10": float(lrs[lowest]) / 10,
+            "valley": float(lrs[_valley(smoothed)])}
+
+
+def _valley(smoothed: list[float]) -> int:
+    """The step halfway along the longest falling stretch of the curve.
+
+    The stretch is the longest strictly decreasing subsequence of the smoothed loss (found by
+    dynamic programming, O(n^2) for the ~100 steps of a range test); it starts at its first step
+    and ends at its last, and small bumps inside it do not break it.
+    """
+    loss = np.asarray(smoothed, dtype=float)
+    n = len(loss)
+    length = np.ones(n, dtype=int)  # length of the longest decreasing subsequence ending at i
+    first = np.arange(n)  # where that subsequence starts
+    for i in range(1, n):
+        for j in range(i):
+            if loss[i] < loss[j] and length[j] + 1 > length[i]:
+                length[i], first[i] = length[j] + 1, first[j]
+    end = int(np.argmax(length))  # the first end of a longest one
+    start = int(first[end])
+    return start + (end - start) // 2
 
 
 def lr_find(
@@ -115,7 +140,7 @@ def lr_find(
     weight_decay: float = 0.0,
     backbone_lr_ratio: float = 1.0,
     layer_decay: float | None = None,
-    rule: str = "steepest",
+    suggest: str = "steepest",
     beta: float = 0.98,
     diverge: float = 4.0,
     device: str | torch.device | None = None,
@@ -137,8 +162,9 @@ def lr_find(
         ``weight_decay``, ``backbone_lr_ratio`` and ``layer_decay``, so the groups keep their
         ratios to the head's rate), or an optimizer of your own: it is used, then its state and
         learning rates are restored.
-    rule
-        Which suggestion is ``.suggestion``: ``steepest`` or ``minimum/10``; both are in ``.suggestions``.
+    suggest
+        Which rule gives ``.suggestion``: ``steepest``, ``minimum/10`` or ``valley`` (see
+        :data:`RULES`); every rule's rate is in ``.suggestions`` and on the plot.
     beta
         Smoothing of the loss curve (exponential moving average, bias-corrected).
     diverge
@@ -153,6 +179,7 @@ def lr_find(
     """
     from .training import _default_loss, _rng_state, _set_rng_state
 
+    rule = suggest
     _check(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, rule=rule, beta=beta, diverge=diverge, data=data)
     loss_fn = loss_fn or _default_loss
     from .devices import placement
@@ -171,7 +198,7 @@ def lr_find(
         finally:
             _set_rng_state(rng, data)
     smoothed = smooth(losses, beta=beta)
-    suggestions = suggest(lrs, smoothed)
+    suggestions = suggest_rates(lrs, smoothed)
     return LRFinderResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestions[rule], rule=rule,
                           suggestions=suggestions, stopped_early=stopped)
 
@@ -182,7 +209,7 @@ def _check(*, start_lr, end_lr, num_steps, rule, beta, diverge, data) -> None:
     if num_steps < 3:
         raise ValueError(f"num_steps must be >= 3 (100 is usual), got {num_steps}.")
     if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}.")
+        raise ValueError(f"suggest={rule!r} is not one of {', '.join(RULES)}.")
     if not 0 <= beta < 1:
         raise ValueError(f"beta (the loss smoothing) must be in [0, 1), got {beta}.")
     if diverge <= 1:

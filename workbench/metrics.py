@@ -323,9 +323,12 @@ def regression_metrics(y_true, y_pred, *, prefix: str = "") -> dict[str, float]:
     -------
     dict[str, float]
         ``mse`` and ``mae`` over all values; ``r2`` (averaged over targets); ``pearson``: the
-        correlation of all values pooled together; ``mean_pearson``: the mean of the per-target
-        correlations, skipping constant targets (for 1-D input it equals ``pearson``).
-        Correlations that are undefined (constant values) are NaN.
+        correlation of all values pooled together (NaN when either side is constant);
+        ``mean_pearson``: the mean of the per-target correlations over the targets whose true
+        values vary (the same targets for any two predictions of the same truth, so a model
+        and a baseline are averaged over the same genes). A target whose prediction is
+        constant counts as r = 0 (a model that gives up on a gene never scores higher for it),
+        and ``constant_predictions`` says how many there were. 1-D input is one target.
 
     Examples
     --------
@@ -348,12 +351,12 @@ def regression_metrics(y_true, y_pred, *, prefix: str = "") -> dict[str, float]:
     _check_no_missing(y_pred, name="y_pred")
 
     pearson = _pearson(y_true.ravel(), y_pred.ravel())
-    if y_true.ndim == 1:
-        mean_pearson = pearson
-    else:
-        per_target = _pearson_per_column(y_true, y_pred)
-        finite = per_target[~np.isnan(per_target)]
-        mean_pearson = float(finite.mean()) if finite.size else math.nan
+    columns_true = y_true.reshape(len(y_true), -1)
+    columns_pred = y_pred.reshape(len(y_pred), -1)
+    varies = np.ptp(columns_true, axis=0) > 0 if len(y_true) else np.zeros(columns_true.shape[1], bool)
+    gave_up = varies & (np.ptp(columns_pred, axis=0) == 0) if len(y_true) else varies
+    per_target = np.where(gave_up, 0.0, _pearson_per_column(columns_true, columns_pred))[varies]
+    mean_pearson = float(per_target.mean()) if per_target.size else math.nan
 
     if len(y_true) < 2:
         r2 = math.nan  # undefined for a single sample
@@ -366,6 +369,7 @@ def regression_metrics(y_true, y_pred, *, prefix: str = "") -> dict[str, float]:
         "r2": r2,
         "pearson": pearson,
         "mean_pearson": mean_pearson,
+        "constant_predictions": float(gave_up.sum()),
     }
     return _with_prefix(out, prefix)
 
@@ -498,8 +502,9 @@ def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
     -------
     pandas.DataFrame
         One row ``overall`` then one per group (sorted), columns ``n``, ``pearson``,
-        ``spearman``, ``r2``, ``mse``. Correlations of a group with constant values, and R² of
-        a group with one sample, are NaN.
+        ``spearman``, ``r2``, ``mse``. Correlations of a group whose true values are constant,
+        and R² of a group with one sample, are NaN; a constant prediction of varying values
+        correlates 0 (as in :func:`regression_metrics`).
     """
     from scipy.stats import spearmanr
     from sklearn import metrics as skm
@@ -514,11 +519,12 @@ def grouped_regression_metrics(y_true, y_pred, groups) -> pd.DataFrame:
     _check_no_missing(y_pred, name="y_pred")
 
     def scores(t: np.ndarray, p: np.ndarray) -> dict:
-        constant = len(t) < 2 or np.ptp(t) == 0 or np.ptp(p) == 0
+        undefined = len(t) < 2 or np.ptp(t) == 0  # nothing to correlate with, whatever the prediction
+        gave_up = not undefined and np.ptp(p) == 0  # a constant prediction of varying values: r = 0
         return {
             "n": len(t),
-            "pearson": math.nan if constant else _pearson(t, p),
-            "spearman": math.nan if constant else float(spearmanr(t, p).statistic),
+            "pearson": math.nan if undefined else 0.0 if gave_up else _pearson(t, p),
+            "spearman": math.nan if undefined else 0.0 if gave_up else float(spearmanr(t, p).statistic),
             "r2": math.nan if len(t) < 2 else float(skm.r2_score(t, p)),
             "mse": float(skm.mean_squared_error(t, p)),
         }

@@ -12,7 +12,9 @@ The figure
     - When the hue has exactly two values (``pretrained_checkpoint: [pretrain, none]``), a
       second panel shows the gap between them, first minus second as the grid lists them, at
       each x: paired by seed where the runs have one, mean ± std of the per-seed differences.
-      :func:`transfer_gap` gives the same numbers as a table.
+      :func:`transfer_gap` gives the same numbers as a table. Both panels and every column of
+      the table are then over the same runs: a run whose seed did not finish under the other
+      setting (a failed run's partner) is left out, and the figure and table say how many were.
     - Otherwise: grouped points with error bars (mean ± std), one group per value of the first
       grid parameter.
 
@@ -213,23 +215,50 @@ def _rows_where(frame, columns, values):
     return frame[mask]
 
 
-def _line_table(result, choice: FigureChoice):
-    """Mean, std and n of the metric per (hue, others, x): one row per point of the figure."""
+def _compared_runs(result, choice: FigureChoice):
+    """The finished runs the figure and the gap use, and how many finished runs were left out.
+
+    When the hue compares two settings over seeds, at a point (x and other parameters) where
+    both settings have finished runs a run counts only if the run with the same seed finished
+    under the other setting too: then every mean there (each curve's, the gap's) is over the
+    same pairs. Points that only one setting has, and runs without a hue value, are kept.
+    """
     frame = _ok_runs(result, choice.metric)
+    levels = _levels(frame, choice.hue)
+    if choice.hue is None or len(levels) != 2 or "seed" not in frame.columns or frame["seed"].isna().any():
+        return frame, 0
+    keys = [k for k in (*choice.others, choice.x) if k is not None] + ["seed"]
+    plain = frame[keys].astype(object).where(frame[keys].notna(), None)
+    ids = [tuple(row) for row in plain.itertuples(index=False)]
+    hues = frame[choice.hue].tolist()
+    both = ({i for i, h in zip(ids, hues) if h == levels[0]} & {i for i, h in zip(ids, hues) if h == levels[1]})
+    compared = ({i[:-1] for i, h in zip(ids, hues) if h == levels[0]}
+                & {i[:-1] for i, h in zip(ids, hues) if h == levels[1]})  # points where both settings have runs
+    keep = [i in both or i[:-1] not in compared or _missing(h) for i, h in zip(ids, hues)]
+    return frame[keep].copy(), len(keep) - sum(keep)
+
+
+def _line_table(result, choice: FigureChoice):
+    """Mean, std and n of the metric per (hue, others, x): one row per point of the figure (over paired runs)."""
+    frame, left_out = _compared_runs(result, choice)
     by = [k for k in (choice.hue, *choice.others, choice.x) if k is not None]
     if not by:
         frame["_all"] = "all"
         by = ["_all"]
     frame[by] = frame[by].astype(object).where(frame[by].notna(), None)
     grouped = frame.groupby(by, sort=False, dropna=False)[choice.metric]
-    return grouped.agg(["mean", "std", "count"]).reset_index()
+    table = grouped.agg(["mean", "std", "count"]).reset_index()
+    table.attrs["unpaired"] = left_out
+    return table
 
 
 def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric: str | None = None):
     """The gap between the two values of the hue parameter, at each x: ``first - second`` as the grid lists them.
 
     Where the runs have a ``seed``, the runs of the two settings with the same seed (and the same
-    other parameters) are paired and the gap is the mean ± std of the per-seed differences.
+    other parameters) are paired and the gap is the mean ± std of the per-seed differences; the
+    two means are over the same pairs (so ``gap_mean = <a>_mean - <b>_mean``), and a run whose
+    partner did not finish is left out of every column (``n_unpaired`` counts them).
     Without seeds it is the difference of the means, with ``sqrt(std_a**2 + std_b**2)`` as spread.
 
     Parameters
@@ -243,21 +272,23 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
     -------
     pandas.DataFrame or None
         One row per x value (and combination of the other grid parameters): the x and other
-        columns, ``<a>_mean``, ``<b>_mean``, ``gap_mean``, ``gap_std``, ``n_pairs``; the frame's
-        ``attrs`` hold ``hue``, ``a``, ``b``, ``metric``. None when the hue does not have exactly
-        two values.
+        columns, ``<a>_mean``, ``<b>_mean``, ``gap_mean``, ``gap_std``, ``n_pairs``,
+        ``n_unpaired``; the frame's ``attrs`` hold ``hue``, ``a``, ``b``, ``metric``, ``paired``
+        and ``unpaired`` (runs left out in all). None when the hue does not have exactly two values.
     """
     import numpy as np
     import pandas as pd
 
     choice = choose_figure(result, x=x, hue=hue, metric=metric)
-    frame = _ok_runs(result, choice.metric)
-    levels = _levels(_ok_runs(result, choice.metric), choice.hue)
+    everything = _ok_runs(result, choice.metric)
+    levels = _levels(everything, choice.hue)
     if choice.hue is None or len(levels) != 2:
         return None
     a, b = levels
+    frame, left_out = _compared_runs(result, choice)
     keys = [k for k in (*choice.others, choice.x) if k is not None]
     frame[keys] = frame[keys].astype(object).where(frame[keys].notna(), None)
+    everything[keys] = everything[keys].astype(object).where(everything[keys].notna(), None)
     side_a, side_b = frame[frame[choice.hue] == a], frame[frame[choice.hue] == b]
     paired = "seed" in frame.columns and frame["seed"].notna().all()
     rows = []
@@ -268,6 +299,8 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
         if group_b.empty:
             continue
         row = dict(zip(keys, values))
+        finished = _rows_where(everything[everything[choice.hue].isin(levels)], keys, values)
+        row["n_unpaired"] = len(finished) - len(group_a) - len(group_b)
         row[f"{a}_mean"], row[f"{b}_mean"] = group_a[choice.metric].mean(), group_b[choice.metric].mean()
         if paired:
             both = group_a[["seed", choice.metric]].merge(group_b[["seed", choice.metric]], on="seed")
@@ -277,10 +310,11 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
             spread = math.sqrt(np.nan_to_num(group_a[choice.metric].var()) + np.nan_to_num(group_b[choice.metric].var()))
             row.update(gap_mean=row[f"{a}_mean"] - row[f"{b}_mean"], gap_std=spread, n_pairs=0)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=[*keys, f"{a}_mean", f"{b}_mean", "gap_mean", "gap_std", "n_pairs"])
+    table = pd.DataFrame(rows, columns=[*keys, f"{a}_mean", f"{b}_mean", "gap_mean", "gap_std", "n_pairs",
+                                        "n_unpaired"])
     if choice.x in keys and choice.kind == "curve":
         table = table.sort_values([*choice.others, choice.x], kind="stable").reset_index(drop=True)
-    table.attrs.update(hue=choice.hue, a=a, b=b, metric=choice.metric, paired=paired)
+    table.attrs.update(hue=choice.hue, a=a, b=b, metric=choice.metric, paired=paired, unpaired=left_out)
     return table
 
 
@@ -374,8 +408,10 @@ def _draw_curves(lines, choice: FigureChoice, *, gap, levels: list, name: str):
         axis.set_xlabel(choice.x + (" (log scale)" if choice.log_x else ""))
         axis.grid(alpha=0.3)
     ax.set_ylabel(choice.metric)
-    ax.set_title(f"{name}: {choice.metric} vs {choice.x}\nmean ± std over seeds (up to {n_max} runs per point)",
-                 fontsize=10)
+    left_out = lines.attrs.get("unpaired", 0)
+    unpaired = f"; {left_out} run(s) whose seed did not finish under the other {choice.hue} left out" if left_out else ""
+    ax.set_title(f"{name}: {choice.metric} vs {choice.x}\nmean ± std over seeds (up to {n_max} runs per point)"
+                 f"{unpaired}", fontsize=10)
     ax.legend(fontsize=8)
     if panels == 2:
         _draw_gap(axes[0, 1], gap, choice, style)
@@ -661,8 +697,11 @@ def _gap_html(gap, choice: FigureChoice) -> str:
                   f'<td class="num">{row["n_pairs"]}</td>')
         rows.append(f"<tr>{cells}</tr>")
     how = "per-seed differences (runs paired by seed)" if gap.attrs["paired"] else "difference of the means"
+    if gap.attrs.get("unpaired"):
+        how += (f"; every column, and the figure, over the same pairs: {gap.attrs['unpaired']} finished run(s) whose "
+                f"seed did not finish under the other {hue} are left out")
     return (f"<h3>Gap in {_e(choice.metric)}: {_e(hue)}={_e(a)} minus {_e(b)}</h3>"
-            f"<p>mean ± std of the {how}.</p>"
+            f"<p>mean ± std of the {_e(how)}.</p>"
             f'<table id="gap"><tr>{head}</tr>{"".join(rows)}</table>')
 
 

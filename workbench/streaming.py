@@ -215,14 +215,25 @@ class _IndexOnly:
 
 @dataclass
 class MatrixScan:
-    """What one pass over a matrix found: ``content_hash`` (SHA-256) and ``n_nonfinite`` (NaN/inf values)."""
+    """What one pass over a matrix found.
+
+    ``content_hash`` (SHA-256), ``n_nonfinite`` (NaN/inf values), ``whole_numbers`` (every stored
+    value is a whole number >= 0, as in a count matrix) and ``max_value`` (the largest finite value).
+    """
 
     content_hash: str
     n_nonfinite: int
+    whole_numbers: bool = False
+    max_value: float = 0.0
+
+    @property
+    def integer_counts(self) -> bool:
+        """Whether the matrix looks like raw counts: whole numbers >= 0, some above 1 (0/1 data is not counts)."""
+        return self.whole_numbers and self.max_value > 1
 
 
 def scan(matrix, *, chunk_rows: int = SCAN_ROWS) -> MatrixScan:
-    """Read ``matrix`` once in chunks of rows: its content hash and its count of NaN/inf values.
+    """Read ``matrix`` once in chunks of rows: its content hash, its NaN/inf values and whether it holds counts.
 
     The hash covers the shape and, per row, the non-zero positions and their float32 values, so a
     backed read and an in-memory read of the same file hash alike (as do CSR and dense layouts of the
@@ -232,18 +243,23 @@ def scan(matrix, *, chunk_rows: int = SCAN_ROWS) -> MatrixScan:
 
     n_rows, n_cols = matrix.shape
     parts = {name: hashlib.sha256() for name in ("nnz per row", "gene indices", "values")}  # each streamed
-    bad = 0
+    bad, whole, top = 0, True, 0.0
     for start in range(0, n_rows, chunk_rows):
         rows = matrix[start:min(start + chunk_rows, n_rows)]
         rows = sp.csr_matrix(rows, dtype=np.float32) if sp.issparse(rows) else \
             sp.csr_matrix(np.asarray(rows, dtype=np.float32))
         rows.sum_duplicates()
         rows.eliminate_zeros()
-        bad += int((~np.isfinite(rows.data)).sum())
+        finite = np.isfinite(rows.data)
+        bad += int((~finite).sum())
+        values = rows.data[finite]
+        if len(values):
+            whole = whole and bool((values >= 0).all() and (values == np.floor(values)).all())
+            top = max(top, float(values.max()))
         for digest, part, dtype in zip(parts.values(), (np.diff(rows.indptr), rows.indices, rows.data),
                                        (np.int64, np.int64, np.float32)):
             digest.update(np.ascontiguousarray(part, dtype=dtype).tobytes())
-    whole = hashlib.sha256(f"cells x genes:{n_rows}x{n_cols}".encode())
-    for name, digest in parts.items():
-        whole.update(f"{name}:{digest.hexdigest()}".encode())
-    return MatrixScan(content_hash=whole.hexdigest(), n_nonfinite=bad)
+    digest = hashlib.sha256(f"cells x genes:{n_rows}x{n_cols}".encode())
+    for name, part in parts.items():
+        digest.update(f"{name}:{part.hexdigest()}".encode())
+    return MatrixScan(content_hash=digest.hexdigest(), n_nonfinite=bad, whole_numbers=whole, max_value=top)

@@ -792,7 +792,10 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
             outcomes: dict[str, dict] | None = None) -> SweepResult:
     """Read every run folder of the spec and write ``results.csv``, ``summary.csv`` and ``comparison.png``.
 
-    Runs that have not finished are listed with status ``pending``.
+    Runs that have not finished are listed with status ``pending``. ``results.csv`` has one
+    column per parameter and per final metric; a final metric whose name is taken by a parameter
+    or a status column (spatial's ``folds``: the parameter asks for k folds, the metric counts
+    those run) is kept as ``metric_<name>``.
 
     Parameters
     ----------
@@ -813,6 +816,7 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
     notebook_version = notebook_sha256(spec.notebook)
     rows = []
     n_stale = 0
+    param_names = list(dict.fromkeys(k for _, params in spec.runs() for k in params))
     for rid, params in spec.runs():
         folder = spec.path / rid
         status = _read_json(folder / STATUS_FILE)
@@ -825,11 +829,11 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
         row.update({k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
                     for k, v in params.items()})
         metrics = _read_json(folder / METRICS_FILE) if status.get("ok") else {}
-        row.update({k: v for k, v in metrics.items() if k not in row})
+        # a final metric named like a parameter or a status column (spatial's `folds`) is kept as `metric_<name>`
+        row.update({(f"metric_{k}" if k in row or k in param_names else k): v for k, v in metrics.items()})
         rows.append(row)
     results = pd.DataFrame(rows)
     results["failed_cell"] = results["failed_cell"].astype("Int64")
-    param_names = list(dict.fromkeys(k for _, params in spec.runs() for k in params))
     metric_names = [c for c in results.columns if c not in param_names and c not in
                     ("run_id", "status", "error", "failed_cell", "seconds")]
     summary = summarize(results, by=spec.grid_keys, metrics=metric_names)

@@ -33,6 +33,17 @@ a model's own names
 
 Normalisation layers with running statistics (BatchNorm, InstanceNorm) are frozen with the
 part of the model they belong to, whether or not they have weights of their own.
+
+A named strategy never freezes a tensor that :func:`load_pretrained` left at its initialisation
+(skipped for its shape, missing from the checkpoint, or filled only in part): frozen, it would stay
+random for the whole run. Such tensors stay trainable and the :class:`FreezeReport` lists them
+(``kept_trainable``). A list of prefixes freezes exactly what it names; the report lists the
+tensors it froze at initialisation (``frozen_not_loaded``).
+
+Inputs that have names (genes) meet the checkpoint's by name, not by position, when
+``load_pretrained(..., feature_names=FeatureNames(...))`` is given the data's names and the
+checkpoint's JSON sidecar lists its own: the tensors along that axis are reordered, and names
+on one side only are counted in the report.
 """
 
 from __future__ import annotations
@@ -55,7 +66,9 @@ __all__ = [
     "unwrap",
     "LoadError",
     "LoadReport",
+    "FeatureNames",
     "load_pretrained",
+    "not_loaded",
     "FreezeReport",
     "apply_strategy",
     "available_strategies",
@@ -159,6 +172,14 @@ class LoadReport:
     metadata
         The checkpoint's JSON sidecar (``save_weights(..., metadata=...)``), e.g. the
         fingerprint of a cached pretrained encoder; long lists (gene names) are left out.
+    partial
+        ``{model_key: why}``: filled in part (inputs met by name, some names only in the data);
+        the rest of the tensor keeps the model's initialisation.
+    alignment
+        How named inputs met the checkpoint's (see :class:`FeatureNames`): ``by`` (the sidecar
+        list, or ``"position"`` when the checkpoint names none), ``matched``, ``only_in_data``,
+        ``only_in_checkpoint``, ``reordered`` and the first few names on one side only. Empty
+        when no ``feature_names`` were given.
     """
 
     source: str
@@ -169,6 +190,15 @@ class LoadReport:
     prefix_map: dict[str, str] = field(default_factory=dict)
     loaded_fraction: float = 0.0
     metadata: dict = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)
+    alignment: dict = field(default_factory=dict)
+
+    @property
+    def not_loaded(self) -> dict[str, str]:
+        """``{model_key: why}`` for every tensor left (wholly or in part) at the model's initialisation."""
+        out = {k: f"shape {tuple(a)} in the checkpoint, {tuple(b)} here" for k, (a, b) in self.mismatched.items()}
+        out |= {k: "not in the checkpoint" for k in self.missing}
+        return out | dict(self.partial)
 
     def to_dict(self) -> dict:
         return {
@@ -177,6 +207,8 @@ class LoadReport:
             "mismatched": {k: {"checkpoint": list(a), "model": list(b)} for k, (a, b) in self.mismatched.items()},
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
+            "partial": dict(self.partial),
+            "alignment": dict(self.alignment),
             "prefix_map": dict(self.prefix_map),
             "loaded_fraction": self.loaded_fraction,
             "metadata": dict(self.metadata),
@@ -186,6 +218,8 @@ class LoadReport:
         import pandas as pd
 
         rows = [{"key": k, "status": "loaded", "checkpoint_shape": "", "model_shape": ""} for k in self.loaded]
+        rows += [{"key": k, "status": f"partial ({why})", "checkpoint_shape": "", "model_shape": ""}
+                 for k, why in self.partial.items()]
         rows += [
             {"key": k, "status": "mismatched", "checkpoint_shape": str(tuple(a)), "model_shape": str(tuple(b))}
             for k, (a, b) in self.mismatched.items()
@@ -202,14 +236,17 @@ class LoadReport:
 
     def summary(self) -> str:
         remap = ", ".join(f"{a!r}->{b!r}" for a, b in self.prefix_map.items()) or "none"
-        return (
-            f"LoadReport({self.source}): {len(self.loaded)} loaded, {len(self.mismatched)} shape-mismatched, "
+        partial = f"{len(self.partial)} partly loaded, " if self.partial else ""
+        text = (
+            f"LoadReport({self.source}): {len(self.loaded)} loaded, {partial}{len(self.mismatched)} shape-mismatched, "
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected; prefix remap: {remap}; "
             f"{self.loaded_fraction:.1%} of model parameters loaded"
         )
+        return text + (f"; {self.alignment['summary']}" if self.alignment else "")
 
     def __repr__(self) -> str:
         lines = [self.summary()]
+        lines += [f"  partial    {k}: {why}" for k, why in self.partial.items()]
         for k, (a, b) in self.mismatched.items():
             lines.append(f"  mismatched {k}: checkpoint {tuple(a)} vs model {tuple(b)}")
         lines += [f"  missing    {k}" for k in self.missing]
@@ -226,6 +263,109 @@ class LoadReport:
             f"<details><summary>{len(self.loaded)} loaded keys</summary>"
             f"<pre>{html.escape(chr(10).join(self.loaded))}</pre></details>"
         )
+
+
+@dataclass(frozen=True)
+class FeatureNames:
+    """The names along one axis of some model tensors, so that a checkpoint meets them by name.
+
+    Attributes
+    ----------
+    names
+        The data's names in the model's order, e.g. the genes of the expression matrix.
+    tensors
+        ``{model key: axis}`` of the tensors that these names index, e.g.
+        ``{"encoder.layers.0.weight": 1}`` for the first ``nn.Linear`` over the genes.
+    key
+        The list in the checkpoint's JSON sidecar (``save_weights(..., metadata={key: [...]})``)
+        that names the checkpoint's own order.
+    """
+
+    names: Sequence[str]
+    tensors: Mapping[str, int]
+    key: str = "genes"
+
+
+def _first_repeats(names: Sequence[str], n: int = 5) -> list[str]:
+    seen, repeats = set(), []
+    for name in names:
+        if name in seen and name not in repeats:
+            repeats.append(name)
+        seen.add(name)
+    return repeats[:n]
+
+
+def _align_by_name(state: dict, model_state: Mapping, spec: FeatureNames, checkpoint_names, source: str):
+    """Reorder ``spec.tensors`` of the checkpoint ``state`` from its names to the data's.
+
+    Returns ``(state, partial, alignment)``: the state with those tensors in the data's order
+    (names only in the data keep the model's current values, names only in the checkpoint are
+    dropped), ``{key: why}`` for tensors filled in part, and the counts for the report.
+
+    Raises
+    ------
+    LoadError
+        When no name is shared, when a side repeats a name, or when a tensor's length along its
+        axis differs from the number of names the checkpoint lists.
+    """
+    data_names = [str(n) for n in spec.names]
+    if checkpoint_names is None:
+        summary = (f"inputs met by position: the checkpoint's sidecar lists no {spec.key!r}, so its "
+                   f"{len(data_names)} inputs are assumed to be in the data's order")
+        warnings.warn(f"{source}: {summary}. Save the checkpoint with save_weights(..., metadata="
+                      f"{{{spec.key!r}: [...]}}) to have them met by name.", stacklevel=3)
+        return state, {}, {"by": "position", "summary": summary}
+    ckpt_names = [str(n) for n in checkpoint_names]
+    if ckpt_names == data_names:
+        summary = f"{len(data_names)} {spec.key} met by name, in the same order"
+        return state, {}, {"by": spec.key, "matched": len(data_names), "only_in_data": 0, "only_in_checkpoint": 0,
+                           "reordered": False, "summary": summary}
+    for side, names in (("the data", data_names), ("the checkpoint", ckpt_names)):
+        repeats = _first_repeats(names)
+        if repeats:
+            raise LoadError(
+                f"{side} repeats {spec.key} {repeats}, so the checkpoint's inputs cannot be met by name. Make the "
+                "names unique (e.g. adata.var_names_make_unique() before writing the data, or before pretraining).")
+    where = {name: i for i, name in enumerate(ckpt_names)}
+    common = [i for i, name in enumerate(data_names) if name in where]
+    only_data = [name for name in data_names if name not in where]
+    data_set = set(data_names)
+    only_ckpt = [name for name in ckpt_names if name not in data_set]
+    if not common:
+        raise LoadError(
+            f"None of the data's {len(data_names)} {spec.key} is among the checkpoint's {len(ckpt_names)} "
+            f"(data: {data_names[:5]}, checkpoint: {ckpt_names[:5]}). Use data and a checkpoint with the same naming "
+            "(e.g. both gene symbols, or both Ensembl ids), or pretrained_checkpoint='pretrain' / 'none'.")
+    model_idx = torch.tensor(common, dtype=torch.long)
+    ckpt_idx = torch.tensor([where[data_names[i]] for i in common], dtype=torch.long)
+    state = dict(state)
+    partial = {}
+    for key, axis in spec.tensors.items():
+        if key not in state or key not in model_state:
+            continue
+        tensor, current = state[key], model_state[key]
+        if tensor.shape[axis] != len(ckpt_names) or current.shape[axis] != len(data_names):
+            raise LoadError(
+                f"{key} has {tensor.shape[axis]} entries along axis {axis} in the checkpoint and "
+                f"{current.shape[axis]} in the model, but the checkpoint lists {len(ckpt_names)} {spec.key} and the "
+                f"data {len(data_names)}. Name the tensor and axis that the {spec.key} index in FeatureNames.tensors.")
+        other = [d for i, d in enumerate(tensor.shape) if i != axis]
+        if other != [d for i, d in enumerate(current.shape) if i != axis]:
+            continue  # another width: left to the shape check, which reports it as mismatched
+        merged = current.detach().clone().to(tensor.dtype)
+        merged.index_copy_(axis, model_idx, tensor.index_select(axis, ckpt_idx))
+        state[key] = merged
+        if only_data:
+            partial[key] = (f"{len(only_data)} of {len(data_names)} {spec.key} are not in the checkpoint; "
+                            "their entries keep the model's initialisation")
+    reordered = [data_names[i] for i in common] != [n for n in ckpt_names if n in data_set]
+    summary = (f"{len(common)} {spec.key} met by name{' and reordered' if reordered else ''}; "
+               f"{len(only_data)} only in the data (kept at initialisation, trainable), "
+               f"{len(only_ckpt)} only in the checkpoint (dropped)")
+    alignment = {"by": spec.key, "matched": len(common), "only_in_data": len(only_data),
+                 "only_in_checkpoint": len(only_ckpt), "reordered": reordered,
+                 "first_only_in_data": only_data[:5], "first_only_in_checkpoint": only_ckpt[:5], "summary": summary}
+    return state, partial, alignment
 
 
 def _remap(keys: Sequence[str], prefix_map: Mapping[str, str]) -> dict[str, str]:
@@ -340,6 +480,7 @@ def load_pretrained(
     key_map: Mapping[str, str] | Callable[[str], str] | None = None,
     expect_missing: Sequence[str] | None = None,
     filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    feature_names: FeatureNames | None = None,
     trust_pickle: bool = False,
     run=None,
 ) -> LoadReport:
@@ -365,6 +506,13 @@ def load_pretrained(
         ``filter_fn(state_dict, model) -> state_dict`` applied after remapping, to adapt
         tensors (e.g. average input channels) before shapes are compared. It receives the
         unwrapped model.
+    feature_names
+        The data's names along an input axis (:class:`FeatureNames`, e.g. genes): the named
+        tensors are reordered from the order the checkpoint's sidecar lists to the data's
+        (after ``key_map``, before ``filter_fn``). Names only in the data keep the model's
+        initialisation (the tensor is reported ``partial`` and no named strategy freezes it);
+        names only in the checkpoint are dropped; both are counted in ``report.alignment``.
+        A checkpoint whose sidecar lists no names loads by position, with a warning.
     trust_pickle
         Allow arbitrary pickle checkpoints (see :func:`workbench.checkpoints.read_state_dict`).
     run
@@ -401,10 +549,14 @@ def load_pretrained(
         prefix_map = _detect_prefix_map(ckpt_shapes, model_shapes)
         renamed = _remap(list(state), prefix_map)
     state = {renamed[k]: v for k, v in state.items()}
+    report = LoadReport(source=str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>")
+    if feature_names is not None:
+        listed = _sidecar(source, whole=True).get(feature_names.key)
+        state, report.partial, report.alignment = _align_by_name(
+            state, model_state, feature_names, listed if isinstance(listed, list) else None, report.source)
     if filter_fn is not None:
         state = filter_fn(state, model)
 
-    report = LoadReport(source=str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>")
     report.prefix_map = prefix_map
     report.metadata = _sidecar(source)
     to_load = {}
@@ -415,14 +567,18 @@ def load_pretrained(
             report.mismatched[key] = (tuple(tensor.shape), tuple(model_state[key].shape))
         else:
             to_load[key] = tensor
-    report.loaded = sorted(to_load)
+    report.partial = {k: why for k, why in report.partial.items() if k in to_load}
+    report.loaded = sorted(k for k in to_load if k not in report.partial)
     report.missing = sorted(k for k in model_keys if k not in state)
     report.unexpected.sort()
     model.load_state_dict(to_load, strict=False)
+    _record_load(model, loaded=report.loaded, not_loaded=report.not_loaded, partial=report.partial)
 
     numel = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(numel.values())
-    report.loaded_fraction = sum(numel.get(k, 0) for k in to_load) / total if total else 0.0
+    share = report.alignment.get("matched", 0) / len(feature_names.names) if report.partial else 1.0
+    filled = sum(numel.get(k, 0) * (share if k in report.partial else 1.0) for k in to_load)
+    report.loaded_fraction = filled / total if total else 0.0
 
     if expect_missing is not None:
         not_filled = report.missing + list(report.mismatched)
@@ -440,8 +596,8 @@ def load_pretrained(
     return report
 
 
-def _sidecar(source) -> dict:
-    """The JSON written beside a checkpoint by ``save_weights(..., metadata=...)``, minus long lists."""
+def _sidecar(source, *, whole: bool = False) -> dict:
+    """The JSON written beside a checkpoint by ``save_weights(..., metadata=...)``, minus long lists unless ``whole``."""
     if not isinstance(source, (str, os.PathLike)):
         return {}
     path = Path(source).with_suffix(".json")
@@ -451,7 +607,34 @@ def _sidecar(source) -> dict:
         return {}
     if not isinstance(meta, dict):
         return {}
+    if whole:
+        return meta
     return {k: v for k, v in meta.items() if not (isinstance(v, list) and len(v) > 20)}
+
+
+#: Where :func:`load_pretrained` records, on the unwrapped model, what it loaded and what it left at initialisation.
+_LOADED, _NOT_LOADED = "_workbench_loaded", "_workbench_not_loaded"
+
+
+def _record_load(model: nn.Module, *, loaded, not_loaded: Mapping[str, str], partial) -> None:
+    """Remember which tensors hold checkpoint values and which were left at initialisation.
+
+    Over several loads, a tensor counts as loaded once a load filled it in full (a later load
+    that skips it leaves those values in place); a later partial fill puts it back among the
+    tensors at initialisation.
+    """
+    ever = (model.__dict__.get(_LOADED, set()) - set(partial)) | set(loaded)
+    left = {**model.__dict__.get(_NOT_LOADED, {}), **not_loaded}
+    model.__dict__[_LOADED] = ever
+    model.__dict__[_NOT_LOADED] = {k: why for k, why in left.items() if k not in ever}
+
+
+def not_loaded(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the tensors that :func:`load_pretrained` left at initialisation in ``model``.
+
+    Empty for a model that no checkpoint was loaded into. Names are the unwrapped model's.
+    """
+    return dict(unwrap(model).__dict__.get(_NOT_LOADED, {}))
 
 
 # --------------------------------------------------------------------------- freezing
@@ -625,10 +808,22 @@ def _force_eval(module: nn.Module, args) -> None:
 
 @dataclass
 class FreezeReport:
-    """Per-module parameter counts after :func:`apply_strategy`."""
+    """Per-module parameter counts after :func:`apply_strategy`.
+
+    Attributes
+    ----------
+    kept_trainable
+        ``{parameter: why}``: the strategy would freeze it, but the checkpoint did not load it,
+        so it stays trainable (a frozen tensor at initialisation would stay random all run).
+    frozen_not_loaded
+        ``{parameter: why}``: frozen although the checkpoint did not load it, because a list of
+        prefixes named it explicitly.
+    """
 
     strategy: str
     rows: list[dict]
+    kept_trainable: dict[str, str] = field(default_factory=dict)
+    frozen_not_loaded: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable(self) -> int:
@@ -641,20 +836,36 @@ class FreezeReport:
     def to_frame(self):
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=["module", "params", "trainable", "frozen", "norm_stats_frozen"])
+        return pd.DataFrame(self.rows, columns=["module", "params", "trainable", "frozen", "norm_stats_frozen",
+                                                "kept_trainable"])
 
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "trainable": self.trainable, "total": self.total, "modules": self.rows}
+        return {"strategy": self.strategy, "trainable": self.trainable, "total": self.total, "modules": self.rows,
+                "kept_trainable": dict(self.kept_trainable), "frozen_not_loaded": dict(self.frozen_not_loaded)}
 
     def summary(self) -> str:
         frac = self.trainable / self.total if self.total else 0.0
-        return f"strategy={self.strategy}: {self.trainable:,} of {self.total:,} parameters trainable ({frac:.1%})"
+        text = f"strategy={self.strategy}: {self.trainable:,} of {self.total:,} parameters trainable ({frac:.1%})"
+        if self.kept_trainable:
+            text += (f"; kept trainable, not loaded from the checkpoint (at initialisation): "
+                     f"{_listed(self.kept_trainable)}")
+        if self.frozen_not_loaded:
+            text += (f"; frozen as listed though the checkpoint did not load them (they stay at initialisation): "
+                     f"{_listed(self.frozen_not_loaded)}")
+        return text
 
     def __repr__(self) -> str:
         return self.summary() + "\n" + self.to_frame().to_string(index=False)
 
     def _repr_html_(self) -> str:
-        return f"<p><b>{self.summary()}</b></p>" + self.to_frame().to_html(index=False)
+        import html
+
+        return f"<p><b>{html.escape(self.summary())}</b></p>" + self.to_frame().to_html(index=False)
+
+
+def _listed(reasons: Mapping[str, str], n: int = 6) -> str:
+    shown = ", ".join(f"{name} ({why})" for name, why in list(reasons.items())[:n])
+    return shown + (f" and {len(reasons) - n} more" if len(reasons) > n else "")
 
 
 def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> FreezeReport:
@@ -668,6 +879,12 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
     a module whose parameters are all frozen.
 
     Calling it again replaces the previous strategy (``apply_strategy(model, "full")`` unfreezes).
+
+    A named strategy (built in, or the model's own) never freezes a tensor that
+    :func:`load_pretrained` left at initialisation (shape-mismatched, missing, or partly
+    filled): it stays trainable, with its normalisation statistics, and the report lists it
+    in ``kept_trainable``. A list of prefixes freezes what it names; the report lists such
+    tensors in ``frozen_not_loaded``.
 
     Parameters
     ----------
@@ -695,31 +912,45 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
                 f"{type(model).__name__} live under it. Top-level modules are {top}.",
                 stacklevel=2,
             )
+    unloaded = model.__dict__.get(_NOT_LOADED, {})
+    named = isinstance(strategy, str)  # a named strategy keeps tensors at initialisation trainable
+    kept, frozen_unloaded = {}, {}
     for name, p in params.items():
-        p.requires_grad_(not any(_under(name, prefix) for prefix in frozen))
+        freeze = any(_under(name, prefix) for prefix in frozen)
+        if freeze and name in unloaded:
+            if named:
+                kept[name], freeze = unloaded[name], False
+            else:
+                frozen_unloaded[name] = unloaded[name]
+        p.requires_grad_(not freeze)
     for name, module in model.named_modules():
         hook = module.__dict__.pop("_workbench_eval_hook", None)
         if hook is not None:
             hook.remove()
     for name, module in norms.items():
-        if _norm_stats_frozen(model, name, module, frozen):
+        fresh = named and any(f"{name}.{key}" in unloaded for key in module.state_dict())
+        if not fresh and _norm_stats_frozen(model, name, module, frozen):
             module.__dict__["_workbench_eval_hook"] = module.register_forward_pre_hook(_force_eval)
             module.eval()
 
     label = strategy if isinstance(strategy, str) else f"custom{list(strategy)}"
     rows = []
     for child, module in model.named_children():
-        ps = list(module.parameters())
-        n = sum(p.numel() for p in ps)
-        t = sum(p.numel() for p in ps if p.requires_grad)
+        named_ps = [(f"{child}.{n}", p) for n, p in module.named_parameters()]
+        n = sum(p.numel() for _, p in named_ps)
+        t = sum(p.numel() for _, p in named_ps if p.requires_grad)
+        k = sum(p.numel() for full, p in named_ps if full in kept)
         stats = any("_workbench_eval_hook" in m.__dict__ for m in module.modules())
-        rows.append({"module": child, "params": n, "trainable": t, "frozen": n - t, "norm_stats_frozen": stats})
-    own = [p for _, p in model.named_parameters(recurse=False)]  # parameters held by the model itself
+        rows.append({"module": child, "params": n, "trainable": t, "frozen": n - t, "norm_stats_frozen": stats,
+                     "kept_trainable": k})
+    own = list(model.named_parameters(recurse=False))  # parameters held by the model itself
     if own:
-        n = sum(p.numel() for p in own)
-        t = sum(p.numel() for p in own if p.requires_grad)
-        rows.append({"module": "(own)", "params": n, "trainable": t, "frozen": n - t, "norm_stats_frozen": False})
-    report = FreezeReport(label, rows)
+        n = sum(p.numel() for _, p in own)
+        t = sum(p.numel() for _, p in own if p.requires_grad)
+        k = sum(p.numel() for name, p in own if name in kept)
+        rows.append({"module": "(own)", "params": n, "trainable": t, "frozen": n - t, "norm_stats_frozen": False,
+                     "kept_trainable": k})
+    report = FreezeReport(label, rows, kept_trainable=kept, frozen_not_loaded=frozen_unloaded)
     if report.trainable == 0:
         raise ValueError(
             f"No trainable parameters: strategy {label!r} froze every module of {type(model).__name__} "

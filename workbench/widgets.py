@@ -287,6 +287,8 @@ class ParameterPanel:
         self.command_html = w.HTML("")
         for field in self.fields.values():
             field.observe(self._update_command, names="value")
+        if "seed" in self.fields:
+            self.fields["seed"].observe(self._on_seed_change, names="value")
         self._update_command()
         self.widget = self._layout()
 
@@ -668,6 +670,16 @@ class ParameterPanel:
         with _errors_into(self, self.sweep_out, "Export failed"):
             path = self.export_sweep()
             _say(self.sweep_out, f"Wrote {path}\nRun it with:  workbench sweep {path} --workers 2")
+
+    def _on_seed_change(self, change) -> None:
+        """The seeds field follows the seed field while it holds the seed the field held before.
+
+        It starts at the seed the panel was opened with; without this, an export after editing
+        the seed would sweep the opening seed (another split) while the panel and its command say
+        the new one. Seeds the user typed (``0, 1, 2``) are left alone.
+        """
+        if self.seeds_field.value.strip() == str(change["old"]):
+            self.seeds_field.value = "" if change["new"] is None else str(change["new"])
 
     def _vary_hint(self, name: str) -> str:
         if name in self.options:

@@ -1,7 +1,9 @@
 """Cell-type annotation: an expression encoder pretrained on unlabeled cells, fine-tuned on labels.
 
 Data
-    Any AnnData (``.h5ad``) with a categorical ``obs`` column of cell types. An empty
+    Any AnnData (``.h5ad``) with a categorical ``obs`` column of cell types; features are
+    ``adata.raw.X`` when present, else ``adata.X``, and integer counts there are log-normalised
+    (10,000 per cell, ``log1p``) with a warning. An empty
     ``data_path`` means scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs x 765 genes, 10 types
     in ``bulk_labels``; no download). Expression stays sparse until a batch is drawn.
     ``backed`` decides whether X is read into memory or streamed from the file
@@ -17,9 +19,10 @@ Model
 Pretraining
     Masked-expression reconstruction (:class:`MaskedExpressionModel`): a random subset of each
     cell's genes is zeroed and the encoder + a small decoder reconstruct the masked values. It
-    only sees the training cells, without labels. The checkpoint it writes is loaded into the
-    classifier through :func:`workbench.load_pretrained`, the path a user's external
-    checkpoint takes. It is cached by fingerprint (:mod:`workbench.cache`): the data's content,
+    only sees the training cells, without labels. The checkpoint it writes (its sidecar lists the
+    genes) is loaded into the classifier through :func:`load_checkpoint`
+    (:func:`workbench.load_pretrained`), the path a user's external checkpoint takes: genes are
+    met by name, so a checkpoint over the same genes in another order loads correctly. It is cached by fingerprint (:mod:`workbench.cache`): the data's content,
     the exact training cells and every pretraining setting. A run reuses an encoder only when
     all of them are equal, so a sweep over fine-tuning settings pretrains once per split.
 Baseline
@@ -65,6 +68,8 @@ __all__ = [
     "build_model",
     "pretrain",
     "pretrained",
+    "input_genes",
+    "load_checkpoint",
     "finetune",
     "find_lr",
     "lr_finder",
@@ -109,6 +114,8 @@ BACKED_CHOICES = ("auto", "true", "false")
 BASELINE_MAX_CELLS = 50_000
 #: Rows per chunk when the baseline predicts the test cells.
 PREDICT_CHUNK = 16_384
+#: Integer counts are scaled to this many counts per cell before log1p (scanpy's usual target_sum).
+COUNTS_TARGET_SUM = 1e4
 
 #: Metrics that can pick the best epoch, and whether higher or lower is better.
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
@@ -292,7 +299,10 @@ def read_adata(data_path: str = "", *, backed: str | bool = "false"):
 
 
 def _features(adata, features: str):
-    """Log-normalised expression: ``adata.raw`` when present, else ``adata.X``; backed AnnData keeps it on disk."""
+    """Expression: ``adata.raw`` when present, else ``adata.X``; backed AnnData keeps it on disk.
+
+    :func:`load` then checks it: integer counts are log-normalised there (:func:`_normalise_counts`).
+    """
     import scipy.sparse as sp
 
     if features not in ("auto", "raw", "X"):
@@ -345,7 +355,11 @@ def load(
         early stopping), stratified: ``round(val_fraction * n)`` cells of each type, so a type
         with few labelled cells keeps them all for fitting. ``0`` means no validation set.
     features
-        ``"raw"`` (``adata.raw.X``), ``"X"`` or ``"auto"`` (raw when present).
+        ``"raw"`` (``adata.raw.X``), ``"X"`` or ``"auto"`` (raw when present). The model expects
+        log-normalised expression: a matrix of integer counts (whole numbers >= 0, some above
+        1), common in ``.raw``, is normalised to 10,000 counts per cell and ``log1p``-ed, with a
+        warning saying so; streamed from its file (backed), it is refused with the commands that
+        normalise the file.
     backed
         ``"true"``: X stays in the file (``read_h5ad(..., backed="r")``) and batches are streamed
         from it; ``"false"``: X is read into memory; ``"auto"``: backed above
@@ -372,6 +386,10 @@ def load(
             f"{where} holds {found.n_nonfinite} NaN/inf values. Expression must be finite: fill them (e.g. "
             "np.nan_to_num) or drop the affected cells/genes before annotating."
         )
+    content = fingerprint(found.content_hash, genes)
+    if found.integer_counts:
+        X, where = _normalise_counts(X, where, found, source=source, backed=adata.isbacked)
+        content = fingerprint(content, where)
     train_idx, test_idx = splits.holdout(labels, test_size=test_size, seed=seed)
     labelled = train_idx[splits.few_shot(labels[train_idx], fraction=label_fraction, seed=seed)] if label_fraction < 1 else train_idx
     if not 0.0 <= val_fraction <= 0.5:
@@ -384,8 +402,41 @@ def load(
         X=X, labels=labels, classes=sorted(set(labels)), genes=genes, train_idx=np.sort(train_idx),
         test_idx=np.sort(test_idx), labelled_idx=np.sort(np.setdiff1d(labelled, val)), val_idx=np.sort(val),
         source=source, label_key=label_key, features=where, backed=bool(adata.isbacked),
-        adata=adata if adata.isbacked else None, _content_hash=fingerprint(found.content_hash, genes),
+        adata=adata if adata.isbacked else None, _content_hash=content,
     )
+
+
+def _normalise_counts(X, where: str, found, *, source: str, backed: bool):
+    """Integer counts -> log-normalised expression (scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p``).
+
+    Each cell is scaled to :data:`COUNTS_TARGET_SUM` total counts (a cell without counts stays
+    zero), then ``log1p``. Said in one warning. A matrix streamed from its file (backed) is
+    refused with the commands that normalise the file once.
+    """
+    import warnings
+
+    import scipy.sparse as sp
+
+    if backed:
+        attr = "adata.raw.X" if where.startswith("adata.raw") else "adata.X"
+        raise ValueError(
+            f"{where} of {source} holds integer counts (whole numbers up to {found.max_value:g}), not log-normalised "
+            "expression, and it is streamed from the file (backed), where it is not normalised here. Normalise the "
+            "file once: adata = anndata.read_h5ad(path); sc.pp.normalize_total(adata, target_sum=1e4); "
+            f"sc.pp.log1p(adata); adata.write_h5ad(path) (for {attr}: normalise a copy and set it back), or pass "
+            "backed='false' to normalise it in memory.")
+    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(COUNTS_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
+    if sp.issparse(X):
+        X = sp.csr_matrix(sp.diags(scale) @ X, dtype=np.float32)
+        X.data = np.log1p(X.data)
+    else:
+        X = np.log1p(X * scale[:, None]).astype(np.float32)
+    note = (f"{where} holds integer counts (whole numbers up to {found.max_value:g}): normalised here to "
+            f"{COUNTS_TARGET_SUM:,.0f} counts per cell, then log1p (as sc.pp.normalize_total + sc.pp.log1p)")
+    other = " To use adata.X instead, pass features='X'." if where.startswith("adata.raw") else ""
+    warnings.warn(f"{source}: {note}.{other}", stacklevel=3)
+    return X, f"{where} (counts, normalised here: normalize_total {COUNTS_TARGET_SUM:g} + log1p)"
 
 
 # --------------------------------------------------------------------------- models
@@ -504,6 +555,33 @@ def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, pro
                                                device=device, dtype=dtype))
 
 
+def input_genes(model: CellTypeClassifier, data: CellData):
+    """The data's genes along the encoder's first linear layer (:class:`workbench.transfer.FeatureNames`).
+
+    With it, :func:`workbench.load_pretrained` meets a checkpoint's genes by name, in the order
+    its sidecar lists them (``"genes"``, as :func:`pretrain` writes it), not by position.
+    """
+    from ..transfer import FeatureNames
+
+    first = next(i for i, layer in enumerate(model.encoder.layers) if isinstance(layer, nn.Linear))
+    return FeatureNames(data.genes, {f"encoder.layers.{first}.weight": 1}, key="genes")
+
+
+def load_checkpoint(model: CellTypeClassifier, data: CellData, source, *, run=None):
+    """Load an encoder checkpoint into the classifier; the :class:`workbench.LoadReport`.
+
+    :func:`workbench.load_pretrained` with the head expected missing and the input weights met
+    by gene name (:func:`input_genes`): a checkpoint pretrained on the same genes in another
+    order loads as if they were in order; genes on one side only are counted in
+    ``report.alignment`` (those only in the data keep their initialisation and stay trainable
+    under every named strategy). A checkpoint whose sidecar lists no genes loads by position,
+    with a warning.
+    """
+    from ..transfer import load_pretrained
+
+    return load_pretrained(model, source, expect_missing=["head.*"], feature_names=input_genes(model, data), run=run)
+
+
 #: What ``finetune(monitor=...)`` accepts, and whether larger is better.
 
 
@@ -564,13 +642,23 @@ def lr_finder(model, data: CellData):
     return run
 
 
-def _validation_metrics(model, batches) -> dict:
-    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches."""
+def _validation_metrics(model, batches):
+    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches.
+
+    Returned as per-sample outputs (:class:`workbench.training.PerSample`), so that under DDP
+    macro-F1 is computed on the whole validation set, not averaged over the ranks' shares.
+    """
+    from ..training import PerSample
+
     preds, truth = [], []
     for x, y in batches:
         preds.append(model(to_model(x, model)).argmax(1))
         truth.append(y)
-    scores = classification_metrics(to_numpy(torch.cat(truth)), to_numpy(torch.cat(preds)))
+    return PerSample(_accuracy_and_macro_f1, truth=torch.cat(truth), pred=torch.cat(preds))
+
+
+def _accuracy_and_macro_f1(*, truth, pred) -> dict:
+    scores = classification_metrics(truth, pred)
     return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 

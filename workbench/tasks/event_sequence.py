@@ -381,7 +381,22 @@ def load(data_path: str = "", labels_path: str = "", *, categorical_fields="even
     notices: dict = {}
 
     # labels: every client with events needs one; clients without events are left out
-    labels = labels.dropna(subset=[TARGET]).drop_duplicates(CLIENT, keep="last")
+    labels = labels.dropna(subset=[TARGET])
+    repeated = labels[labels.duplicated(CLIENT, keep=False)]
+    if len(repeated):
+        kinds = repeated.groupby(CLIENT, sort=True)[TARGET].agg(lambda t: list(dict.fromkeys(t.tolist())))
+        conflicting = kinds[kinds.map(len) > 1]
+        if len(conflicting):
+            shown = "; ".join(f"{client!r}: {values}" for client, values in conflicting.head(5).items())
+            raise ValueError(
+                f"{len(conflicting)} client(s) have label rows that disagree (first 5: {shown}). A client has one "
+                f"label: keep one row per {CLIENT} in the labels table (e.g. labels.drop_duplicates({CLIENT!r}, "
+                "keep='last') if the last row is the right one), or drop those clients.")
+        extra = int(labels.duplicated(CLIENT).sum())
+        notices["repeated label rows (same label, dropped)"] = extra
+        warnings.warn(f"{extra} label row(s) repeat a client's row with the same label and were dropped "
+                      f"(first 5 clients: {kinds.index[:5].tolist()}).", stacklevel=2)
+        labels = labels.drop_duplicates(CLIENT)
     have_events = set(events[CLIENT].unique())
     without_label = sorted(have_events - set(labels[CLIENT]))
     if without_label:

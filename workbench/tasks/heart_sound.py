@@ -460,6 +460,7 @@ class _Reader:
         self.mixed = 0
         self.skipped: list[str] = []
         self.read = 0
+        self.other_notes: list[str] = []  # what a layout's reader dropped, e.g. duplicate records
 
     def __call__(self, path: Path) -> np.ndarray | None:
         samples, rate = audio.read_wav(path)
@@ -485,6 +486,7 @@ class _Reader:
         if self.skipped:
             shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
             notes.append(f"skipped {len(self.skipped)} recording(s) shorter than {MIN_SECONDS:g} s ({shown})")
+        notes += self.other_notes
         for note in notes:
             log.warning(note)
         return notes
@@ -538,12 +540,21 @@ def _read_circor(root: Path, task: str, reader: _Reader) -> list[Recording]:
 
 
 def _read_physionet(root: Path, task: str, reader: _Reader) -> list[Recording]:
-    references = sorted(root.rglob("REFERENCE.csv"))
+    """Every ``REFERENCE.csv`` under ``root``; a record name is read once.
+
+    The challenge's ``validation/`` folder holds copies of training recordings under the same
+    record names (``validation/a0001`` is ``training-a/a0001``): read as patients of their own,
+    the same recording would land in training and test. Folders named ``validation`` are read
+    last, and a record whose name was read already is dropped and counted in the notes.
+    """
+    references = sorted(root.rglob("REFERENCE.csv"), key=lambda p: (p.parent.name.lower() == "validation", p))
     if not references:
         raise FileNotFoundError(f"{root}: no REFERENCE.csv. The PhysioNet 2016 layout is folders holding "
                                 "REFERENCE.csv (record,-1|1) and record.wav.")
     names = {"-1": "normal", "1": "abnormal"}
     out = []
+    first_seen: dict[str, str] = {}  # record -> the folder it was read from
+    dropped: list[str] = []
     for ref in references:
         with open(ref, newline="") as fh:
             for row_number, row in enumerate(csv.reader(fh), start=1):
@@ -556,9 +567,18 @@ def _read_physionet(root: Path, task: str, reader: _Reader) -> list[Recording]:
                 path = ref.parent / f"{record}.wav"
                 if not path.exists():
                     raise FileNotFoundError(f"{ref} row {row_number}: {path.name} does not exist.")
+                if record in first_seen:
+                    dropped.append(f"{ref.parent.name}/{record} (read from {first_seen[record]}/)")
+                    continue
+                first_seen[record] = ref.parent.name
                 signal = reader(path)
                 if signal is not None:
                     out.append(Recording(signal, f"{ref.parent.name}/{record}", names[value], "", path.name))
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else "")
+        reader.other_notes.append(
+            f"dropped {len(dropped)} duplicate record(s) whose name was already read ({shown}); PhysioNet 2016's "
+            "validation/ folder copies training recordings")
     return out
 
 
@@ -905,7 +925,7 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
     Each epoch is scored on the validation recordings (window probabilities averaged per
     recording); the epoch with the best ``val_auroc`` is kept (``checkpoints/best.safetensors``).
     """
-    from ..training import fit
+    from ..training import PerSample, fit
 
     strategy = strategy_of(mode)
     labelled = data.labelled_idx
@@ -913,8 +933,11 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
     has_val = len(data.val_idx) > 0
     val = WindowBatches(data, data.val_idx) if has_val else None
 
-    def evaluate(model, batches) -> dict:
-        scores = split_metrics(data.y[batches.idx], predict_proba(model, batches), data.classes)
+    def evaluate(model, batches):  # per recording: under DDP AUROC is scored on every rank's recordings together
+        return PerSample(score, truth=data.y[batches.idx], proba=predict_proba(model, batches))
+
+    def score(*, truth, proba) -> dict:
+        scores = split_metrics(truth, proba, data.classes)
         return {f"val_{k}": scores[k] for k in ("auroc", "macro_f1", "accuracy")}
 
     log.info("fine-tuning (%s) on %d recordings of %d patients", mode, len(labelled), len(set(data.patients[labelled])))

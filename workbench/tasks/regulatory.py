@@ -6,7 +6,7 @@ Data
     region, the condition's features and the expression (the target). Condition features:
     ``medium``, ``drug`` and ``carbon_source`` (categorical; ``""`` means not given) and
     ``temperature`` (degrees C), ``preculture_h``, ``od600``, ``drug_conc`` (mol/L) and
-    ``drug_time_h`` (numeric). Rows marked ``set=source`` are for pretraining; the others hold
+    ``drug_time_h`` (numeric). Rows marked ``set=source`` are for pretraining; ``set=target`` rows hold
     the new conditions and are split into train / validation / test by ``seed``.
     ``data_path=""`` simulates a data set (:func:`simulate`); otherwise a CSV (:func:`read_csv`) or
     a zarr store in the layout of GET's region-motif datasets (:func:`read_zarr`).
@@ -101,6 +101,8 @@ PARAMETERS = Spec(
 PACKAGES = ("peft", "scipy")
 
 CATEGORICAL = ("medium", "drug", "carbon_source")
+#: Values of the optional ``set`` column: ``source`` rows pretrain, ``target`` rows are split for fine-tuning.
+SET_VALUES = ("source", "target")
 NUMERIC = ("temperature", "preculture_h", "od600", "drug_conc", "drug_time_h")
 TARGET = "expression"
 UNKNOWN = "<unknown>"
@@ -258,7 +260,8 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
 
     Columns: ``r{region}_m{motif}`` (motif hits), ``r{region}_access`` (accessibility),
     the condition columns :data:`CATEGORICAL` and :data:`NUMERIC`, the target ``expression``,
-    and optionally ``set`` (``source`` rows pretrain; the others are split for fine-tuning),
+    and optionally ``set`` (``source`` rows pretrain, ``target`` rows are split for fine-tuning; case and
+    surrounding spaces do not matter, other values are refused),
     ``condition`` (a name per condition, for per-condition metrics) and ``gene``.
 
     Raises
@@ -541,7 +544,7 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
         conditions[column] = conditions[column].fillna("").astype(str)
     names = (frame["condition"].astype(str).to_numpy() if "condition" in frame
              else conditions.astype(str).agg("/".join, axis=1).to_numpy())
-    is_source = (frame["set"].astype(str) == "source").to_numpy() if "set" in frame else np.zeros(len(frame), bool)
+    is_source = _source_rows(frame, source)
     target = np.flatnonzero(~is_source)
     order = np.random.default_rng(seed).permutation(target)
     n_train = max(1, round(train_fraction * len(order)))
@@ -552,6 +555,28 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
         train_idx=np.sort(order[:n_train]), val_idx=np.sort(order[n_train:n_train + n_val]),
         test_idx=np.sort(order[n_train + n_val:]), source=source,
     )
+
+
+def _source_rows(frame: pd.DataFrame, source: str) -> np.ndarray:
+    """Which rows the ``set`` column marks for pretraining (``source``); the others are ``target`` rows.
+
+    Values are compared without regard to case and surrounding spaces (``Source``, `` source``);
+    any other value, an empty cell included, is an error that names it: a misspelt ``source``
+    would otherwise put every pretraining row into fine-tuning and test without a word.
+    """
+    if "set" not in frame:
+        return np.zeros(len(frame), bool)
+    values = frame["set"].astype("string").str.strip().str.lower()
+    unknown = ~values.isin(SET_VALUES).fillna(False).to_numpy(bool)
+    if unknown.any():
+        raw = frame["set"][unknown]
+        shown = list(dict.fromkeys(repr(v) if isinstance(v, str) else "an empty cell" for v in raw))
+        raise ValueError(
+            f"{source}: column 'set' holds {int(unknown.sum())} value(s) that are not one of {', '.join(SET_VALUES)} "
+            f"(case and surrounding spaces aside): {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}, first in "
+            f"row {int(np.flatnonzero(unknown)[0])}. Mark the pretraining rows 'source' and the new-condition rows "
+            "'target', or drop the column (then every row is a new-condition row).")
+    return (values == "source").fillna(False).to_numpy(bool)
 
 
 # --------------------------------------------------------------------------- model

@@ -58,6 +58,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -494,7 +495,7 @@ class SpatialExpressionModel(nn.Module):
         return self.output(self.encoder(h.unsqueeze(0)).squeeze(0))
 
     def loss(self, batch):
-        x, edges, y, mask = batch
+        x, edges, y, mask = batch[:4]
         # the mean squared error over the spots in ``mask``, without boolean indexing (a host sync per step)
         err = torch.where(mask.unsqueeze(1), (self(x, edges) - y) ** 2, 0.0)
         return err.sum() / (mask.sum() * y.shape[1])
@@ -526,8 +527,22 @@ class Scaler:
         return cls(f.mean(0), np.maximum(f.std(0), 1e-6), t.mean(0), np.maximum(t.std(0), 1e-6))
 
 
+class SlideBatch(NamedTuple):
+    """One slide: every spot goes through the graph model, the loss counts the spots ``mask`` keeps.
+
+    ``n_items`` (the number of those spots) weights the slide's mean loss in the epoch's
+    ``train_loss`` / ``val_loss`` (see :mod:`workbench.training`), so they are means over spots.
+    """
+
+    x: torch.Tensor
+    edges: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    n_items: int
+
+
 class SlideBatches:
-    """One batch per slide: ``(features, edges, scaled targets, loss mask)``; ``mask`` marks the spots that count."""
+    """One batch per slide: a :class:`SlideBatch` ``(features, edges, scaled targets, loss mask, n_items)``."""
 
     def __init__(self, data: SpotData, scaler: Scaler, slides: Sequence[str], mask: np.ndarray, *,
                  shuffle: bool = False, seed: int = 0):
@@ -537,8 +552,9 @@ class SlideBatches:
             idx = data.positions(s)
             x = (data.features[idx] - scaler.feature_mean) / scaler.feature_std
             y = (data.targets[idx] - scaler.target_mean) / scaler.target_std
-            self.items[s] = (torch.from_numpy(x.astype(np.float32)), data.graph(s),
-                             torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]))
+            self.items[s] = SlideBatch(torch.from_numpy(x.astype(np.float32)), data.graph(s),
+                                       torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]),
+                                       int(mask[idx].sum()))
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -656,16 +672,24 @@ def report_table(report, source) -> pd.DataFrame:
 
 
 def strategy_table(model) -> pd.DataFrame:
-    """Trainable parameters per module under each named strategy of the model (it ends unfrozen)."""
+    """Trainable parameters per module under each named strategy of the model (it ends unfrozen).
+
+    When the checkpoint left tensors at initialisation (e.g. the GNN's input weights, for spot
+    features of another width), no strategy freezes them: the last row, ``kept trainable (not
+    loaded)``, counts their parameters under each strategy.
+    """
     from ..transfer import apply_strategy
 
-    frames = []
+    frames, kept = [], {}
     for name in ("full", "frozen_backbone", "frozen_decoder"):
-        frame = apply_strategy(model, name).to_frame().set_index("module")["trainable"].rename(name)
-        frames.append(frame)
+        frame = apply_strategy(model, name).to_frame().set_index("module")
+        frames.append(frame["trainable"].rename(name))
+        kept[name] = int(frame["kept_trainable"].sum())
     apply_strategy(model, "full")
     table = pd.concat(frames, axis=1)
     table.loc["total"] = table.sum()
+    if any(kept.values()):
+        table.loc["kept trainable (not loaded)"] = pd.Series(kept)
     return table
 
 
@@ -785,6 +809,9 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
+        # genes predicted as a constant count as r = 0 in mean_pearson; how many there were
+        row |= {"constant_genes": int(ours["test_constant_predictions"]),
+                "baseline_constant_genes": int(base["baseline_test_constant_predictions"])}
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
