@@ -11,13 +11,14 @@ EXTRAS := test,lab,lora,spatial,sequences
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help venv demo test test-browser lab sweep bench gpu-check clean
+.PHONY: help venv demo test test-browser lab sweep bench gpu-check docs docs-clean clean
 
 help:
 	@echo "make demo   - cell-type annotation on scanpy's bundled pbmc68k_reduced (real data)"
 	@echo "make test   - the test suite (executes the notebooks with tiny parameters)"
 	@echo "make lab    - JupyterLab with the project's kernel"
 	@echo "make sweep  - constant vs cosine LR sweep (notebooks/sweeps/lr_schedule.yaml)"
+	@echo "make docs   - the docs site into docs/_build/html (executes the workflow notebooks first, cached)"
 	@echo "make bench  - loop parity, DDP scaling, sweep overhead, atlas streaming, CoLES throughput, LoRA memory -> benchmarks/results/"
 	@echo "make gpu-check - every workflow on the GPU vs the CPU, bf16 loop parity, largest batch, fp16 resume, NCCL -> benchmarks/results/gpu_check.json"
 
@@ -36,8 +37,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Real-browser test of `make lab`'s path; `make test` skips it (screenshots: runs/browser/).
-test-browser: $(STAMP)
+# Real-browser tests of `make lab`'s path, the sweep report and the docs site; `make test` skips them
+# (screenshots: runs/browser/). The docs site is built first (a no-op when nothing changed).
+test-browser: $(STAMP) docs
 	$(PY) -m pytest -q tests/browser
 
 lab: $(STAMP)
@@ -58,6 +60,20 @@ bench: $(STAMP)
 # Under 5 minutes on one GPU; without a GPU it says so and exits 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# The docs site: execute the workflow notebooks at docs/notebooks.yaml's settings (skipped when unchanged), then
+# Sphinx with warnings as errors, offline. Sphinx rebuilds only the pages whose sources changed.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS),docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) docs/execute_notebooks.py
+	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+
+docs-clean:
+	rm -rf docs/_build docs/_executed docs/workflows/*.ipynb docs/generated
 
 clean:
 	rm -rf runs/ wandb/ .pytest_cache/

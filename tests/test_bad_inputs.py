@@ -1,5 +1,5 @@
 """The bad-input matrix: one row per (workflow, bad input), the exception (or warning) it gives and a phrase of
-its message, which must name the fix. Every workflow adds its rows here as it lands; README.md prints the count.
+its message, which must name the fix. Every workflow adds its rows here as it lands; docs/own_data.md prints the count.
 
 A row is ``Case(workflow, what, action, expected, phrase, fix)``: ``action(tmp_path)`` feeds the bad input to
 the real code (real files, real torch); ``expected`` is an exception class, or a warning class when the input
@@ -368,7 +368,7 @@ def test_bad_input_gives_a_clear_message_that_names_the_fix(case, tmp_path):
 
 
 def test_the_matrix_covers_every_workflow():
-    """A workflow that lands adds its rows (README.md prints the count)."""
+    """A workflow that lands adds its rows (docs/own_data.md prints the count)."""
     from workbench.params import spec_of
 
     workflows = {json.loads(p.read_text())["metadata"]["workbench"]["task"].rsplit(".", 1)[1]
@@ -378,6 +378,6 @@ def test_the_matrix_covers_every_workflow():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-def test_readme_states_the_matrix_size():
-    readme = (ROOT / "README.md").read_text()
-    assert f"{len(CASES)} bad inputs" in readme, f"README.md must say '{len(CASES)} bad inputs'"
+def test_docs_state_the_matrix_size():
+    page = (ROOT / "docs" / "own_data.md").read_text()
+    assert f"{len(CASES)} bad inputs" in page, f"docs/own_data.md must say '{len(CASES)} bad inputs'"

@@ -70,3 +70,65 @@ def test_code_version_follows_the_source_file(tmp_path, monkeypatch):
     first = code_version("pretrain_code")
     module.write_text("OBJECTIVE = 'contrastive'\n")
     assert code_version("pretrain_code") != first and "torch" in first
+
+
+def test_arrays_nested_in_containers_are_hashed_by_content_and_numpy_scalars_keep_their_type():
+    """Issue 21.8: numpy's str elides arrays over 1,000 elements, and json's default=str made np.int64(1) "1"."""
+    a = np.arange(2000)
+    b = a.copy()
+    b[500] = -1  # str(a) == str(b): only the ends are printed
+    assert fingerprint({"train_idx": a}) != fingerprint({"train_idx": b})
+    assert fingerprint([a, 1]) != fingerprint([b, 1])
+    assert fingerprint({"idx": (a,)}) != fingerprint({"idx": (b,)})
+    assert fingerprint({"idx": a}) == fingerprint({"idx": a.copy()})  # content, not identity
+    assert fingerprint({"idx": a}) != fingerprint({"idx": a.astype(np.int32)})  # dtype counts
+    assert fingerprint({"idx": a}) != fingerprint({"idx": a.reshape(2, 1000)})  # shape counts
+    assert fingerprint({"n": np.int64(1)}) != fingerprint({"n": "1"})
+    assert fingerprint([np.int64(1)]) != fingerprint(["1"])
+    assert fingerprint({"n": np.int64(1)}) != fingerprint({"n": np.int32(1)})
+    assert fingerprint({"n": np.int64(1)}) == fingerprint({"n": np.int64(1)})
+    sparse = sp.random(50, 20, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    changed = sparse.copy()
+    changed.data[0] += 1.0
+    assert fingerprint({"x": sparse}) != fingerprint({"x": changed})
+    names = np.array(["a", "b", None], dtype=object)  # objects by value, not by address
+    assert fingerprint({"names": names}) == fingerprint({"names": names.copy()})
+
+
+def test_code_version_follows_the_workbench_core(tmp_path, monkeypatch):
+    """Issue 21.2: a fix in training.py (or any core module a build runs) must rebuild cached entries."""
+    import shutil
+
+    from workbench import cache
+
+    copy = tmp_path / "workbench"
+    shutil.copytree(ROOT / "workbench", copy, ignore=shutil.ignore_patterns("__pycache__", "tasks"))
+    monkeypatch.setattr(cache, "__file__", str(copy / "cache.py"))  # the core that code_version reads
+    first = cache.code_version("workbench.tasks.cell_type")
+    assert cache.code_version("workbench.tasks.cell_type") == first
+    with open(copy / "training.py", "a") as fh:
+        fh.write("\n# a fix in the training loop\n")
+    assert cache.code_version("workbench.tasks.cell_type") != first
+
+
+def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
+    """Issue 21.2: what a run draws after cached() must not depend on whether the entry was built or found."""
+    import random
+
+    import torch
+
+    def build(folder):
+        torch.manual_seed(123)
+        np.random.seed(123)
+        random.seed(123)
+        (folder / "w").write_text(str(torch.rand(3).tolist()))
+
+    def draws():
+        return torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    cached("pretrain", "k", build, root=tmp_path)  # built now
+    built = draws()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    cached("pretrain", "k", build, root=tmp_path)  # found
+    assert draws() == built

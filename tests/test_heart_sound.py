@@ -24,8 +24,9 @@ TINY = {"task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size"
 
 @pytest.fixture(scope="module")
 def physionet(tmp_path_factory):
+    # seed 7: the 2 validation patients of the notebook's split hold both classes (val_auroc picks the best epoch)
     return hs.write_layout(tmp_path_factory.mktemp("pcg") / "physionet", "physionet2016", n_patients=16, seconds=3,
-                           seed=1)
+                           seed=7)
 
 
 def pcg(seconds=3.0, rate=4000, seed=0):
@@ -56,7 +57,8 @@ def test_generator_is_seeded_and_its_labels_follow_the_documented_latents():
     for item in a:
         p = item["latent"]
         assert 60 <= p["bpm"] <= 140
-        want = "Unknown" if p["noise"] >= 0.2 else ("Present" if p["murmur"] else "Absent")
+        unknown = p["snr_db"] < hs._unknown_below(hs.DEFAULTS["sim_snr_db"])
+        want = "Unknown" if unknown else ("Present" if p["murmur"] else "Absent")
         assert item["label"] == want
     # heart rate in the segmentation: one S1 per beat, beat-to-beat variability around 60 / bpm
     item = hs.simulate("physionet2016", n_patients=1, seconds=20, seed=5)[0]
@@ -67,6 +69,26 @@ def test_generator_is_seeded_and_its_labels_follow_the_documented_latents():
     assert {x["label"] for x in pascal} == set(hs.TASKS["pascal"].classes)
 
 
+def test_murmur_latents_follow_the_circor_2022_counts():
+    """Issue 24: murmur share, Unknown share, grade, timing, shape and pitch as counted in CirCor's training set."""
+    rng = np.random.default_rng(0)
+    patients = [hs._patient(rng, "circor_murmur", 10.0) for _ in range(6000)]
+    murmurs = [p for p in patients if p["murmur"]]
+    assert abs(len(murmurs) / len(patients) - 179 / 874) < 0.02
+    assert abs(np.mean([p["unknown"] for p in patients]) - 68 / 942) < 0.015
+
+    def share(key, value):
+        return np.mean([p[key] == value for p in murmurs])
+
+    assert abs(share("grade", 1) - 104 / 178) < 0.04 and abs(share("grade", 3) - 46 / 178) < 0.04
+    assert abs(share("timing", "holosystolic") - 101 / 178) < 0.04 and abs(share("timing", "early") - 59 / 178) < 0.04
+    assert abs(share("shape", "plateau") - 111 / 178) < 0.04 and abs(share("pitch", "low") - 87 / 178) < 0.04
+    assert abs(share("loudest", "PV") - 62 / 179) < 0.04 and share("murmur", "diastolic") < 0.03
+    # grade I is not heard at every location, grade II and up is
+    assert all(len(p["heard"]) == 4 for p in murmurs if p["grade"] > 1)
+    assert 0.05 < np.mean([len(p["heard"]) == 4 for p in murmurs if p["grade"] == 1]) < 0.3
+
+
 def test_a_murmur_adds_band_limited_energy_in_systole():
     def systolic_power(item):
         x = hs.preprocess(item["signal"], 4000)
@@ -74,10 +96,10 @@ def test_a_murmur_adds_band_limited_energy_in_systole():
         parts = [x[int(a * 4000) + 40:int(b * 4000) - 40] for a, b, s in seg if s == 2 and b - a > 0.05]
         return np.mean([np.mean(p ** 2) for p in parts if len(p)]) / np.mean(x ** 2)
 
-    items = hs.simulate("circor_murmur", n_patients=60, seconds=4, seed=2)
+    items = hs.simulate("circor_murmur", n_patients=120, seconds=4, seed=2)
     loud = [systolic_power(i) for i in items if i["latent"]["murmur"] == "systolic" and i["latent"]["grade"] == 3
-            and i["latent"]["noise"] < 0.1]
-    quiet = [systolic_power(i) for i in items if not i["latent"]["murmur"] and i["latent"]["noise"] < 0.1]
+            and i["latent"]["snr_db"] > 10]
+    quiet = [systolic_power(i) for i in items if not i["latent"]["murmur"] and i["latent"]["snr_db"] > 10]
     assert loud and quiet and np.median(loud) > 2 * np.median(quiet)
 
 
@@ -318,3 +340,14 @@ def test_sweep_spec_covers_four_tasks_in_three_modes():
     text = json.dumps(spec, default=str)
     for name in (*hs.TASKS, *hs.MODES):
         assert name in text
+
+
+def test_on_a_rank_other_than_0_the_module_log_writes_no_train_log(tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; every rank opened train.log there."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    path = hs.open_log(run)
+    hs.log.info("a line from rank 1")
+    assert path == tmp_path / "run" / "train.log" and not (tmp_path / "run").exists()

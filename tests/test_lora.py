@@ -120,3 +120,94 @@ def test_bad_arguments_say_what_is_accepted():
         lora.save_adapters(plain, "x")
     with pytest.raises(TypeError, match="merge needs a peft model"):
         lora.merge(plain)
+
+
+def test_the_docstring_recipe_as_written_gives_the_fine_tuned_model(tmp_path):
+    """``load_adapters(build_model(...), run.path / "adapters")``: a freshly built (random) model, no base loaded by
+    hand; the folder carries the base weights (issue 23). Without them the outputs differed by up to 10."""
+    wrapped, _ = lora.apply_lora(toy(seed=0), rank=2)
+    train_adapters(wrapped)
+    folder = lora.save_adapters(wrapped, tmp_path / "adapters")
+    assert (folder / "base.safetensors").is_file()
+    base = lora.base_state(wrapped)
+    assert base.keys() == toy().state_dict().keys()
+    again = lora.load_adapters(toy(seed=123), folder)  # another random initialisation, as build_model(...) gives
+    x = inputs()
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(again(*x), wrapped(*x))
+        assert torch.allclose(lora.merge(again)(*x), wrapped(*x), atol=1e-5)
+
+
+def test_a_sigkilled_lora_run_resumes_bitwise_from_its_trainable_tensors(tmp_path):
+    """Issue 21.15: LoRA checkpoints go through fit's own (last.pt holds the trainable tensors); a resume is exact."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.checkpoints import load_state, read_state_dict
+    from workbench.tasks import regulatory
+
+    worker = Path(__file__).with_name("lora_resume_worker.py")
+    frame = regulatory.simulate(n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2)
+    csv = regulatory.write_csv(frame, tmp_path / "tiny.csv")
+
+    def work(run_dir, out, *, kill_after=-1, resume=False):
+        (tmp_path / out).mkdir()
+        args = [sys.executable, str(worker), str(csv), str(tmp_path / run_dir), str(tmp_path / out), str(kill_after),
+                "1" if resume else "0"]
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+    ref = work("ref_run", "ref")
+    assert ref.returncode == 0, ref.stderr
+    killed = work("run", "killed", kill_after=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    saved = load_state(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1
+    kept = set(saved["model"])  # the trainable tensors and the buffers, not the frozen base
+    assert any(".lora_A." in k for k in kept) and "encoder.0.q.base_layer.weight" not in kept
+    assert "region_embed.weight" not in kept and "conditions.numeric_mean" in kept
+    assert kept == set(read_state_dict(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    resumed = work("run", "resumed", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "resumed" / "trained.json").read_text()) == [2, 3]  # only what was left
+    a = read_state_dict(tmp_path / "ref" / "final.safetensors")
+    b = read_state_dict(tmp_path / "resumed" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ref_rows = [json.loads(line) for line in (tmp_path / "ref_run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in ref_rows]
+
+
+
+def test_under_torchrun_only_rank_0_writes_the_lora_checkpoints_and_predictions(tmp_path):
+    """Issue 21.10: the LoRA checkpoint callback (and predictions.csv) wrote on every rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.tasks import regulatory
+
+    frame = regulatory.simulate(n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2)
+    csv = regulatory.write_csv(frame, tmp_path / "tiny.csv")
+    worker = Path(__file__).with_name("lora_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_DDP_TIMEOUT_S": "60"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(csv), str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checkpoints = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert {"base.safetensors", "best.safetensors", "epoch000.safetensors", "epoch001.safetensors", "last.pt"} <= checkpoints
+    assert (tmp_path / "run" / "predictions.csv").exists()
+    assert not (tmp_path / "run-rank1").exists()  # rank 1 wrote nothing
+
+
+def test_on_a_rank_other_than_0_save_adapters_writes_nothing(tmp_path, monkeypatch):
+    wrapped, _ = lora.apply_lora(toy(), rank=2)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    assert lora.save_adapters(wrapped, tmp_path / "adapters") == tmp_path / "adapters"
+    assert not (tmp_path / "adapters").exists()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.checkpoints import load_state, read_state_dict
 from workbench.tasks import regulatory
 
 pytest.importorskip("peft")
@@ -164,30 +165,34 @@ def test_old_pickle_checkpoint_needs_trust_and_its_renamed_keys_are_reported(tin
 
 
 def test_lora_run_checkpoints_hold_only_the_trainable_tensors(tiny_csv, tmp_path):
+    """Through fit's own checkpointing (best, every N epochs, last.pt), with the base weights kept once beside them."""
     import workbench as wb
 
     data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.5, val_fraction=0.25)
     torch.manual_seed(0)
     model = regulatory.build_model(data, **{**TINY, "width": 32})
     full_size = wb.save_weights(model, tmp_path / "full.safetensors").stat().st_size
-    wrapped, report = regulatory.prepare(model, method="lora", rank=2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
     run = wb.Run(tmp_path / "run", params={"test": 1})
+    wrapped, report = regulatory.prepare(model, method="lora", rank=2, run=run)
     history = regulatory.finetune(wrapped, data, epochs=3, learning_rate=1e-2, save_every=1, run=run, progress=False)
     files = sorted(p.name for p in run.checkpoints.glob("*.safetensors"))
-    assert files == ["best_trainable.safetensors", "epoch000_trainable.safetensors", "epoch001_trainable.safetensors",
-                     "epoch002_trainable.safetensors"]
-    assert not (run.checkpoints / "last.pt").exists() and not (run.checkpoints / "best.safetensors").exists()
-    for name in files:
+    assert files == ["base.safetensors", "best.safetensors", "epoch000.safetensors", "epoch001.safetensors",
+                     "epoch002.safetensors"]
+    saved_base = read_state_dict(run.checkpoints / "base.safetensors")
+    assert saved_base.keys() == base.keys() and all(torch.equal(saved_base[k], base[k]) for k in base)
+    for name in files[1:]:
         size = (run.checkpoints / name).stat().st_size
         assert size < 0.25 * full_size, (name, size, full_size)  # adapters + embeddings, not the frozen base
+    resume_state = load_state(run.checkpoints / "last.pt")["model"]
+    assert resume_state.keys() == read_state_dict(run.checkpoints / "best.safetensors").keys()
     assert len(run.metrics()) == 3
     # the best epoch's tensors are the model's at the end
-    from safetensors.torch import load_file
-
-    best = load_file(run.checkpoints / "best_trainable.safetensors")
+    best = read_state_dict(run.checkpoints / "best.safetensors")
     current = dict(wb.unwrap(wrapped).named_parameters())
-    assert all(torch.equal(best[k], current[k].detach()) for k in best)
-    assert json.loads((run.checkpoints / "best_trainable.json").read_text())["epoch"] == history.best_epoch
+    assert {k for k, p in current.items() if p.requires_grad} <= set(best)
+    assert all(torch.equal(best[k], current[k].detach()) for k in best if k in current)
+    assert json.loads((run.checkpoints / "best.json").read_text())["epoch"] == history.best_epoch
 
 
 def _cli(args, env=None):
@@ -254,3 +259,17 @@ def test_get_style_zarr_store_reads_back_to_the_same_samples(tmp_path):
     (tmp_path / "get.conditions.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"No condition table for get.zarr.*'celltype' column"):
         regulatory.read_zarr(store)
+
+
+def test_on_a_rank_other_than_0_evaluation_and_lora_preparation_write_nothing(tiny_csv, tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; predictions.csv was written by every rank."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.5, val_fraction=0.25)
+    torch.manual_seed(0)
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    model, _ = regulatory.prepare(regulatory.build_model(data, **TINY), method="lora", rank=2, run=run)
+    result = regulatory.evaluate(model, data, run=run)
+    assert len(result.predictions) == len(data.test_idx) and result.final["n_train"] == result.final["baseline_n_train"]
+    assert not (tmp_path / "run").exists()

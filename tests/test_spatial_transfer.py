@@ -261,3 +261,15 @@ def test_val_loss_is_the_mean_over_validation_spots_and_folds_are_scored_on_the_
     error, n_spots = _masked_mean_error(model, data, scaler, val)
     assert n_spots == 20
     assert error == pytest.approx(history.rows[best]["val_loss"], rel=1e-5)
+
+
+def test_on_a_rank_other_than_0_cross_validation_writes_no_fold_files(study, tmp_path, monkeypatch):
+    """Issue 21.10: under torchrun only rank 0 writes the run folder; folds/* were written by every rank."""
+    import workbench as wb
+
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    run = wb.Run(tmp_path / "run", params={"test": 1})
+    assert not run.writes
+    result = st.cross_validate(study, strategy="full", cv="loo", held_out="A1", epochs=1, run=run, **TINY)
+    assert list(result.per_fold.index) == ["A1"]
+    assert not (tmp_path / "run").exists()

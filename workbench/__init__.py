@@ -7,6 +7,7 @@ The top-level namespace re-exports the pieces a workflow notebook uses::
     report = wb.load_pretrained(model, "pretrained.safetensors", run=run)
     wb.apply_strategy(model, "frozen_backbone")
     history = wb.fit(model, loader, epochs=10, lr=1e-3, schedule="cosine", run=run)
+    predictions = wb.load_run(run.path).predict("new_cells.h5ad")   # a finished run on new data
 
 Heavy modules (torch, scanpy, papermill) are imported on first use, so ``import workbench``
 and the command line stay fast.
@@ -47,9 +48,13 @@ _EXPORTS = {
     "run_notebook": "execute",
     "run_in_process": "execute",
     "run_sweep": "sweeps",
+    "load_run": "predict",
+    "AlignmentReport": "predict",
+    "PredictError": "predict",
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
-               "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli"}
+               "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli",
+               "predict"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -14,7 +14,8 @@ indices, every parameter)::
 and renames it into place when ``build`` returns; a caller that finds the folder reuses it. A
 file lock makes concurrent callers (sweep workers) wait for the one that builds instead of
 building twice, and the rename keeps the entry whole even where locks do not reach (some
-network filesystems).
+network filesystems). ``build`` runs with the random states kept: the caller's torch, numpy and
+Python random numbers after ``cached`` are the same whether the entry was built or found.
 
 The cache root is ``$WORKBENCH_CACHE`` when set, else ``runs/.cache`` under the working folder.
 Deleting it is always safe: entries are built again when needed.
@@ -46,7 +47,10 @@ def content_hash(obj) -> str:
     """SHA-256 of an array's (or sparse matrix's) content, dtype and shape; of JSON for other values.
 
     Sparse CSR/CSC matrices hash their ``data``, ``indices`` and ``indptr``, so the result does not
-    depend on how the matrix was read, only on its values and layout.
+    depend on how the matrix was read, only on its values and layout. Inside dicts, lists and
+    tuples, arrays are hashed the same way (by content, never by numpy's ``str``, which elides
+    all but the ends of an array over 1,000 elements) and numpy scalars keep their type
+    (``np.int64(1)`` is not ``"1"``).
     """
     digest = hashlib.sha256()
     if hasattr(obj, "indptr") and hasattr(obj, "indices"):  # scipy.sparse compressed matrix
@@ -56,21 +60,40 @@ def content_hash(obj) -> str:
     elif hasattr(obj, "__array__"):
         _update_array(digest, np.asarray(obj))
     else:
-        digest.update(json.dumps(obj, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(_plain(obj), sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def _plain(obj):
+    """``obj`` as JSON holds it: arrays (at any depth) as their content hash, numpy scalars tagged with their dtype."""
+    if isinstance(obj, np.generic):
+        return {"numpy": obj.dtype.str, "value": _plain(obj.item())}
+    if isinstance(obj, dict):
+        return {key if isinstance(key, str) else f"{type(key).__name__}:{key!r}": _plain(value)
+                for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(value) for value in obj]
+    if (hasattr(obj, "indptr") and hasattr(obj, "indices")) or hasattr(obj, "__array__"):
+        return {"array": content_hash(obj)}
+    return obj
 
 
 def _update_array(digest, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     digest.update(f"{array.dtype.str}:{array.shape}".encode())
-    digest.update(memoryview(array).cast("B"))
+    if array.dtype.hasobject:  # Python objects (strings, ...): by value, not by address
+        digest.update(json.dumps(_plain(array.tolist()), sort_keys=True, default=str).encode())
+    else:
+        digest.update(memoryview(array).cast("B"))
 
 
 def code_version(module_name: str) -> dict:
-    """What version of the code made an entry: torch's version and a hash of the module's source file.
+    """What version of the code made an entry: torch's version, a hash of the workbench core and of the module.
 
-    Put it into a fingerprint so that an edit to the pretraining code (a new objective, a bug fix)
-    builds the entry anew instead of reusing what the old code made.
+    The core is every module of the ``workbench`` package (``workbench/*.py``: the training
+    loop, checkpoints, batches, ... that a build runs); the module is the task's own source
+    file. Put it into a fingerprint so that an edit to the pretraining code (a new objective, a
+    fix in the training loop) builds the entry anew instead of reusing what the old code made.
     """
     import importlib
 
@@ -78,7 +101,11 @@ def code_version(module_name: str) -> dict:
 
     module = importlib.import_module(module_name)
     source = Path(module.__file__).read_bytes()
-    return {"torch": torch.__version__, module_name: hashlib.sha256(source).hexdigest()[:16]}
+    package = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):  # the core a build runs: training, checkpoints, ...
+        package.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"torch": torch.__version__, "workbench": package.hexdigest()[:16],
+            module_name: hashlib.sha256(source).hexdigest()[:16]}
 
 
 def fingerprint(*parts) -> str:
@@ -94,6 +121,27 @@ def fingerprint(*parts) -> str:
     for part in parts:
         digest.update(content_hash(part).encode())
     return digest.hexdigest()[:20]
+
+
+@contextmanager
+def random_states_kept():
+    """Leave torch's (CPU and current CUDA device), numpy's global and Python's random states as they were.
+
+    A build seeds and draws random numbers; what the caller draws next must not depend on whether
+    the entry was built now or found (a run alone and the same run after another must agree).
+    """
+    import random
+
+    import torch
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 @contextmanager
@@ -159,7 +207,7 @@ def cached(
         partial.mkdir(parents=True, exist_ok=True)
         from .distributed import single_process
 
-        with single_process():  # one process builds while the others wait on the lock: no collectives
+        with single_process(), random_states_kept():  # one process builds while the others wait on the lock
             build(partial)
         (partial / "fingerprint.json").write_text(json.dumps({"key": key, **(describe or {})}, indent=2, default=str))
         try:

@@ -6,6 +6,7 @@
     workbench run notebooks/cell_type_annotation.ipynb --nproc 2 -o runs/ct_ddp      # DDP, 2 processes
     workbench sweep notebooks/sweeps/lr_schedule.yaml --workers 2
     workbench report runs/sweeps/lr_schedule
+    workbench predict runs/ct_constant new_cells.h5ad -o predictions.csv -o annotated.h5ad
 
 Parameter values given with ``-p NAME VALUE`` are converted to the type that the notebook's
 parameters cell declares (``-p epochs 3`` gives the int 3, ``-p lr 1e-3`` the float 0.001).
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Run parameterized notebooks and sweeps.")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="{run,sweep,report}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="{run,sweep,report,predict}")
 
     run = commands.add_parser("run", help="execute one notebook with parameters into a run folder")
     run.add_argument("notebook", type=Path, help="the .ipynb file (needs a cell tagged 'parameters')")
@@ -100,7 +101,49 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write DIR/report.html: one file with the figure, the summary, a row per run "
                              "with a link to its executed notebook (rendered by nbconvert), versions and date")
     report.set_defaults(command=_cmd_report, name="report")
+
+    predict = commands.add_parser(
+        "predict", help="predict on new data with a finished run folder",
+        description="Load the model and preprocessing state a run folder keeps (predictor.json) and predict on "
+                    "DATA: an .h5ad for cell-type and spatial runs, a folder of recordings for heart-sound runs, "
+                    "an event table (.csv/.parquet) for event-sequence runs, a condition table for regulatory runs. "
+                    "Prints how the input was aligned to the model (genes/fields matched, missing, extra).")
+    predict.add_argument("run_dir", type=Path, help="the run folder (its output_dir)")
+    predict.add_argument("data", type=Path, help="the data to predict on")
+    predict.add_argument("-o", "--output", type=Path, action="append", required=True, metavar="OUT",
+                         help="where to write: .csv or .parquet (the table), .h5ad (a copy of AnnData input with "
+                              ".obs/.obsm filled); repeat for several")
+    predict.add_argument("--what", default=None,
+                         help="probabilities (default for classifiers) | embedding | values (regressors)")
+    predict.add_argument("--batch-size", type=int, default=None, help="samples per forward pass")
+    predict.add_argument("--max-missing", type=float, default=None,
+                         help="share of the model's features that may be missing from DATA (filled with 0; "
+                              "default 0.5)")
+    predict.add_argument("--fold", default=None,
+                         help="spatial runs: predict with this fold's model (default: the mean of the folds' models)")
+    predict.set_defaults(command=_cmd_predict, name="predict")
     return parser
+
+
+def _cmd_predict(args) -> int:
+    import warnings
+
+    from .predict import load_run, version_note
+
+    options = {k: v for k, v in {"output": args.what, "batch_size": args.batch_size,
+                                 "max_missing": args.max_missing, "fold": args.fold}.items() if v is not None}
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the version note is printed below
+        predictor = load_run(args.run_dir)
+    if predictor.version_differences:
+        print(f"workbench predict: {version_note(predictor.version_differences)}", file=sys.stderr)
+    predictions = predictor.predict(args.data, **options)  # errors (PredictError is a ValueError): exit 2
+    print(predictions.report.summary())
+    written = [predictions.write(out) for out in args.output]
+    print(f"{len(predictions)} predictions ({time.perf_counter() - start:.1f} s): "
+          + ", ".join(str(p) for p in written))
+    return 0
 
 
 def _cmd_run(args) -> int:

@@ -8,9 +8,16 @@ why, and the trainable parameters and their fraction::
 
     peft_model, report = apply_lora(model, rank=4)
     report                      # html table in a notebook; report.to_frame(), report.to_dict()
-    save_adapters(peft_model, run.path / "adapters")       # the adapters alone, a few kB
+    fit(peft_model, batches, ..., run=run, state_fn=checkpoint_state)   # checkpoints: adapters, not the base
+    save_adapters(peft_model, run.path / "adapters")       # the adapters + the base weights they adapt
     merged = merge(peft_model)                             # a plain module for export
-    again = load_adapters(build_model(...), run.path / "adapters")
+    again = load_adapters(build_model(...), run.path / "adapters")   # base weights put back, then the adapters
+
+The adapters alone are a few kB, but they mean nothing without the exact base weights they were
+trained on, and those usually live in a cache (``runs/.cache``) that may be deleted. So
+:func:`save_adapters` also writes the base weights (``base.safetensors``) into the folder, and
+:func:`load_adapters` loads them into the model it is given before it applies the adapters: the
+model may be freshly built (randomly initialised), and ``again`` gives the fine-tuned outputs.
 
 peft costs about 2 s to import (it pulls transformers), so it is imported inside the functions.
 peft renames the layers it adapts (``encoder.0.q.weight`` -> ``encoder.0.q.base_layer.weight``):
@@ -30,7 +37,11 @@ from torch import nn
 
 from .transfer import unwrap
 
-__all__ = ["LoraReport", "apply_lora", "trainable_state", "save_adapters", "load_adapters", "merge"]
+__all__ = ["LoraReport", "apply_lora", "trainable_state", "checkpoint_state", "base_state", "save_adapters",
+           "load_adapters", "merge"]
+
+#: The base weights beside the adapters in a folder :func:`save_adapters` writes.
+BASE_FILE = "base.safetensors"
 
 
 @dataclass
@@ -189,27 +200,72 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The base weights under a peft model's adapters, named as the plain (unadapted) model names them.
+
+    Adapter tensors are left out; an adapted layer's ``base_layer`` and a fully trained module's
+    frozen ``original_module`` give the base values.
+    """
+    state = {}
+    for name, tensor in unwrap(model).state_dict().items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+        state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA run's checkpoints hold: the trainable tensors and the buffers (``fit(state_fn=...)``).
+
+    :func:`workbench.fit` writes this, not the whole model, into ``best.safetensors``,
+    ``epochNNN.safetensors`` and ``last.pt`` when given ``state_fn=checkpoint_state``; a resume
+    loads it over the model rebuilt on the same base. Buffers travel along because some change in
+    training without a gradient (BatchNorm's running statistics), and they are small.
+    """
+    inner = unwrap(model)
+    buffers = {name for name, _ in inner.named_buffers()}
+    state = trainable_state(model)
+    state.update({name: t.detach().cpu().clone() for name, t in inner.state_dict().items() if name in buffers})
+    return state
+
+
 def save_adapters(model, folder: str | os.PathLike) -> Path:
-    """Write the adapters alone (peft's ``adapter_model.safetensors`` + ``adapter_config.json``).
+    """Write the adapters (peft's ``adapter_model.safetensors`` + ``adapter_config.json``) and their base.
+
+    The base weights go to ``base.safetensors`` in the same folder, so that the folder is
+    enough to rebuild the fine-tuned model (:func:`load_adapters`) after the cache that held
+    the pretrained weights is gone.
 
     Parameters
     ----------
     model
         A model from :func:`apply_lora`.
     folder
-        Created when missing.
+        Created when missing. Under torchrun, rank 0 alone writes it (every rank holds the same adapters).
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"save_adapters needs the peft model that apply_lora returned, got {type(model).__name__}. "
                         "Use workbench.save_weights for a plain model.")
+    from .checkpoints import save_weights
+    from .tracking import process_rank
+
     folder = Path(folder)
+    if process_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
+    save_weights(base_state(model), folder / BASE_FILE)
     return folder
 
 
 def load_adapters(model: nn.Module, folder: str | os.PathLike):
-    """Put adapters saved by :func:`save_adapters` onto ``model`` (the same base model) for inference.
+    """Put adapters saved by :func:`save_adapters` onto ``model`` for inference.
+
+    When the folder holds the base weights (``base.safetensors``, which :func:`save_adapters`
+    writes), they are loaded into ``model`` first, every key of them fitting; ``model`` may then
+    be freshly built. A folder without them needs ``model`` to hold the very base weights the
+    adapters were trained on already.
 
     Returns
     -------
@@ -220,6 +276,10 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike):
     if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"{str(folder)!r} holds no adapter_config.json. Give the folder that "
                                 "save_adapters(model, folder) wrote.")
+    if (folder / BASE_FILE).is_file():
+        from .checkpoints import read_state_dict
+
+        unwrap(model).load_state_dict(read_state_dict(folder / BASE_FILE))
     import peft
 
     loaded = peft.PeftModel.from_pretrained(model, str(folder))

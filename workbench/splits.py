@@ -4,12 +4,12 @@ Every function returns **positions** (numpy integer arrays ``0..n-1``), not labe
 the same split indexes an AnnData (``adata[train]``), a DataFrame (``df.iloc[train]``) or a
 tensor. Every split is seeded and deterministic: the same inputs and seed give the same split.
 
-=========================  ==================================================================
-:func:`holdout`            one train/test split, stratified by class by default
-:func:`kfold`              k train/test splits: stratified, grouped (e.g. by patient) or plain
-:func:`leave_one_group_out`  one split per group (e.g. per slide or donor)
-:func:`few_shot`           a stratified fraction of the training set, at least one per class
-=========================  ==================================================================
+=============================  ==================================================================
+:func:`holdout`                one train/test split, stratified by class by default
+:func:`kfold`                  k train/test splits: stratified, grouped (e.g. by patient) or plain
+:func:`leave_one_group_out`    one split per group (e.g. per slide or donor)
+:func:`few_shot`               a stratified fraction of the training set, at least one per class
+=============================  ==================================================================
 
 scikit-learn is imported inside the functions, so ``import workbench.splits`` is cheap.
 """

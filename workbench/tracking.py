@@ -8,6 +8,8 @@ Every run writes a self-describing folder::
         final_metrics.json   flat {name: number}
         load_report.json     what the pretrained checkpoint filled
         checkpoints/         best.safetensors, last.pt (resume state)
+        predictor.json       what predicting on new data needs (workbench.load_run, ``workbench predict``)
+        test_predictions.csv the run's own predictions on its test samples
         figures/*.png
 
 ``tracker="wandb"`` mirrors metrics to Weights & Biases, in offline mode unless the user set
@@ -55,7 +57,8 @@ CORE_PACKAGES = ("workbench", "torch", "numpy", "scikit-learn", "papermill", "wa
 NOT_COMPARED = ("output_dir", "interactive", "versions")
 #: What a run writes into its folder; only these are removed when a run starts again.
 RUN_ARTIFACTS = ("params.json", "metrics.jsonl", "final_metrics.json", "load_report.json", "status.json",
-                 "train.log", "checkpoints", "figures", "pretrain", "wandb", ".wandb-cache")
+                 "train.log", "checkpoints", "figures", "pretrain", "wandb", ".wandb-cache",
+                 "predictor.json", "predictor.safetensors", "test_predictions.csv")  # the last: workbench.predict
 
 
 class RunFolderError(ValueError):

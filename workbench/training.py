@@ -288,10 +288,10 @@ class ModelCheckpoint(Callback):
         # a tie goes to the later epoch: it trained longer, and a small validation set ties often
         if _improved(value, self.best, mode=self.mode) or (_finite(value) and value == self.best):
             self.best = value
-            save_weights(unwrap(trainer.model), self.directory / "best.safetensors", metadata=meta)
+            save_weights(trainer.model_state(), self.directory / "best.safetensors", metadata=meta)
         if self.save_top_k > 1 and _finite(value):
             name = f"top-epoch{trainer.epoch:03d}.safetensors"
-            save_weights(unwrap(trainer.model), self.directory / name, metadata=meta)
+            save_weights(trainer.model_state(), self.directory / name, metadata=meta)
             self.top.append([value, name])
             self.top.sort(key=lambda t: t[0], reverse=self.mode == "max")
             for _, stale in self.top[self.save_top_k:]:
@@ -299,7 +299,7 @@ class ModelCheckpoint(Callback):
                 (self.directory / stale).with_suffix(".json").unlink(missing_ok=True)
             self.top = self.top[: self.save_top_k]
         if self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0:
-            save_weights(unwrap(trainer.model), self.directory / f"epoch{trainer.epoch:03d}.safetensors", metadata=meta)
+            save_weights(trainer.model_state(), self.directory / f"epoch{trainer.epoch:03d}.safetensors", metadata=meta)
 
     def state_dict(self):
         return {"best": self.best, "top": self.top}
@@ -560,6 +560,7 @@ class Trainer:
         self._ddp = None  # the DDP wrapper, for no_sync on the micro-batches that do not step
         self.val_sharded = False  # under DDP: each rank validates its own share (PerSample outputs are gathered)
         self.best_in_memory: _BestInMemory | None = None  # restore_best without a run folder (rank 0)
+        self.state_fn: Callable | None = None  # what checkpoints hold of the model (fit's state_fn)
 
     @property
     def is_main(self) -> bool:
@@ -579,11 +580,15 @@ class Trainer:
         return f"epoch {self.epoch}, step {self.global_step}"
 
     # ---- state save and restore
+    def model_state(self) -> dict:
+        """What checkpoints hold of the model: every tensor, or ``state_fn(model)`` (a LoRA run's trainable ones)."""
+        return unwrap(self.model).state_dict() if self.state_fn is None else self.state_fn(self.model)
+
     def state_dict(self, train_data) -> dict:
         """Everything a resume needs (rank 0's model, optimizer, ...; every rank's RNG states)."""
         rng = self.dist.gather_objects(_rng_state(train_data))
         return {
-            "model": self.model.state_dict(),
+            "model": self.model.state_dict() if self.state_fn is None else self.state_fn(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "callbacks": {key: cb.state_dict() for key, cb in _keyed(self.callbacks).items()},
@@ -638,7 +643,10 @@ class Trainer:
         return start_epoch, finished
 
     def load_state_dict(self, state: dict, train_data) -> None:
-        self.model.load_state_dict(state["model"])
+        if self.state_fn is None:
+            self.model.load_state_dict(state["model"])
+        else:
+            _load_part(self.model, state["model"], self.state_fn, self.last_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         saved = state["callbacks"]
@@ -905,6 +913,7 @@ def fit(
     save_top_k: int = 1,
     save_every: int | None = None,
     restore_best: bool = False,
+    state_fn: Callable[[nn.Module], dict] | None = None,
     callbacks: Sequence[Callback] = (),
     run=None,
     resume: bool = False,
@@ -975,6 +984,12 @@ def fit(
         ``restore_best`` loads the best epoch's weights back at the end (from ``best.safetensors``,
         or, without ``run``, from a CPU copy taken whenever ``monitor`` improved; a tie goes to
         the later epoch, as in :attr:`History.best_epoch`).
+    state_fn
+        What the checkpoints (best, top-k, every N epochs, ``last.pt``) hold of the model:
+        ``state_fn(model) -> {name: tensor}``, named as in the unwrapped model; default every
+        tensor. A LoRA run passes :func:`workbench.lora.checkpoint_state` (adapters, fully trained
+        parts and buffers: a few kB) and keeps its frozen base apart; a resume loads the part
+        over the model rebuilt on the same base.
     callbacks
         Extra :class:`Callback` objects (besides those of an enclosing :func:`extra_callbacks`).
     run
@@ -1049,7 +1064,8 @@ def fit(
             run=run if dist.is_main else None, device=device, loss_fn=loss_fn or _default_loss, amp=amp,
             grad_clip=grad_clip, log_every=log_every, progress=progress,
         )
-        trainer.accumulate, trainer.ema_eval, trainer.dtype = accumulate, ema_eval, dtype
+        trainer.accumulate, trainer.ema_eval, trainer.state_fn = accumulate, ema_eval, state_fn
+        trainer.dtype = dtype
         trainer.val_sharded = dist.enabled and (val_data is not val_given or isinstance(val_given, PerRank))
         if restore_best and run is None and dist.is_main:  # no best.safetensors to read back: keep it in memory
             trainer.best_in_memory = _BestInMemory(monitor=monitor, mode=mode)
@@ -1183,6 +1199,17 @@ def _restore_best(trainer: Trainer, restore_best: bool) -> None:
         trainer.dist.broadcast_module(trainer.model)
     else:
         trainer.dist.broadcast_buffers(trainer.model)
+
+
+def _load_part(model: nn.Module, saved: dict, state_fn: Callable, where) -> None:
+    """Load the part of ``model`` that ``state_fn`` saved; it must name exactly the tensors ``state_fn`` names now."""
+    wanted = set(state_fn(model))
+    if set(saved) != wanted:
+        missing, extra = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
+        raise CheckpointError(f"{where} holds other tensors than this run checkpoints (missing: {missing[:5]}; not "
+                              f"checkpointed now: {extra[:5]}), so it was written by another model or another "
+                              "state_fn. Start a new run in another output_dir.")
+    unwrap(model).load_state_dict(saved, strict=False)
 
 
 def _settings(**values) -> dict:

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import read_state_dict
+from .checkpoints import read_metadata, read_state_dict
 
 __all__ = [
     "unwrap",
@@ -597,16 +597,13 @@ def load_pretrained(
 
 
 def _sidecar(source, *, whole: bool = False) -> dict:
-    """The JSON written beside a checkpoint by ``save_weights(..., metadata=...)``, minus long lists unless ``whole``."""
+    """The metadata stored by ``save_weights(..., metadata=...)`` (:func:`~workbench.checkpoints.read_metadata`).
+
+    Long lists (gene names) are left out unless ``whole``.
+    """
     if not isinstance(source, (str, os.PathLike)):
         return {}
-    path = Path(source).with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
+    meta = read_metadata(source)
     if whole:
         return meta
     return {k: v for k, v in meta.items() if not (isinstance(v, list) and len(v) > 20)}
@@ -928,7 +925,7 @@ def apply_strategy(model: nn.Module, strategy: str | Sequence[str] = "full") -> 
         if hook is not None:
             hook.remove()
     for name, module in norms.items():
-        fresh = named and any(f"{name}.{key}" in unloaded for key in module.state_dict())
+        fresh = named and any((f"{name}.{key}" if name else key) in unloaded for key in module.state_dict())
         if not fresh and _norm_stats_frozen(model, name, module, frozen):
             module.__dict__["_workbench_eval_hook"] = module.register_forward_pre_hook(_force_eval)
             module.eval()

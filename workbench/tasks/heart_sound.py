@@ -16,26 +16,51 @@ Data
     ``segment_seconds`` overlap by ``overlap``; a recording's probabilities are the mean of its
     windows'. Splits are by patient (stratified by the patient's label): no patient is in two.
 Synthetic ground truth (:func:`simulate`, used when ``data_path`` is empty)
-    Each patient draws a heart rate U(60, 140) bpm; beat intervals vary by N(0, 4%) beat to beat.
-    Systole lasts ``0.42 - 0.0015 * bpm`` s. S1 is a damped sine (decay 20 ms) at the patient's
-    frequency U(35, 60) Hz, S2 one at U(50, 90) Hz (decay 15 ms, amplitude 0.7), each +-20% per
-    beat. The auscultation location (AV, PV, TV, MV; two per CirCor patient) scales S1 by
-    0.6 / 0.6 / 0.9 / 1.0 and S2 by 1.0 / 0.9 / 0.6 / 0.5. A murmur (CirCor: 25% of patients;
-    PhysioNet: 20%) is Gaussian noise band-limited to ``[lo, lo + w]`` with lo U(100, 200) Hz and
-    w U(80, 200) Hz, shaped as a crescendo-decrescendo over systole (80%) or a decrescendo over
-    the first half of diastole (20%); its grade (1, 2, 3 with p 0.4, 0.35, 0.25) sets its amplitude
-    ``0.1 * grade``, at full strength at the patient's loudest location and half elsewhere.
-    Breathing is 25-150 Hz noise gated by ``sin^2`` at 12-24 breaths/min (amplitude U(0, 0.15)),
-    which also modulates the heart sounds by 10%. Ambient noise is white, with a patient level
-    log-uniform in [0.02, 0.25] times U(0.7, 1.3) per recording. An extrasystole (PhysioNet: 10%)
-    makes each beat premature with p 0.12 (interval x0.6, then a compensatory x1.4 pause). An
-    artifact (PASCAL) adds 3-6 bursts of 0.2-1 s broadband noise at 1-4x the S1 amplitude.
-    Labels come from these latents: CirCor murmur is Unknown when the patient's noise level is
-    at least 0.2 (too noisy to tell), else Present / Absent by the murmur; CirCor outcome is
-    Abnormal with probability ``0.2 + 0.2 * grade`` (grade 0 without murmur), so it is noisy by
-    design; PhysioNet is abnormal with a murmur or an extrasystole; PASCAL draws its class with
-    p 0.4 / 0.25 / 0.15 / 0.2 and sets the latent to match. Every recording comes with its true
-    S1/systole/S2/diastole segmentation.
+    Revised once for issue 24 toward the CirCor DigiScope 2022 recordings, then frozen; where no source gives a
+    number it is marked *assumed*. Sources: [C] the CirCor public training set (942 patients), counts of its
+    ``training_data.csv`` columns (as tabulated in github.com/ash-neupane/heart-murmur, explore.ipynb; the same
+    categories as [P]); [P] the PhysioNet Challenge 2022 page and its data description
+    (physionetchallenges.org/2022, /2022/data), which follow Oliveira et al., "The CirCor DigiScope Dataset: From
+    Murmur Detection to Murmur Classification", IEEE JBHI 26(6) 2022, doi:10.1109/JBHI.2021.3137048.
+    Heart: each patient draws a heart rate U(60, 140) bpm; beat intervals vary by N(0, 4%) beat to beat.
+    Systole lasts ``0.42 - 0.0015 * bpm`` s. S1 is a damped sine (decay 20 ms) at the patient's frequency
+    U(35, 60) Hz, S2 one at U(50, 90) Hz (decay 15 ms, amplitude 0.7), each +-20% per beat. The auscultation
+    location (AV, PV, TV, MV; two per CirCor patient) scales S1 by 0.6 / 0.6 / 0.9 / 1.0 and S2 by
+    1.0 / 0.9 / 0.6 / 0.5 (all assumed, unchanged). Recordings last ``DEFAULTS["sim_seconds"]`` (CirCor's
+    average 22.9 s [P], shortened for compute).
+    Murmur: present in 179 / 874 = 20.5% of CirCor patients (Present 179, Absent 695 [C]; PhysioNet task: 20%).
+    Systolic in 178 of 179, diastolic in 5 of 179, all early-diastolic decrescendo [C]; a diastolic murmur
+    covers the first half of diastole. Systolic timing holosystolic / early / mid / late with counts
+    101 / 59 / 17 / 1 [C], covering 0-1 / 0-0.5 / 0.25-0.75 / 0.5-1 of the S1-end-to-S2 interval (assumed);
+    shape plateau / decrescendo / diamond / crescendo 111 / 34 / 31 / 2 [C] (timing and shape drawn
+    independently: assumed, [C] gives only their counts); grade I / II / III of VI 104 / 28 / 46 [C] (III holds
+    III-VI [P]; diastolic I / II / III of IV 3 / 1 / 1); pitch low / medium / high 87 / 49 / 42 [C], as
+    band-limited Gaussian noise in 25-125 / 150-350 / 350-600 Hz (the usual auscultation bands; assumed, CirCor
+    names the pitch only), each edge x U(0.9, 1.1) per patient. Quality (harsh 96 / blowing 78 / musical 4 [C])
+    is not modelled. The murmur's peak amplitude is ``0.1 * grade`` (assumed, unchanged) at the most audible
+    location, drawn PV / TV / MV / AV 62 / 56 / 42 / 19 [C], and half that elsewhere; following [P]'s grading
+    rule a grade I murmur is not heard at every location (each other location hears it with p 0.5, assumed),
+    grade II and up at all of them. The 25-400 Hz band-pass of :func:`preprocess` keeps little of a high-pitch
+    murmur, as it would of a real one.
+    Noise (the kinds issue 24 names for CirCor: stethoscope rubbing, talking, crying, ambient; not found in [P],
+    the paper itself was not at hand; every level and rate assumed): ambient pink (1/f) noise at the patient's signal-to-noise ratio, heart
+    sounds (S1 + S2) over ambient power, N(``DEFAULTS["sim_snr_db"]``, 6 dB) per patient and x U(0.8, 1.25) in
+    amplitude per recording. ``sim_snr_db`` is the one free difficulty knob: 10 dB, chosen before measuring and
+    left there because the band-power baseline's murmur test AUROC over seeds 0-4 was already inside 0.70-0.90
+    (0.761; benchmarks/heart_baseline_difficulty.py, issue 24). Each recording also carries, independently:
+    stethoscope rubbing (p 0.5; 1-3 bursts of 0.1-0.5 s of 20-300..1000 Hz noise with a rough envelope),
+    talking (p 0.3; 1-3 voiced utterances of 0.5-2 s, F0 90-220 Hz, 8 harmonics, syllables at 4-5 Hz) and
+    crying (p 0.1; 1-3 cries of 0.5-1.5 s, F0 300-550 Hz with vibrato), each peaking at 1-4x (talking 0.5-2x)
+    the heart sounds' RMS. Breathing is 25-150 Hz noise gated by ``sin^2`` at 12-24 breaths/min (amplitude
+    U(0, 0.15)), which also modulates the heart sounds by 10%. An extrasystole (PhysioNet: 10%) makes each beat
+    premature with p 0.12 (interval x0.6, then a compensatory x1.4 pause). An artifact (PASCAL) adds 3-6 bursts
+    of 0.2-1 s broadband noise at 1-4x the S1 amplitude.
+    Labels come from these latents: CirCor murmur is Unknown for the 68 / 942 = 7.2% of patients with the lowest
+    SNR ([C]; the annotator could not tell, [P]), else Present / Absent by the murmur, even where a grade I
+    murmur is not heard at the recorded locations; CirCor outcome is Abnormal with probability
+    ``0.2 + 0.2 * grade`` (grade 0 without murmur), so it is noisy by design; PhysioNet is abnormal with a
+    murmur or an extrasystole; PASCAL draws its class with p 0.4 / 0.25 / 0.15 / 0.2 and sets the latent to
+    match. Every recording comes with its true S1/systole/S2/diastole segmentation.
 Model
     :class:`ConvEncoder`: average-pooling to about 1 kHz, four ``Conv1d-BatchNorm-ReLU`` blocks
     of stride 2 (widths 8-16-32-64), then mean and max over time; a dropout + linear head.
@@ -78,6 +103,8 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor, class_predictions
+from ..predict import save_predictor as _save_predictor
 from ..schedules import SCHEDULES
 from ..tracking import TRACKERS
 from ..training import Callback
@@ -163,6 +190,7 @@ DEFAULTS = {
     "sim_patients": 160,
     "sim_seconds": 6.0,
     "sim_locations": 2,
+    "sim_snr_db": 10.0,  # the generator's difficulty knob: median SNR of the ambient noise (issue 24)
     "test_size": 0.25,
     "val_fraction": 0.15,
 }
@@ -277,6 +305,47 @@ class HeartSoundData:
 
 # --------------------------------------------------------------------------- synthetic generator
 
+# Murmur properties of the CirCor DigiScope 2022 public training set (942 patients; the counts of its
+# training_data.csv). The module docstring says where each number comes from.
+#: Share of patients with a murmur, among those whose murmur status is known (Present 179, Absent 695).
+MURMUR_SHARE = 179 / (179 + 695)
+#: Share of patients whose murmur status is Unknown (68 of 942): the patients with the lowest SNR.
+UNKNOWN_SHARE = 68 / 942
+#: Systolic murmurs: 178 of the 179 murmur patients; diastolic (all early-diastolic decrescendo): 5 of 179.
+SYSTOLIC_SHARE, DIASTOLIC_SHARE = 178 / 179, 5 / 179
+SYSTOLIC_TIMING = {"holosystolic": 101, "early": 59, "mid": 17, "late": 1}
+SYSTOLIC_SHAPE = {"plateau": 111, "decrescendo": 34, "diamond": 31, "crescendo": 2}
+SYSTOLIC_GRADE = {1: 104, 2: 28, 3: 46}  # I/VI, II/VI, III/VI (III/VI holds III-VI)
+DIASTOLIC_GRADE = {1: 3, 2: 1, 3: 1}  # I/IV, II/IV, III/IV
+PITCH = {"low": 87, "medium": 49, "high": 42}
+MOST_AUDIBLE = {"PV": 62, "TV": 56, "MV": 42, "AV": 19}
+# Assumed (CirCor names these categories but gives no numbers for them):
+#: Pitch bands (Hz) of the usual auscultation convention.
+PITCH_BANDS = {"low": (25.0, 125.0), "medium": (150.0, 350.0), "high": (350.0, 600.0)}
+#: Part of systole (0 = end of S1, 1 = start of S2) each timing covers.
+TIMING_SPAN = {"holosystolic": (0.0, 1.0), "early": (0.0, 0.5), "mid": (0.25, 0.75), "late": (0.5, 1.0)}
+#: Spread (dB) of the patients' SNR around ``DEFAULTS["sim_snr_db"]``.
+SNR_SPREAD_DB = 6.0
+#: Noise events per recording: (probability that the kind occurs, events when it does, amplitude range relative to
+#: the RMS of the recording's heart sounds, duration range in s).
+NOISE_EVENTS = {"rubbing": (0.5, (1, 3), (1.0, 4.0), (0.1, 0.5)),
+                "talking": (0.3, (1, 3), (0.5, 2.0), (0.5, 2.0)),
+                "crying": (0.1, (1, 3), (1.0, 4.0), (0.5, 1.5))}
+
+
+def _draw(rng, counts: Mapping):
+    """One key of ``counts``, drawn with probability proportional to its count."""
+    keys = list(counts)
+    weights = np.array([counts[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=weights / weights.sum()))]
+
+
+def _unknown_below(snr_db: float) -> float:
+    """The SNR (dB) under which a CirCor patient's murmur status is Unknown: the ``UNKNOWN_SHARE`` quantile."""
+    from scipy.stats import norm
+
+    return snr_db + SNR_SPREAD_DB * float(norm.ppf(UNKNOWN_SHARE))
+
 
 def _damped(rate: int, freq: float, decay: float, seconds: float = 0.12) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
@@ -299,29 +368,80 @@ def _add(x: np.ndarray, start: int, piece: np.ndarray) -> None:
     x[start:end] += piece[:end - start]
 
 
-def _patient(rng, task: str) -> dict:
+def _pink_noise(rng, n: int, rate: int) -> np.ndarray:
+    """Unit-variance noise with power falling as 1/f above 20 Hz (room ambience)."""
+    spectrum = np.fft.rfft(rng.normal(size=n))
+    f = np.fft.rfftfreq(n, 1 / rate)
+    spectrum /= np.sqrt(np.maximum(f, 20.0))
+    x = np.fft.irfft(spectrum, n)
+    return x / (x.std() + 1e-12)
+
+
+def _harmonic(rng, n: int, rate: int, f0: float, harmonics: int, *, vibrato: float) -> np.ndarray:
+    """A voiced sound: harmonics of a slowly gliding ``f0`` with amplitudes 1/k, peak-normalised."""
+    t = np.arange(n) / rate
+    glide = f0 * (1 + 0.15 * np.sin(np.pi * t / t[-1]) + vibrato * np.sin(2 * np.pi * 5.5 * t))
+    phase = 2 * np.pi * np.cumsum(glide) / rate
+    x = sum(np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / k for k in range(1, harmonics + 1))
+    return x / np.abs(x).max()
+
+
+def _noise_event(rng, kind: str, n: int, rate: int) -> np.ndarray:
+    """One noise event of ``kind`` (rubbing, talking, crying), peak about 1."""
+    if kind == "rubbing":  # stethoscope friction: broadband bursts, rough envelope
+        rough = np.abs(_band_noise(rng, n, rate, 2.0, 30.0))
+        return _band_noise(rng, n, rate, 20.0, rng.uniform(300, 1000)) * rough / 3 * np.hanning(n)
+    if kind == "talking":  # voiced speech of an adult nearby: F0 90-220 Hz, syllables at 4-5 Hz
+        syllables = np.sin(np.pi * rng.uniform(4, 5) * np.arange(n) / rate + rng.uniform(0, np.pi)) ** 2
+        return _harmonic(rng, n, rate, rng.uniform(90, 220), 8, vibrato=0.02) * syllables * np.hanning(n)
+    # crying: a child's cry, F0 300-550 Hz with vibrato
+    return _harmonic(rng, n, rate, rng.uniform(300, 550), 4, vibrato=0.04) * np.hanning(n)
+
+
+def _shape(shape: str, n: int) -> np.ndarray:
+    """A murmur's intensity over its ``n`` samples: plateau, crescendo, decrescendo or diamond; peak 1."""
+    u = np.linspace(0, 1, n)
+    if shape == "crescendo":
+        return u
+    if shape == "decrescendo":
+        return 1 - u
+    if shape == "diamond":
+        return 1 - np.abs(2 * u - 1)
+    return np.minimum(1, np.minimum(u, 1 - u) / 0.1)  # plateau, 10% ramps at each end
+
+
+def _patient(rng, task: str, snr_db: float) -> dict:
     """A patient's latent state (see the module docstring)."""
     p = {"bpm": rng.uniform(60, 140), "f1": rng.uniform(35, 60), "f2": rng.uniform(50, 90),
-         "noise": float(np.exp(rng.uniform(np.log(0.02), np.log(0.25)))), "murmur": "", "grade": 0,
-         "extrasystole": False, "artifact": False, "loudest": str(rng.choice(LOCATIONS)),
-         "breath_rate": rng.uniform(12, 24) / 60, "breath_amp": rng.uniform(0, 0.15)}
+         "snr_db": float(rng.normal(snr_db, SNR_SPREAD_DB)), "unknown": False, "murmur": "", "grade": 0,
+         "timing": "", "shape": "", "pitch": "", "heard": (), "extrasystole": False, "artifact": False,
+         "loudest": _draw(rng, MOST_AUDIBLE), "breath_rate": rng.uniform(12, 24) / 60,
+         "breath_amp": rng.uniform(0, 0.15)}
+    p["unknown"] = task.startswith("circor") and p["snr_db"] < _unknown_below(snr_db)
     if task == "pascal":
         p["pascal"] = str(rng.choice(TASKS["pascal"].classes, p=[0.4, 0.25, 0.15, 0.2]))
         has_murmur, p["extrasystole"], p["artifact"] = p["pascal"] == "murmur", p["pascal"] == "extrasystole", p["pascal"] == "artifact"
     else:
-        has_murmur = rng.random() < (0.25 if task.startswith("circor") else 0.2)
+        has_murmur = rng.random() < (MURMUR_SHARE if task.startswith("circor") else 0.2)
         p["extrasystole"] = task == "physionet2016" and rng.random() < 0.1
     if has_murmur:
-        p["murmur"] = "systolic" if rng.random() < 0.8 else "diastolic"
-        p["grade"] = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-        p["band"] = (lo := rng.uniform(100, 200), lo + rng.uniform(80, 200))
+        diastolic = rng.random() < DIASTOLIC_SHARE
+        systolic = rng.random() < SYSTOLIC_SHARE or not diastolic
+        p["murmur"] = "both" if systolic and diastolic else ("systolic" if systolic else "diastolic")
+        p["grade"] = _draw(rng, SYSTOLIC_GRADE if systolic else DIASTOLIC_GRADE)
+        p["timing"], p["shape"] = _draw(rng, SYSTOLIC_TIMING), _draw(rng, SYSTOLIC_SHAPE)
+        p["pitch"] = _draw(rng, PITCH)
+        lo, hi = PITCH_BANDS[p["pitch"]]
+        p["band"] = (lo * rng.uniform(0.9, 1.1), hi * rng.uniform(0.9, 1.1))
+        # grade I: not heard at every location; grade II and up: at every location
+        p["heard"] = tuple(loc for loc in LOCATIONS if loc == p["loudest"] or p["grade"] > 1 or rng.random() < 0.5)
     p["abnormal"] = bool(rng.random() < 0.2 + 0.2 * p["grade"])
     return p
 
 
 def _label(p: dict, task: str) -> str:
     if task == "circor_murmur":
-        return "Unknown" if p["noise"] >= 0.2 else ("Present" if p["murmur"] else "Absent")
+        return "Unknown" if p["unknown"] else ("Present" if p["murmur"] else "Absent")
     if task == "circor_outcome":
         return "Abnormal" if p["abnormal"] else "Normal"
     if task == "physionet2016":
@@ -340,6 +460,7 @@ def _recording(rng, p: dict, location: str, *, seconds: float, rate: int) -> tup
     s2_gain = {"AV": 1.0, "PV": 0.9, "TV": 0.6, "MV": 0.5}[location]
     breath = np.sin(2 * np.pi * p["breath_rate"] * t + rng.uniform(0, 2 * np.pi)) ** 2
     seg, beat, pause = [], rng.uniform(0, rr_mean), False
+    span = TIMING_SPAN.get(p["timing"], (0.0, 1.0))
     while beat < seconds:
         rr = rr_mean * (1 + 0.04 * rng.normal())
         if pause:
@@ -354,21 +475,29 @@ def _recording(rng, p: dict, location: str, *, seconds: float, rate: int) -> tup
              * _damped(rate, p["f2"] * rng.uniform(0.8, 1.2), 0.015))
         end = beat + rr
         seg += [(beat, beat + 0.1, 1), (beat + 0.1, s2, 2), (s2, s2 + 0.08, 3), (s2 + 0.08, end, 4)]
-        if p["murmur"] == "systolic":
-            a, b = int((beat + 0.1) * rate), int((s2 - 0.01) * rate)
+        if p["murmur"] in ("systolic", "both"):
+            start, stop = beat + 0.1, s2 - 0.01
+            a, b = (int((start + f * (stop - start)) * rate) for f in span)
             if b > a:
-                _add(envelope, a, np.sin(np.linspace(0, np.pi, b - a)))
-        elif p["murmur"] == "diastolic":
+                _add(envelope, a, _shape(p["shape"], b - a))
+        if p["murmur"] in ("diastolic", "both"):  # early-diastolic decrescendo over the first half of diastole
             a, b = int((s2 + 0.08) * rate), int((s2 + 0.08 + 0.5 * (end - s2 - 0.08)) * rate)
             if b > a:
                 _add(envelope, a, np.exp(-np.linspace(0, 3, b - a)))
         beat = end
+    heart_rms = float(np.sqrt(np.mean(heart ** 2))) + 1e-12
     x = heart
-    if p["murmur"]:
+    if p["murmur"] and location in p["heard"]:
         gain = 1.0 if location == p["loudest"] else 0.5
         x = x + 0.1 * p["grade"] * gain * envelope * _band_noise(rng, n, rate, *p["band"])
     x = x + p["breath_amp"] * breath * _band_noise(rng, n, rate, 25, 150)
-    x = x + p["noise"] * rng.uniform(0.7, 1.3) * rng.normal(size=n)
+    x = x + heart_rms * 10 ** (-p["snr_db"] / 20) * rng.uniform(0.8, 1.25) * _pink_noise(rng, n, rate)
+    for kind, (chance, count, amplitude, duration) in NOISE_EVENTS.items():
+        if rng.random() < chance:
+            for _ in range(rng.integers(count[0], count[1] + 1)):
+                length = max(2, int(rng.uniform(*duration) * rate))
+                _add(x, int(rng.uniform(0, seconds) * rate),
+                     heart_rms * rng.uniform(*amplitude) * _noise_event(rng, kind, length, rate))
     if p["artifact"]:
         for _ in range(rng.integers(3, 7)):
             length = int(rng.uniform(0.2, 1.0) * rate)
@@ -384,13 +513,14 @@ def simulate(task: str, *, n_patients: int = 200, seconds: float = 8.0, sample_r
     """Raw synthetic recordings for ``task``: dicts with patient, location, label, signal, segmentation, latent.
 
     CirCor tasks give each patient ``locations`` of AV/PV/TV/MV; the other tasks one recording
-    per patient. The ground truth is in the module docstring. The same seed gives the same data.
+    per patient. The ground truth is in the module docstring; the median SNR is ``DEFAULTS["sim_snr_db"]``.
+    The same seed gives the same data.
     """
     _check_task(task)
     rng = np.random.default_rng([seed, 7])
     out = []
     for k in range(n_patients):
-        p = _patient(rng, task)
+        p = _patient(rng, task, DEFAULTS["sim_snr_db"])
         locs = rng.choice(LOCATIONS, size=locations, replace=False) if task.startswith("circor") else [rng.choice(LOCATIONS)]
         label = _label(p, task)
         for loc in locs:
@@ -796,11 +926,16 @@ def build_model(data: HeartSoundData, **overrides) -> HeartSoundClassifier:
 
 
 def open_log(run) -> Path:
-    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder."""
+    """Write this module's log (what loading did, every epoch) to ``train.log`` in the run folder.
+
+    Under torchrun only rank 0 writes it (as every file of the run folder): other ranks log nowhere.
+    """
     path = Path(run.path) / "train.log"
     for handler in [h for h in log.handlers if getattr(h, "_workbench_run_log", False)]:
         log.removeHandler(handler)
         handler.close()
+    if not getattr(run, "writes", True):
+        return path
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler._workbench_run_log = True
@@ -968,7 +1103,7 @@ def band_power_features(signals, sample_rate: int) -> np.ndarray:
 
 
 def baseline(data: HeartSoundData, *, seed: int = 0) -> dict:
-    """Logistic regression on band-power features of the labelled recordings; val_ and test_ metrics and test_proba."""
+    """Logistic regression on band-power features of the labelled recordings; ``val_`` and ``test_`` metrics and ``test_proba``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -1022,6 +1157,8 @@ def evaluate(model, data: HeartSoundData, *, run=None, seed: int = 0) -> Evaluat
         if scores:
             rows[f"baseline, {split}"] = scores
             final.update({f"baseline_{split}_{k}": v for k, v in scores.items()})
+    save_predictor(run, model, data, test_proba=test_proba)
+    final.update(n_train=len(data.labelled_idx), baseline_n_train=len(data.labelled_idx))  # recordings each fit on
     truth = np.array(data.classes)[data.y[data.test_idx]]
     pred = np.array(data.classes)[test_proba.argmax(1)]
     curves = roc_pr_curves(truth, test_proba, labels=data.classes)
@@ -1054,3 +1191,99 @@ def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
     with extra_callbacks(callbacks):
         namespace = run_in_process(NOTEBOOK, parameters=dict(params))
     return namespace["result"]
+
+
+# --------------------------------------------------------------------------- prediction on new recordings
+
+
+def save_predictor(run, model, data: HeartSoundData, *, test_proba: np.ndarray | None = None):
+    """Write what predicting on new recordings needs into ``run``'s folder (see :mod:`workbench.predict`).
+
+    The state: the task and its classes, the sample rate every recording is resampled to, the
+    window length and overlap, and the architecture. ``test_proba`` (per test recording) goes to
+    ``test_predictions.csv``, indexed by the recordings' file names.
+    """
+    if run is None:
+        return None
+    from ..transfer import unwrap
+
+    inner = unwrap(model)
+    widths = [m[0].out_channels for m in inner.encoder.blocks] if hasattr(inner.encoder, "blocks") else None
+    state = {"task": data.task, "classes": data.classes, "sample_rate": data.sample_rate,
+             "segment_seconds": data.segment_seconds, "overlap": data.overlap,
+             "widths": widths or list(DEFAULTS["widths"]), "dropout": float(inner.head[0].p), "source": data.source}
+    test = None
+    if test_proba is not None:
+        names = [data.recordings[i].name or data.recordings[i].patient for i in data.test_idx]
+        test = _predictions(np.asarray(test_proba), names, data.classes,
+                            AlignmentReport(what="recordings", n_samples=len(names)))
+    return _save_predictor(run, model, task=__name__, state=state, test_predictions=test)
+
+
+def _predictions(proba: np.ndarray, names, classes, report) -> Predictions:
+    return class_predictions(proba, names, classes, report, index_name="recording", task=__name__)
+
+
+class HeartSoundPredictor(Predictor):
+    """A heart-sound run's classifier with its sample rate and windows: classifies new recordings.
+
+    Give a folder (every ``.wav`` under it, in any layout; labels are not needed) or one wav
+    file. Each recording is read, mixed down to mono, resampled to the run's sample rate (the
+    report says how many, from which rate), band-passed and scaled as in training, cut into the
+    run's windows; its probabilities are the mean of its windows'. Recordings shorter than
+    :data:`MIN_SECONDS` are skipped and counted.
+    """
+
+    accepts = ("recordings",)
+    outputs = ("probabilities", "embedding")
+
+    def __init__(self, path, record):
+        super().__init__(path, record)
+        s = self.state
+        self.classes, self.sample_rate = list(s["classes"]), int(s["sample_rate"])
+        self.window = int(round(s["segment_seconds"] * self.sample_rate))
+        self.hop = max(1, int(round(self.window * (1 - s["overlap"]))))
+        self.model = self.load_weights(HeartSoundClassifier(len(self.classes), sample_rate=self.sample_rate,
+                                                            widths=tuple(s["widths"]), dropout=s["dropout"]))
+
+    def predict(self, data, *, output: str = "probabilities", batch_size: int = 256) -> Predictions:
+        """Per-recording class probabilities and label (or the mean window embedding, ``output="embedding"``)."""
+        self.check_output(output)
+        self.check_input(data)
+        root = Path(data)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        reader = _Reader(self.sample_rate)
+        names, signals = [], []
+        for path in files:
+            signal = reader(path)
+            if signal is not None:
+                names.append(path.name if root.is_file() else str(path.relative_to(root)))
+                signals.append(signal)
+        report = AlignmentReport(what="recordings", n_samples=len(names), notes=reader.notes())
+        if not signals:
+            raise PredictError(f"{root}: no recording could be read (all {len(files)} shorter than {MIN_SECONDS:g} s); "
+                               "give recordings of at least that length.")
+        windows = [audio.frame(s, size=self.window, hop=self.hop) for s in signals]
+        owner = np.concatenate([np.full(len(w), k) for k, w in enumerate(windows)])
+        X = to_model(torch.from_numpy(np.concatenate(windows)), self.model)
+        counts = np.bincount(owner, minlength=len(signals))[:, None]
+        with torch.no_grad():
+            if output == "embedding":
+                parts = [self.model.encoder(X[k:k + batch_size]) for k in range(0, len(X), batch_size)]
+            else:
+                parts = [F.softmax(self.model(X[k:k + batch_size]), dim=1) for k in range(0, len(X), batch_size)]
+        values = to_numpy(torch.cat(parts))
+        out = np.zeros((len(signals), values.shape[1]))
+        np.add.at(out, owner, values)
+        out = out / counts
+        if output == "embedding":
+            import pandas as pd
+
+            frame = pd.DataFrame(out, index=pd.Index(names, name="recording"),
+                                 columns=[f"dim_{i}" for i in range(out.shape[1])])
+            return Predictions(frame, report=report, output="embedding", embedding=out, task=__name__)
+        return _predictions(out, names, self.classes, report)
+
+
+#: The class :func:`workbench.load_run` makes for a heart-sound run folder.
+PREDICTOR = HeartSoundPredictor

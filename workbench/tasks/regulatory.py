@@ -32,18 +32,21 @@ Model
     concatenation and a 2-layer MLP.
 Pretraining
     Supervised, on the source conditions; cached by fingerprint (data content, source rows,
-    every setting), see :mod:`workbench.cache`.
+    vocabularies, every setting, the code), see :mod:`workbench.cache`. It reads nothing else of
+    the split: the numeric features' statistics come from the source rows alone.
 Fine-tuning
     ``full`` (every weight) or ``lora`` (peft adapters on the encoder's and head's linear
-    layers, the condition embeddings trained in full), see :mod:`workbench.lora`.
+    layers, the condition embeddings trained in full), see :mod:`workbench.lora`. A LoRA run's
+    checkpoints (``best.safetensors``, ``last.pt``) hold the trainable tensors only, beside the
+    base weights they adapt (``checkpoints/base.safetensors``).
 Baseline
     Ridge regression on the same features (flattened motifs and accessibility, one-hot
-    categoricals, numeric features) and the same labelled rows (source + new-condition train).
+    categoricals, numeric features) and the rows whose expression the model learnt from: the
+    new-condition train rows, and the source rows when the model was pretrained on them here.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -63,15 +66,16 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
+from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
-from ..training import Callback
 from ..transfer import unwrap
 
 __all__ = [
     "DEFAULTS", "CATEGORICAL", "NUMERIC", "TARGET", "RegulatoryData", "ConditionEncoder", "RegulatoryModel",
     "simulate", "read_csv", "write_csv", "read_zarr", "write_zarr", "load", "build_model", "pretrain", "pretrained", "load_checkpoint",
-    "prepare", "LoraCheckpoint", "finetune", "predict", "baseline", "evaluate", "permutation_importance", "run_workflow",
-    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "LEGACY_KEY_MAP",
+    "prepare", "finetune", "fit_rows", "predict", "baseline", "evaluate", "permutation_importance", "run_workflow",
+    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "LEGACY_KEY_MAP", "save_predictor", "RegulatoryPredictor", "PREDICTOR",
 ]
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "regulatory_lora.ipynb"
@@ -450,9 +454,9 @@ class RegulatoryData:
     def n_channels(self) -> int:
         return self.regions.shape[2]
 
-    def numeric_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of the numeric features over the labelled rows."""
-        labelled = np.concatenate([self.source_idx, self.train_idx])
+    def numeric_stats(self, idx=None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the numeric features over rows ``idx`` (default: the labelled rows)."""
+        labelled = np.concatenate([self.source_idx, self.train_idx]) if idx is None else np.asarray(idx)
         values = self.conditions[list(NUMERIC)].iloc[labelled].to_numpy(dtype=np.float64)
         std = values.std(axis=0)
         return values.mean(axis=0).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
@@ -661,10 +665,14 @@ class RegulatoryModel(nn.Module):
         return F.mse_loss(self(regions, categorical, numeric), y)
 
 
-def build_model(data: RegulatoryData, **overrides) -> RegulatoryModel:
-    """The model for ``data``'s layout and vocabularies, numeric statistics from its labelled rows."""
+def build_model(data: RegulatoryData, *, numeric_rows=None, **overrides) -> RegulatoryModel:
+    """The model for ``data``'s layout and vocabularies, numeric statistics from rows ``numeric_rows``.
+
+    ``numeric_rows`` defaults to the labelled rows (source and fine-tuning train); pretraining
+    passes the source rows, so that its cached checkpoint depends on nothing else of the split.
+    """
     cfg = {**DEFAULTS, **overrides}
-    mean, std = data.numeric_stats()
+    mean, std = data.numeric_stats(numeric_rows)
     return RegulatoryModel(
         data.n_regions, data.n_channels, {c: len(v) for c, v in data.vocab.items()}, len(NUMERIC),
         width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"], ff_mult=cfg["ff_mult"],
@@ -680,8 +688,10 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
              dtype=None, **overrides) -> Path:
     """Train the model on the source conditions; return ``pretrained.safetensors`` (cached by fingerprint).
 
-    The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``
-    and every setting in :data:`PRETRAIN_SETTINGS`; an entry is reused only when all are equal.
+    The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``,
+    every setting in :data:`PRETRAIN_SETTINGS` and the code; an entry is reused only when all are
+    equal. The build reads nothing else: the numeric statistics (buffers in the checkpoint) come
+    from the source rows, not from the fine-tuning rows of the split that happened to build it.
     """
     if len(data.source_idx) == 0:
         raise ValueError(f"{data.source} has no source rows (set=source) to pretrain on. Add them, or use "
@@ -696,7 +706,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
         from ..training import fit
 
         torch.manual_seed(seed)
-        model = build_model(data, **cfg)
+        model = build_model(data, numeric_rows=data.source_idx, **cfg)
         run = Run(folder / "run", params=settings, resume=True)
         batches = data.batches(data.source_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
@@ -743,8 +753,13 @@ def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, key
 
 
 
-def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4):
-    """``(model to train, report)``: the model itself for ``full``; peft-wrapped for ``lora``."""
+def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4, run=None):
+    """``(model to train, report)``: the model itself for ``full``; peft-wrapped for ``lora``.
+
+    With a ``run``, a LoRA run's folder keeps the base weights the adapters are trained on
+    (``checkpoints/base.safetensors``, written before the adapters are put on): its checkpoints
+    hold the trainable tensors only, and the cache that held the pretrained weights is not durable.
+    """
     from ..transfer import apply_strategy
 
     if method not in FINETUNE_METHODS:
@@ -753,51 +768,21 @@ def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4):
         return model, apply_strategy(model, "full")
     from ..lora import apply_lora
 
+    if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
+        save_weights(model, run.checkpoints / "base.safetensors",
+                     metadata={"what": "the base weights the LoRA adapters of this run adapt", "rank": rank})
     return apply_lora(model, rank=rank)
-
-
-class LoraCheckpoint(Callback):
-    """Checkpoints of a LoRA run: only the trainable tensors (adapters, fully trained parts).
-
-    It stands in for fit's own checkpointing, which writes the whole model (``best.safetensors``
-    and ``last.pt``) every time: it logs each epoch to the run, keeps the best epoch's trainable
-    tensors by ``monitor`` (lower is better) in ``checkpoints/best_trainable.safetensors``, writes
-    ``epochNNN_trainable.safetensors`` every ``every_n_epochs`` epochs, and puts the best tensors
-    back into the model when training ends. A LoRA run therefore has no ``last.pt`` to resume from.
-    """
-
-    def __init__(self, run, *, monitor: str, every_n_epochs: int | None = None):
-        self.run, self.monitor, self.every = run, monitor, every_n_epochs
-        self.best, self.best_state = None, None
-
-    def on_validation_end(self, trainer, logs):
-        from ..lora import trainable_state
-
-        if self.run is not None:
-            self.run.log(logs)
-        value = logs[self.monitor]
-        if math.isfinite(value) and (self.best is None or value <= self.best):  # a tie goes to the later epoch
-            self.best, self.best_state = value, trainable_state(trainer.model)
-            if self.run is not None:
-                save_weights(self.best_state, self.run.checkpoints / "best_trainable.safetensors",
-                             metadata={"epoch": trainer.epoch, self.monitor: value})
-        if self.run is not None and self.every and (trainer.epoch + 1) % self.every == 0:
-            save_weights(trainable_state(trainer.model),
-                         self.run.checkpoints / f"epoch{trainer.epoch:03d}_trainable.safetensors",
-                         metadata={"epoch": trainer.epoch, self.monitor: value})
-
-    def on_fit_end(self, trainer):
-        if self.best_state is not None:
-            unwrap(trainer.model).load_state_dict(self.best_state, strict=False)
 
 
 def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, batch_size: int = 64,
              warmup_ratio: float = 0.1, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
-             progress: bool = True, device="auto", dtype=None):
+             resume: bool = False, progress: bool = True, device="auto", dtype=None):
     """Fine-tune on the new-condition train rows, pick the epoch with the lowest ``val_loss``.
 
     ``model`` is what :func:`prepare` returned. A LoRA model (peft) keeps its own freezing and
-    its checkpoints hold only the trainable tensors (``save_every`` epochs and the best one).
+    its checkpoints (``best.safetensors``, every ``save_every`` epochs, ``last.pt``) hold only
+    the trainable tensors (:func:`workbench.lora.checkpoint_state`). ``resume=True`` continues
+    from ``run``'s ``last.pt`` (open it with ``Run(..., resume=True)``), LoRA or not.
     """
     from ..training import fit
 
@@ -806,14 +791,13 @@ def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, 
     batches = data.batches(data.train_idx, batch_size=batch_size, shuffle=True, seed=seed)
     val = data.batches(data.val_idx, batch_size=512) if has_val else None
     monitor = "val_loss" if has_val else "train_loss"
-    common = dict(epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"], schedule="cosine",
-                  warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress, seed=seed, log_every=100,
-                  device=device, dtype=dtype)
+    state_fn = None
     if is_lora:
-        checkpoint = LoraCheckpoint(run, monitor=monitor, every_n_epochs=save_every)
-        return fit(model, batches, strategy=None, callbacks=[checkpoint, *callbacks], **common)
-    return fit(model, batches, strategy="full", restore_best=True, run=run, save_every=save_every,
-               callbacks=callbacks, **common)
+        from ..lora import checkpoint_state as state_fn
+    return fit(model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+               schedule="cosine", warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress,
+               seed=seed, log_every=100, strategy=None if is_lora else "full", restore_best=True, run=run,
+               resume=resume, save_every=save_every, state_fn=state_fn, callbacks=callbacks, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -838,11 +822,23 @@ def _baseline_features(data: RegulatoryData, idx) -> np.ndarray:
     return np.concatenate([data.regions[idx].reshape(len(idx), -1), *onehot, numeric], axis=1).astype(np.float32)
 
 
-def baseline(data: RegulatoryData) -> np.ndarray:
-    """Ridge regression on the same features and labelled rows; predictions for the test rows."""
+def fit_rows(data: RegulatoryData, *, pretrained_checkpoint: str = "pretrain") -> np.ndarray:
+    """The rows whose expression the model learnt from, so the baseline fits the same ones.
+
+    The fine-tuning train rows, and the source rows when the model was pretrained on them here
+    (``pretrained_checkpoint="pretrain"``). From scratch, or from a checkpoint made elsewhere,
+    the train rows alone.
+    """
+    if pretrained_checkpoint == "pretrain":
+        return np.concatenate([data.source_idx, data.train_idx])
+    return np.asarray(data.train_idx)
+
+
+def baseline(data: RegulatoryData, *, rows=None) -> np.ndarray:
+    """Ridge regression on the same features, fit on ``rows`` (default: source + train); test predictions."""
     from sklearn.linear_model import RidgeCV
 
-    labelled = np.concatenate([data.source_idx, data.train_idx])
+    labelled = np.concatenate([data.source_idx, data.train_idx]) if rows is None else np.asarray(rows)
     ridge = RidgeCV(alphas=np.logspace(-2, 3, 12)).fit(_baseline_features(data, labelled), data.y[labelled])
     return ridge.predict(_baseline_features(data, data.test_idx))
 
@@ -892,22 +888,34 @@ class Evaluation:
         return repr(self.table) + "\n" + self.per_condition.to_string()
 
 
-def evaluate(model, data: RegulatoryData, *, run=None, extra: Mapping | None = None) -> Evaluation:
-    """Score the test rows beside ridge regression; write predictions.csv, metrics.json, final_metrics.json."""
+def evaluate(model, data: RegulatoryData, *, run=None, pretrained_checkpoint: str = "pretrain",
+             extra: Mapping | None = None) -> Evaluation:
+    """Score the test rows beside ridge regression; write predictions.csv, metrics.json, final_metrics.json.
+
+    ``pretrained_checkpoint`` is the parameter the model was made with: ridge regression fits the
+    rows the model learnt from (:func:`fit_rows`); ``n_train`` and ``baseline_n_train`` say how many.
+
+    With a ``run``, its folder also gets what predicting on new samples needs (:func:`save_predictor`).
+    """
     pred = predict(model, data, data.test_idx)
+    save_predictor(run, model, data, test_predictions=pred)
     truth = data.y[data.test_idx]
     groups = data.condition_names[data.test_idx]
+    rows = fit_rows(data, pretrained_checkpoint=pretrained_checkpoint)
     ours = grouped_regression_metrics(truth, pred, groups)
-    base = grouped_regression_metrics(truth, baseline(data), groups)
+    base = grouped_regression_metrics(truth, baseline(data, rows=rows), groups)
     keys = ("pearson", "spearman", "r2", "mse")
     overall, base_overall = ours.loc["overall", list(keys)].to_dict(), base.loc["overall", list(keys)].to_dict()
     table = MetricsTable({"fine-tuned model": overall, "baseline (ridge regression)": base_overall})
     final = {f"test_{k}": float(v) for k, v in overall.items()} | {f"baseline_test_{k}": float(v) for k, v in base_overall.items()}
+    n_model = len(data.train_idx) + (len(data.source_idx) if pretrained_checkpoint == "pretrain" else 0)
+    final |= {"n_train": n_model, "baseline_n_train": len(rows)}
     final |= {k: float(v) for k, v in dict(extra or {}).items()}
     predictions = pd.DataFrame({"row": data.test_idx, "condition": groups, "true": truth, "predicted": pred,
                                 "residual": pred - truth})
     if run is not None:
-        predictions.to_csv(run.path / "predictions.csv", index=False)
+        if run.writes:  # under torchrun, rank 0 alone writes the run folder
+            predictions.to_csv(run.path / "predictions.csv", index=False)
         run.save_json("metrics.json", {"overall": overall, "baseline": base_overall,
                                        "per_condition": ours.drop(index="overall").to_dict(orient="index")})
         final = run.finish(final)
@@ -922,3 +930,176 @@ def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
     with extra_callbacks(callbacks):
         namespace = run_in_process(NOTEBOOK, parameters=dict(params))
     return namespace["result"]
+
+
+# --------------------------------------------------------------------------- prediction on new samples
+
+#: Columns of a table that name or score a sample rather than describe it: not counted as extra fields.
+ID_COLUMNS = ("gene", "condition", "set", TARGET)
+
+
+def _model_settings(model) -> dict:
+    """The architecture of a (possibly peft-wrapped) :class:`RegulatoryModel`, read from its layers."""
+    inner = unwrap(model)
+    block = inner.encoder[0]
+    width = inner.position.shape[1]
+    return {"width": int(width), "layers": len(inner.encoder), "heads": int(block.heads),
+            "ff_mult": int(block.ff1.out_features // width),
+            "condition_dim": int((inner.condition_token.in_features - len(NUMERIC)) // len(CATEGORICAL)),
+            "fusion_hidden": int(inner.head[0].out_features), "dropout": float(block.dropout)}
+
+
+def save_predictor(run, model, data: RegulatoryData, *, test_predictions: np.ndarray | None = None):
+    """Write what predicting on new samples needs into ``run``'s folder (see :mod:`workbench.predict`).
+
+    The state: the layout (regions, motifs), the vocabularies (index 0 is unknown) and the
+    architecture; the numeric statistics are buffers of the weights. A LoRA model is kept as
+    its adapters plus the base weights they were trained on (``adapters/``, see
+    :func:`workbench.lora.save_adapters`), never only in the cache; a fully fine-tuned model as
+    its weights. ``test_predictions`` (of ``data.test_idx``) go to ``test_predictions.csv``.
+    """
+    if run is None:
+        return None
+    is_lora = hasattr(model, "peft_config")
+    weights = None
+    if is_lora and getattr(run, "writes", True):
+        from ..lora import save_adapters
+
+        save_adapters(model, run.path / "adapters")
+        weights = "adapters"
+    state = {"n_regions": data.n_regions, "n_motifs": data.n_channels - 1, "vocab": data.vocab,
+             "categorical": list(CATEGORICAL), "numeric": list(NUMERIC), "finetune": "lora" if is_lora else "full",
+             "source": data.source, **_model_settings(model)}
+    test = None
+    if test_predictions is not None:
+        report = AlignmentReport(what="fields", n_model=len(_fields(data.n_regions, data.n_channels - 1)),
+                                 n_samples=len(data.test_idx))
+        report.n_data = report.matched = report.n_model
+        test = _predictions(np.asarray(test_predictions), data.conditions.iloc[data.test_idx], data.test_idx, report,
+                            genes=None)
+    return _save_predictor(run, model, task=__name__, state=state, test_predictions=test, weights=weights)
+
+
+def _fields(n_regions: int, n_motifs: int) -> list[str]:
+    return [*CATEGORICAL, *NUMERIC, *(f"r{r}_m{m}" for r in range(n_regions) for m in range(n_motifs)),
+            *(f"r{r}_access" for r in range(n_regions))]
+
+
+def _predictions(values: np.ndarray, frame: pd.DataFrame, rows, report, *, genes=None) -> Predictions:
+    out = pd.DataFrame({"predicted_expression": values}, index=pd.Index(np.asarray(rows), name="row"))
+    if genes is not None:
+        out.insert(0, "gene", np.asarray(genes))
+    return Predictions(out, report=report, output="values", task=__name__)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        return read_zarr(path)
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], sep="\t" if suffix == ".tsv" else ",",
+                       dtype={c: str for c in (*CATEGORICAL, "gene", "condition", "set")})
+
+
+class RegulatoryPredictor(Predictor):
+    """A regulatory run's model (merged from nothing: base + adapters for LoRA), its vocabularies and layout.
+
+    Predicts expression for a table of samples in the CSV layout of :func:`read_csv` (the target
+    column is not needed), a parquet file or a GET-style zarr store. Columns are matched by name:
+    a missing motif or accessibility column is filled with 0, a missing categorical one is
+    "unknown", a missing numeric one takes the training mean (refused above ``max_missing`` of
+    all fields); a category never seen in training gets the unknown index, counted per column.
+    """
+
+    accepts = ("table", "zarr")
+    outputs = ("values",)
+
+    def __init__(self, path, record):
+        super().__init__(path, record)
+        s = self.state
+        self.vocab = {k: list(v) for k, v in s["vocab"].items()}
+        self.fields = _fields(s["n_regions"], s["n_motifs"])
+        model = RegulatoryModel(
+            s["n_regions"], s["n_motifs"] + 1, {c: len(v) for c, v in self.vocab.items()}, len(NUMERIC),
+            width=s["width"], layers=s["layers"], heads=s["heads"], ff_mult=s["ff_mult"],
+            condition_dim=s["condition_dim"], fusion_hidden=s["fusion_hidden"], dropout=s["dropout"])
+        if s.get("finetune") == "lora":
+            from ..lora import load_adapters
+
+            folder = self.path / self.record["weights"]
+            if not (folder / "base.safetensors").is_file():
+                raise PredictError(f"{folder} holds no base.safetensors: the adapters cannot be applied without the "
+                                   "base weights they were trained on. Run the notebook again into a new folder.")
+            self.model = load_adapters(model, folder).eval()
+        else:
+            self.model = self.load_weights(model)
+
+    def predict(self, data, *, output: str = "values", batch_size: int = 512,
+                max_missing: float = MAX_MISSING) -> Predictions:
+        """Predicted expression, one row per sample of ``data`` (a DataFrame, or a .csv/.parquet/.zarr path)."""
+        self.check_output(output)
+        self.check_input(data)
+        if isinstance(data, (str, os.PathLike)):
+            frame, where = _read_table(Path(data)), Path(data).name
+        elif isinstance(data, pd.DataFrame):
+            frame, where = data, "the table"
+        else:
+            raise PredictError(f"cannot predict on a {type(data).__name__}: give a DataFrame or the path of a "
+                               ".csv, .parquet or .zarr table.")
+        frame = frame.reset_index(drop=True)
+        columns = [c for c in frame.columns if c not in ID_COLUMNS]
+        _, report = align_names(columns, self.fields, what="fields", max_missing=max_missing, where=where)
+        report.n_samples = len(frame)
+        inner = unwrap(self.model)
+        mean = inner.conditions.original_module.numeric_mean if hasattr(inner.conditions, "original_module") \
+            else inner.conditions.numeric_mean
+        filled = {}
+        for i, column in enumerate(NUMERIC):
+            if column not in frame:
+                filled[column] = float(mean[i])
+        if filled:
+            report.notes.append("numeric fields missing, set to their training mean: "
+                                + ", ".join(f"{k}={v:g}" for k, v in filled.items()))
+        n = len(frame)
+        numeric = np.empty((n, len(NUMERIC)), dtype=np.float32)
+        for i, column in enumerate(NUMERIC):
+            numeric[:, i] = filled[column] if column in filled else _numbers(frame, column, where)
+        codes = np.zeros((n, len(CATEGORICAL)), dtype=np.int64)
+        for i, column in enumerate(CATEGORICAL):
+            if column not in frame:
+                continue
+            lookup = {value: k for k, value in enumerate(self.vocab[column])}
+            values = frame[column].fillna("").astype(str).to_numpy()
+            codes[:, i] = [lookup.get(v, 0) for v in values]
+            unknown = int(sum(v not in lookup for v in values))
+            if unknown:
+                report.unknown[column] = unknown
+        s = self.state
+        regions = np.zeros((n, s["n_regions"], s["n_motifs"] + 1), dtype=np.float32)
+        for r in range(s["n_regions"]):
+            for m in range(s["n_motifs"]):
+                if f"r{r}_m{m}" in frame:
+                    regions[:, r, m] = _numbers(frame, f"r{r}_m{m}", where)
+            if f"r{r}_access" in frame:
+                regions[:, r, s["n_motifs"]] = _numbers(frame, f"r{r}_access", where)
+        tensors = to_model((torch.from_numpy(regions), torch.from_numpy(codes), torch.from_numpy(numeric)), self.model)
+        with torch.no_grad():
+            parts = [self.model(*(t[a:a + batch_size] for t in tensors)) for a in range(0, n, batch_size)]
+        values = to_numpy(torch.cat(parts)) if parts else np.zeros(0, np.float32)
+        return _predictions(values, frame, np.arange(n), report,
+                            genes=frame["gene"].to_numpy() if "gene" in frame else None)
+
+
+def _numbers(frame: pd.DataFrame, column: str, where: str) -> np.ndarray:
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = values.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise PredictError(f"{where}: column {column!r} must be numeric, but row {row} holds "
+                           f"{frame[column].iloc[row]!r} ({int(bad.sum())} such row(s)). Fix or drop those rows.")
+    return values.to_numpy(np.float32)
+
+
+#: The class :func:`workbench.load_run` makes for a regulatory run folder.
+PREDICTOR = RegulatoryPredictor

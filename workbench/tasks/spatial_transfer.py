@@ -47,8 +47,9 @@ Cross-validation
     slide's graph (its features are seen, its targets are not). A random ``val_fraction`` of the
     training spots picks the epoch (early stopping with ``patience`` / ``min_delta``).
 Baseline
-    Ridge regression (alpha by internal CV) per fold on the same spots, with the same inputs the
-    GNN sees at one hop: a spot's features and the mean features of its graph neighbours.
+    Ridge regression (alpha by internal CV) per fold on the same spots the model is fit on (not
+    its validation spots), with the same inputs the GNN sees at one hop: a spot's features and
+    the mean features of its graph neighbours.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, fold_summary, regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..predict import AlignmentReport, Predictions, PredictError, Predictor
+from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
 
 __all__ = [
@@ -787,7 +790,7 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
 
     cfg = {**DEFAULTS, **overrides}
     data = study.spatial
-    rows, predictions, histories = {}, {}, {}
+    rows, predictions, histories, fold_models = {}, {}, {}, []
     for name, train, test in cv_splits(data, cv=cv, folds=folds, held_out=held_out, seed=seed):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # by name: a fold is the same in any run
         shuffled = rng.permutation(train)
@@ -804,8 +807,9 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
         pred = predict(model, data, scaler, test_slides)[test]
         truth = data.targets[test]
         ours = regression_metrics(truth, pred, prefix="test_")
-        base = regression_metrics(truth, baseline(data, train, test), prefix="baseline_test_")
-        row = {"train_spots": len(fit_idx), "val_spots": len(val), "test_spots": len(test),
+        base = regression_metrics(truth, baseline(data, fit_idx, test), prefix="baseline_test_")
+        row = {"train_spots": len(fit_idx), "baseline_train_spots": len(fit_idx), "val_spots": len(val),
+               "test_spots": len(test),
                "best_epoch": history.best_epoch, "epochs_run": len(history.rows)}
         row |= {k: ours[k] for k in ("test_pearson", "test_mean_pearson", "test_mse")}
         row |= {k: base[k] for k in ("baseline_test_pearson", "baseline_test_mean_pearson", "baseline_test_mse")}
@@ -815,13 +819,16 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
         rows[name] = row
         predictions[name] = _long_predictions(data, test, truth, pred)
         histories[name] = history
-        if run is not None:
+        if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
             folder = run.path / "folds" / name
             folder.mkdir(parents=True, exist_ok=True)
             run.save_json(f"folds/{name}/metrics.json", {**row, "test_slides": test_slides,
                                                           "stop_reason": history.stop_reason})
             predictions[name].to_csv(folder / "predictions.csv", index=False)
             plot_history(history).savefig(folder / "curves.png", dpi=90, bbox_inches="tight")
+            fold_models.append(_save_fold(run, name, model, scaler, test_slides, data.spot_ids[test], pred))
+    if run is not None:
+        save_predictor(run, data, fold_models, cfg)
     per_fold = pd.DataFrame.from_dict(rows, orient="index").rename_axis("fold")
     summary = fold_summary(per_fold, [c for c in per_fold.columns if c.startswith(("test_", "baseline_test_"))
                                       and c != "test_spots"])
@@ -836,6 +843,9 @@ def evaluate(result: CVResult, *, run=None, extra: Mapping | None = None) -> CVR
         final[metric] = float(row["mean"])
         final[f"{metric}_std"] = float(row["std"])
     final["folds"] = len(result.per_fold)
+    # spots the model and ridge regression were fit on, mean over folds
+    final["n_train"] = float(result.per_fold["train_spots"].mean())
+    final["baseline_n_train"] = float(result.per_fold["baseline_train_spots"].mean())
     final |= {k: float(v) for k, v in dict(extra or {}).items()}
     if run is not None:
         run.save_json("cv_summary.json", {"summary": result.summary.drop(columns="mean ± std").to_dict(orient="index"),
@@ -853,3 +863,132 @@ def run_workflow(params: Mapping, *, callbacks=()) -> CVResult:
     with extra_callbacks(callbacks):
         namespace = run_in_process(NOTEBOOK, parameters=dict(params))
     return namespace["result"]
+
+
+# --------------------------------------------------------------------------- prediction on new slides
+
+
+def _save_fold(run, name: str, model, scaler: Scaler, test_slides, spot_ids, pred) -> dict:
+    """One fold's model and scaler in ``folds/<name>/`` (for :class:`SpatialPredictor`), and its test predictions."""
+    weights = f"folds/{name}/model.safetensors"
+    if getattr(run, "writes", True):
+        from ..transfer import unwrap
+
+        save_weights(unwrap(model), run.path / weights)
+    return {"name": name, "weights": weights, "test_slides": list(test_slides),
+            "scaler": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in vars(scaler).items()},
+            "test_spots": np.asarray(spot_ids).astype(str).tolist(), "_pred": pred}
+
+
+def save_predictor(run, data: SpotData, folds: list[dict], cfg: Mapping):
+    """Write what predicting on new slides needs into ``run``'s folder (see :mod:`workbench.predict`).
+
+    The state: the target genes, the number of spot features, the graph settings, the
+    architecture, and per fold its weights (``folds/<fold>/model.safetensors``) and its scaler
+    (feature and target means and standard deviations of its training spots). The test spots'
+    predictions of every fold (each spot is tested once) go to ``test_predictions.csv``.
+    """
+    if run is None or not folds:
+        return None
+    settings = {k: cfg[k] for k in ("hidden", "gat_heads", "d_model", "heads", "ff", "dropout", "spatial_layers",
+                                    "neighbours", "radius")}
+    state = {"genes": list(data.genes), "n_features": int(data.n_features), "source": data.source, **settings,
+             "folds": [{k: v for k, v in fold.items() if not k.startswith("_")} for fold in folds]}
+    values = np.concatenate([fold["_pred"] for fold in folds])
+    spots = [spot for fold in folds for spot in fold["test_spots"]]
+    report = AlignmentReport(what="features", n_model=data.n_features, n_data=data.n_features,
+                             matched=data.n_features, n_samples=len(spots))
+    test = _predictions(values, spots, data.genes, report)
+    return _save_predictor(run, None, task=__name__, state=state, test_predictions=test, weights="folds")
+
+
+def _predictions(values: np.ndarray, spots, genes, report, *, source=None) -> Predictions:
+    frame = pd.DataFrame(values, index=pd.Index(list(spots), name="spot"), columns=list(genes))
+    return Predictions(frame, report=report, output="values", source=source, task=__name__)
+
+
+class SpatialPredictor(Predictor):
+    """A spatial run's fold models and scalers: predicts the target genes of the spots of new slides.
+
+    Input: a Visium-style .h5ad (``obsm['spatial']`` coordinates, ``obsm[features_key]`` spot
+    features with the run's number of columns, ``obs[slide_key]`` slides; ``X`` is not needed).
+    Each slide's spots get their graph as in training. The prediction is the mean of the fold
+    models' (each with its own scaler), or one fold's with ``fold=``.
+    """
+
+    accepts = ("anndata",)
+    outputs = ("values",)
+
+    def __init__(self, path, record):
+        super().__init__(path, record)
+        s = self.state
+        self.genes, self.folds = list(s["genes"]), list(s["folds"])
+        self.models = {}
+        for fold in self.folds:
+            model = SpatialExpressionModel(s["n_features"], len(self.genes), layers=s["spatial_layers"],
+                                           hidden=s["hidden"], gat_heads=s["gat_heads"], d_model=s["d_model"],
+                                           heads=s["heads"], ff=s["ff"], dropout=s["dropout"])
+            from ..checkpoints import read_state_dict
+
+            file = self.path / fold["weights"]
+            if not file.is_file():
+                raise PredictError(f"{self.path} names {fold['weights']} as the weights of fold {fold['name']}, but the "
+                                   "file is gone. Run the notebook again into a new folder.")
+            model.load_state_dict(read_state_dict(file))
+            self.models[fold["name"]] = model.eval()
+
+    def predict(self, data, *, output: str = "values", fold: str | None = None, features_key: str | None = None,
+                slide_key: str | None = None) -> Predictions:
+        """Predicted expression of the run's target genes for every spot of ``data`` (an AnnData or an .h5ad path)."""
+        import anndata
+
+        self.check_output(output)
+        self.check_input(data)
+        params = self._params()
+        features_key = features_key or params.get("features_key", "X_features")
+        slide_key = slide_key or params.get("slide_key", "library_id")
+        adata = anndata.read_h5ad(data) if isinstance(data, (str, os.PathLike)) else data
+        where = Path(data).name if isinstance(data, (str, os.PathLike)) else "the AnnData"
+        if "spatial" not in adata.obsm:
+            raise PredictError(f"{where} has no obsm['spatial'] (spot coordinates; obsm keys: {list(adata.obsm)}). "
+                               "Give a Visium-style .h5ad (scanpy.read_visium / squidpy store them there).")
+        if features_key not in adata.obsm:
+            raise PredictError(f"{where} has no obsm[{features_key!r}], the spot features the model reads (obsm keys: "
+                               f"{list(adata.obsm)}). Compute them as for training, or pass features_key=.")
+        features = np.asarray(adata.obsm[features_key], np.float32)
+        if features.shape[1] != self.state["n_features"]:
+            raise PredictError(f"{where}: obsm[{features_key!r}] has {features.shape[1]} feature columns; the model "
+                               f"reads {self.state['n_features']}. Compute the same features as for training.")
+        chosen = list(self.models) if fold is None else [str(fold)]
+        unknown = [f for f in chosen if f not in self.models]
+        if unknown:
+            raise PredictError(f"fold={fold!r} is not one of this run's folds ({', '.join(self.models)}).")
+        slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key in adata.obs else \
+            np.full(adata.n_obs, Path(where).stem, dtype=object).astype(str)
+        spots = SpotData(features=features, targets=np.zeros((adata.n_obs, len(self.genes)), np.float32),
+                         genes=self.genes, coords=np.asarray(adata.obsm["spatial"], float)[:, :2], slides=slides,
+                         spot_ids=adata.obs_names.to_numpy().astype(str), source=where,
+                         neighbours=self.state["neighbours"], radius=self.state["radius"])
+        folds = {f["name"]: f for f in self.folds}
+        values = np.zeros((adata.n_obs, len(self.genes)), dtype=np.float64)
+        for name in chosen:
+            scaler = Scaler(**{k: np.asarray(v, dtype=np.float32) if "mean" in k or "std" in k else v
+                               for k, v in folds[name]["scaler"].items()})
+            values += predict(self.models[name], spots, scaler, spots.slide_names)
+        values = (values / len(chosen)).astype(np.float32)
+        report = AlignmentReport(what="features", n_model=self.state["n_features"], n_data=features.shape[1],
+                                 matched=features.shape[1], n_samples=adata.n_obs,
+                                 notes=[f"{len(spots.slide_names)} slide(s); " + (
+                                     f"the mean of {len(chosen)} fold models" if len(chosen) > 1
+                                     else f"the model of fold {chosen[0]}")])
+        return _predictions(values, spots.spot_ids, self.genes, report, source=adata)
+
+    def _params(self) -> dict:
+        import json
+
+        file = self.path / "params.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+
+#: The class :func:`workbench.load_run` makes for a spatial run folder.
+PREDICTOR = SpatialPredictor
