@@ -63,7 +63,7 @@ def workflow_inputs(root: Path) -> dict:
 
     return {
         "heart_sound_classification": {"data_path": str(heart_sound.write_layout(
-            root / "physionet", "physionet2016", n_patients=16, seconds=3, seed=1))},
+            root / "physionet", "physionet2016", n_patients=16, seconds=3, seed=7))},
         "event_sequence_classification": {"data_path": str(event_sequence.write_tables(
             *event_sequence.simulate(n_clients=48, max_len=60, seed=0), root / "events.csv")[0])},
         "regulatory_lora": {"data_path": str(regulatory.write_csv(regulatory.simulate(
