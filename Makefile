@@ -34,8 +34,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(WB) run notebooks/cell_type_annotation.ipynb -o runs/demo
 
+# Two pytest workers (pytest-xdist), each taking whole test files (tests of a file share fixtures and run in order).
+# Most tests wait on subprocesses (kernels, torchrun, Dask), so two workers keep both cores busy.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Real-browser tests of `make lab`'s path, the sweep report and the docs site; `make test` skips them
 # (screenshots: runs/browser/). The docs site is built first (a no-op when nothing changed).

@@ -40,7 +40,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .kernels import WarmKernels
 
 __all__ = ["RunResult", "run_notebook", "run_in_process", "notebook_parameters", "notebook_defaults",
            "coerce_parameters", "ensure_kernel", "read_status", "notebook_sha256"]
@@ -385,6 +388,7 @@ def run_notebook(
     log_output: bool = False,
     raise_on_error: bool = False,
     overwrite: bool = False,
+    kernels: WarmKernels | None = None,
 ) -> RunResult:
     """Execute ``notebook`` with ``parameters`` into the run folder ``output_dir``.
 
@@ -411,6 +415,11 @@ def run_notebook(
     overwrite
         Replace a run with other parameters that the folder already holds. Without it such a
         folder is refused (:class:`workbench.tracking.RunFolderError`) before anything is written.
+    kernels
+        A :class:`workbench.kernels.WarmKernels` pool: the run takes its kernel from it (warm, with the
+        workflow's imports done, when the pool has one ready), the pool starts warming the next run's
+        kernel meanwhile, and the run's kernel is shut down when it ends. Without it the run starts a
+        kernel of its own.
 
     Returns
     -------
@@ -428,6 +437,9 @@ def run_notebook(
     """
     notebook = Path(notebook).resolve()
     parameters = dict(parameters or {})
+    if kernels is not None and kernels.kernel_name != kernel_name:
+        raise ValueError(f"kernels runs the kernel {kernels.kernel_name!r}, but kernel_name={kernel_name!r}: "
+                         f"pass WarmKernels(kernel_name={kernel_name!r}), or kernel_name={kernels.kernel_name!r}.")
     if "output_dir" in parameters:
         raise ValueError("parameters must not contain 'output_dir': pass it as run_notebook(..., output_dir=...).")
     values, out = prepare_run_folder(notebook, parameters, output_dir, overwrite=overwrite)
@@ -440,13 +452,17 @@ def run_notebook(
     ensure_kernel(kernel_name)
     start = time.perf_counter()
     error, failed_cell = None, None
+    kernel = kernels.take(notebook) if kernels is not None else None
+    completed = False
     try:
         with _kernel_sockets() as config:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=values, kernel_name=kernel_name,
                 execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config,
-                shutdown_kernel="immediate",
+                shutdown_kernel="immediate", km=None if kernel is None else kernel.manager,
+                engine_name=_engine(),
             )
+        completed = True
     except papermill.PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":
             raise KeyboardInterrupt(f"{notebook.name} was interrupted in cell {err.cell_index + 1}") from None
@@ -459,6 +475,9 @@ def run_notebook(
         failed_cell, source = _last_started_cell(executed)
         error = _describe_failure(failed_cell, source, f"DeadKernelError: the kernel died ({_first_line(str(err))}); "
                                                        "it may have run out of memory")
+    finally:
+        if kernel is not None:  # interrupted or not, the run's kernel ends with the run
+            kernels.release(kernel, notebook, ok=completed)
     seconds = time.perf_counter() - start
 
     metrics = _read_json(out / METRICS_FILE)
@@ -470,6 +489,70 @@ def run_notebook(
     if error is not None and raise_on_error:
         raise RuntimeError(f"{notebook.name} failed: {error} (executed notebook: {executed})")
     return result
+
+
+#: Seconds between two writes of the executed notebook while it runs (it is always written at the start and the end).
+SAVE_EVERY_S = 5.0
+
+
+def _engine() -> str:
+    """papermill's nbclient engine, writing the executed notebook at most every :data:`SAVE_EVERY_S` while it runs.
+
+    papermill writes the whole notebook (figures included) before and after every cell: for a
+    workflow notebook about 45 writes of up to 0.5 MB each, 0.03-0.3 s apiece depending on the
+    machine's load, more than the rest of a warm run's overhead together. The notebook is still
+    written when the run starts and when it ends, however it ends (a failed cell, a timeout, a
+    dead kernel, an interrupt), so the executed notebook and the failing cell it records are
+    the same; a worker killed outright leaves a notebook at most SAVE_EVERY_S old.
+    """
+    global _ENGINE
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    if _ENGINE is not None:
+        return _ENGINE
+
+    class FewerSaves(NotebookExecutionManager):
+        _force = False
+
+        def save(self, **kwargs):
+            if self._force or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY_S:
+                super().save(**kwargs)
+
+        def notebook_start(self, **kwargs):
+            self._force = True
+            try:
+                super().notebook_start(**kwargs)
+            finally:
+                self._force = False
+
+        def notebook_complete(self, **kwargs):
+            self._force = True
+            try:
+                super().notebook_complete(**kwargs)
+            finally:
+                self._force = False
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kwargs):
+            # papermill's Engine.execute_notebook, with the manager above
+            nb_man = FewerSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                                autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("workbench", Engine)
+    _ENGINE = "workbench"
+    return _ENGINE
+
+
+_ENGINE: str | None = None
 
 
 @contextmanager

@@ -499,9 +499,11 @@ def run_sweep(
         todo = [(rid, params) for rid, params in runs
                 if not statuses[rid].get("ok") or (rerun_stale and rid in stale)]
         threads = max(1, available_cpus() // workers)
+        # keep_warm: a worker keeps the next kernel warming while it runs this one, except for the last runs
         jobs = [dict(run_id=rid, notebook=str(spec.notebook), parameters=params,
                      output_dir=str((spec.path / rid).resolve()), kernel_name=kernel_name, timeout=timeout,
-                     threads=threads) for rid, params in todo]
+                     threads=threads, keep_warm=position < len(todo) - workers)
+                for position, (rid, params) in enumerate(todo)]
 
         from tqdm.auto import tqdm
 
@@ -579,6 +581,7 @@ def _execute_job(job: dict) -> dict:
         raises; every failure of the run itself is an outcome.
     """
     from .execute import run_notebook
+    from .kernels import worker_kernels
 
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(job["threads"])  # the kernel inherits this environment
@@ -589,8 +592,12 @@ def _execute_job(job: dict) -> dict:
     try:
         # overwrite: the sweep owns its run folders (a folder's name is the hash of what defines its run), so a
         # re-run replaces what a failed attempt, or an earlier notebook version with other defaults, left there
+        # warm kernels: this run takes the kernel the worker warmed meanwhile (its own, fresh one), see workbench.kernels
+        kernels = worker_kernels(job["kernel_name"])
+        kernels.keep_next = job.get("keep_warm", True)
         result = run_notebook(job["notebook"], parameters=job["parameters"], output_dir=job["output_dir"],
-                              kernel_name=job["kernel_name"], timeout=job["timeout"], overwrite=True)
+                              kernel_name=job["kernel_name"], timeout=job["timeout"], overwrite=True,
+                              kernels=kernels)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - recorded as the run's error; the sweep goes on
@@ -635,7 +642,14 @@ def _local_worker_init(gpu_slots=None) -> None:
 def _worker_sigterm(signum, frame):
     if _BUSY:
         raise KeyboardInterrupt  # unwinds papermill, which shuts the kernel down
+    _close_warm_kernels()
     os._exit(128 + signum)
+
+
+def _close_warm_kernels() -> None:
+    from .kernels import close_worker_kernels
+
+    close_worker_kernels()  # os._exit skips the exit handlers that would stop the spare kernel
 
 
 def _local_job(job: dict) -> dict:
@@ -644,6 +658,7 @@ def _local_job(job: dict) -> dict:
     try:
         return _execute_job(job)
     except KeyboardInterrupt:
+        _close_warm_kernels()
         os._exit(128 + signal.SIGTERM)  # leave the pool: never start another run after an interrupt
     finally:
         _BUSY = False
