@@ -11,7 +11,7 @@ EXTRAS := test,lab,lora,spatial,sequences
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help venv demo test test-browser lab sweep bench docs docs-clean clean
+.PHONY: help venv demo test test-browser lab sweep bench gpu-check docs docs-clean clean
 
 help:
 	@echo "make demo   - cell-type annotation on scanpy's bundled pbmc68k_reduced (real data)"
@@ -20,6 +20,7 @@ help:
 	@echo "make sweep  - constant vs cosine LR sweep (notebooks/sweeps/lr_schedule.yaml)"
 	@echo "make docs   - the docs site into docs/_build/html (executes the workflow notebooks first, cached)"
 	@echo "make bench  - loop parity, DDP scaling, sweep overhead, atlas streaming, CoLES throughput, LoRA memory -> benchmarks/results/"
+	@echo "make gpu-check - every workflow on the GPU vs the CPU, bf16 loop parity, largest batch, fp16 resume, NCCL -> benchmarks/results/gpu_check.json"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/anndata_stream.py
 	$(PY) benchmarks/coles_throughput.py --clients 600 --repeats 5 --threads 1
 	$(PY) benchmarks/lora_memory.py
+
+# Under 5 minutes on one GPU; without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 # The docs site: execute the workflow notebooks at docs/notebooks.yaml's settings (skipped when unchanged), then
 # Sphinx with warnings as errors, offline. Sphinx rebuilds only the pages whose sources changed.

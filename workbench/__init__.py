@@ -31,6 +31,9 @@ _EXPORTS = {
     "lr_find": "lr_range",
     "LRFinderResult": "lr_range",
     "fit": "training",
+    "place": "devices",
+    "to_model": "devices",
+    "to_numpy": "devices",
     "History": "training",
     "Callback": "training",
     "EarlyStopping": "training",
@@ -50,7 +53,8 @@ _EXPORTS = {
     "PredictError": "predict",
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
-               "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli", "predict"}
+               "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli",
+               "predict"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -120,6 +120,10 @@ def augment_views(x, *, rate: int, generator=None, gain_db: float = 6.0, noise_s
     Per row: a circular time shift of up to ``max_shift`` of the length, a gain of
     ``+-gain_db``, Gaussian noise at an SNR drawn from ``noise_snr_db``, and a band-pass whose
     cut-offs are drawn from ``low_jitter`` and ``high_jitter`` (applied in the frequency domain).
+
+    Every random number is drawn on ``x``'s device (a ``generator``, when given, must be of that
+    device; None draws from torch's global RNG of that device), so a batch on a GPU never waits
+    for the host; the noise has ``x``'s dtype.
     """
     import torch
 
@@ -127,18 +131,18 @@ def augment_views(x, *, rate: int, generator=None, gain_db: float = 6.0, noise_s
     g = generator
 
     def uniform(lo, hi, size=(b, 1)):
-        return lo + (hi - lo) * torch.rand(size, generator=g)
+        return lo + (hi - lo) * torch.rand(size, generator=g, device=x.device)
 
     shifts = (uniform(-max_shift, max_shift, (b,)) * n).long()
-    idx = (torch.arange(n).unsqueeze(0) - shifts.unsqueeze(1)) % n
+    idx = (torch.arange(n, device=x.device).unsqueeze(0) - shifts.unsqueeze(1)) % n
     x = torch.gather(x, 1, idx)
     spec = torch.fft.rfft(x, dim=1)
-    freqs = torch.fft.rfftfreq(n, d=1.0 / rate).unsqueeze(0)
+    freqs = torch.fft.rfftfreq(n, d=1.0 / rate, device=x.device).unsqueeze(0)
     low, high = uniform(*low_jitter), uniform(*high_jitter)
     x = torch.fft.irfft(spec * ((freqs >= low) & (freqs <= high)), n=n, dim=1)
     power = x.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
     snr = 10 ** (uniform(*noise_snr_db) / 10)
-    x = x + torch.randn(x.shape, generator=g) * torch.sqrt(power / snr)
+    x = x + torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * torch.sqrt(power / snr)
     return x * 10 ** (uniform(-gain_db, gain_db) / 20)
 
 

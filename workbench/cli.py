@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, default=1,
                      help="train on N processes with torchrun (DDP; rank 0 writes the run folder, no executed "
                           "notebook). Several machines: see `python -m workbench.launch --help` (default: 1)")
+    run.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                     help="process group backend with --nproc: auto is nccl (one GPU per process) when CUDA is "
+                          "available, else gloo; gloo runs CPU processes on a GPU machine too (default: auto)")
     run.set_defaults(command=_cmd_run, name="run")
 
     sweep = commands.add_parser("sweep", help="run a grid sweep from a YAML spec (resumable)")
@@ -176,11 +179,12 @@ def _run_distributed(args, params: dict, out: Path) -> int:
     import subprocess
 
     from .execute import prepare_run_folder
-    from .launch import torchrun_command
+    from .launch import backend_environment, torchrun_command
 
+    env = backend_environment(args.nproc, args.backend)  # refuses --nproc above the GPUs before any work
     _, out = prepare_run_folder(args.notebook, params, out, overwrite=args.overwrite)
     start = time.perf_counter()
-    done = subprocess.run(torchrun_command(args.notebook, params, out, nproc=args.nproc))
+    done = subprocess.run(torchrun_command(args.notebook, params, out, nproc=args.nproc), env=env)
     if done.returncode != 0:
         print(f"workbench run: {args.notebook.name} failed on {args.nproc} processes (exit {done.returncode}); "
               f"the ranks' tracebacks are above. Run folder: {out}", file=sys.stderr)

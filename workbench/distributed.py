@@ -9,7 +9,10 @@ GPUs. A script that calls ``wb.fit`` runs unchanged under::
 
 What changes when ``fit`` finds a process group (see :func:`context`):
 
-* Each process trains on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU.
+* Each process trains on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU (also
+  ``fit(device="cuda:0")``: every rank on its own GPU). The backend is nccl with CUDA, gloo
+  without; ``WORKBENCH_DDP_BACKEND=gloo`` (``workbench run --nproc N --backend gloo``) runs CPU
+  processes on a GPU machine.
 * The model is wrapped in DistributedDataParallel, so gradients are averaged across ranks.
 * ``train_data``: a ``DataLoader`` over a map-style dataset is rebuilt with a
   ``DistributedSampler`` (same batch size *per process*, so the global batch is
@@ -54,6 +57,8 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 #: Seconds a collective (and a barrier while rank 0 writes a checkpoint) may wait before it fails;
 #: ``WORKBENCH_DDP_TIMEOUT_S`` overrides it when ``fit`` starts the process group itself.
 DEFAULT_TIMEOUT_S = 600.0
+#: Environment variable choosing the backend (``nccl`` | ``gloo``); ``workbench run --backend`` sets it.
+BACKEND_VAR = "WORKBENCH_DDP_BACKEND"
 #: Seconds the surviving ranks wait for each other after a collective failed, to name the missing ranks.
 ROLL_CALL_S = 2.0
 
@@ -145,15 +150,14 @@ class DistContext:
         return self.rank == 0
 
     def device(self, wanted=None) -> torch.device:
-        """``wanted``, else ``cuda:LOCAL_RANK`` (distributed) or ``cuda`` when CUDA is available, else the CPU."""
-        if wanted is not None:
-            device = torch.device(wanted)
-            if self.enabled and device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", self.local_rank)
-            return device
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", self.local_rank) if self.enabled else torch.device("cuda")
+        """``wanted`` (see :func:`workbench.devices.resolve_device`; None: ``auto``); distributed, every CUDA
+        device becomes ``cuda:LOCAL_RANK``: each rank trains on its own GPU, whatever index was asked for."""
+        from .devices import resolve_device
+
+        device = resolve_device(wanted)
+        if self.enabled and device.type == "cuda" and device.index != self.local_rank:
+            device = torch.device("cuda", self.local_rank)
+        return device
 
     # ---- collectives (no-ops in one process)
     def barrier(self) -> None:
@@ -322,11 +326,33 @@ def _init_from_env() -> None:
     import torch.distributed as dist
 
     timeout = float(os.environ.get("WORKBENCH_DDP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = choose_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: {count} GPU(s) are visible on this machine and nccl needs one "
+                f"per process. Start at most {count} processes per machine (--nproc {count}), or run CPU "
+                f"processes with gloo ({BACKEND_VAR}=gloo; `workbench run --backend gloo`).")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     atexit.register(_destroy)
+
+
+def choose_backend(environ=None) -> str:
+    """The process group's backend: ``$WORKBENCH_DDP_BACKEND`` (``nccl`` | ``gloo``), else nccl with CUDA, gloo without.
+
+    gloo on a GPU machine means CPU processes: ``device="auto"`` is then the CPU (see :mod:`workbench.devices`).
+    """
+    environ = os.environ if environ is None else environ
+    wanted = environ.get(BACKEND_VAR, "").strip().lower()
+    if wanted:
+        if wanted not in ("nccl", "gloo"):
+            raise ValueError(f"{BACKEND_VAR}={wanted!r} is not one of nccl, gloo.")
+        if wanted == "nccl" and not torch.cuda.is_available():
+            raise ValueError(f"{BACKEND_VAR}=nccl needs CUDA, which is not available here; use gloo.")
+        return wanted
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def _destroy() -> None:

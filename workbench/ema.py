@@ -6,7 +6,7 @@ After every optimizer step the shadow copy moves towards the live weights:
 buffers (``num_batches_tracked``) are copied. This is timm's ``ModelEmaV2`` / ``ModelEmaV3``
 without the decay warmup, done with one fused ``torch._foreach_lerp_`` per step, as ``ModelEmaV3`` does.
 The shadow lives on the model's device, holds plain tensors, and goes into ``last.pt`` so that a resumed
-run continues it bit for bit.
+run continues it bit for bit on the CPU (on a GPU, with ``fit(deterministic=True)``).
 """
 
 from __future__ import annotations

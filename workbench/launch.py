@@ -29,7 +29,33 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "torchrun_command"]
+__all__ = ["main", "torchrun_command", "backend_environment"]
+
+
+def backend_environment(nproc: int, backend: str = "auto", *, gpus: int | None = None, environ=None) -> dict:
+    """The environment of the torchrun processes for ``backend``; a clear error when ``nproc`` exceeds the GPUs.
+
+    ``auto``: nccl with one GPU per process when CUDA is available, else gloo. ``gloo``: CPU
+    processes, also on a GPU machine (``device="auto"`` is then the CPU). ``gpus`` (default:
+    ``torch.cuda.device_count()``) is the number of GPUs this machine's processes can use.
+    """
+    from .distributed import BACKEND_VAR
+
+    env = dict(os.environ if environ is None else environ)
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"backend={backend!r} is not one of auto, nccl, gloo.")
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "auto":
+        backend = "nccl" if gpus else "gloo"
+    if backend == "nccl" and nproc > gpus:
+        fewer = f"Use --nproc {gpus} or fewer, or" if gpus else "Use"
+        raise ValueError(f"--nproc {nproc} with nccl needs {nproc} GPUs (one per process), but {gpus} "
+                         f"{'is' if gpus == 1 else 'are'} visible. {fewer} --backend gloo to run CPU processes.")
+    env[BACKEND_VAR] = backend
+    return env
 
 
 def torchrun_command(notebook, parameters: dict, output_dir, *, nproc: int) -> list[str]:

@@ -182,15 +182,19 @@ def lr_find(
     rule = suggest
     _check(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, rule=rule, beta=beta, diverge=diverge, data=data)
     loss_fn = loss_fn or _default_loss
-    if device is None:
-        device = next(iter(model.parameters()), torch.zeros(())).device
+    from .devices import placement
+
+    dtype = None
+    if device is None:  # where the model is, and its dtype (batches follow it: workbench.devices.to_model)
+        device, dtype = placement(model)
     rng = _rng_state(data)
     with _restored(model, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None):
         try:
             opt = _optimizer(model, optimizer, lr=start_lr, weight_decay=weight_decay,
                              backbone_lr_ratio=backbone_lr_ratio, layer_decay=layer_decay)
-            lrs, losses, stopped = _sweep(model, data, opt, loss_fn=loss_fn, device=device, start_lr=start_lr,
-                                          end_lr=end_lr, num_steps=num_steps, beta=beta, diverge=diverge)
+            lrs, losses, stopped = _sweep(model, data, opt, loss_fn=loss_fn, device=device, dtype=dtype,
+                                          start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, beta=beta,
+                                          diverge=diverge)
         finally:
             _set_rng_state(rng, data)
     smoothed = smooth(losses, beta=beta)
@@ -233,7 +237,7 @@ def _optimizer(model, optimizer, *, lr, weight_decay, backbone_lr_ratio, layer_d
     return _build_optimizer(optimizer, groups, lr=lr)
 
 
-def _sweep(model, data, opt, *, loss_fn, device, start_lr, end_lr, num_steps, beta, diverge):
+def _sweep(model, data, opt, *, loss_fn, device, dtype, start_lr, end_lr, num_steps, beta, diverge):
     """Train at exponentially rising rates; the rates and losses until the end or divergence."""
     from .training import move_to
 
@@ -246,7 +250,7 @@ def _sweep(model, data, opt, *, loss_fn, device, start_lr, end_lr, num_steps, be
         lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
         for group in opt.param_groups:
             group["lr"] = lr * group["initial_ratio"]
-        loss = loss_fn(model, move_to(next(batches), device))
+        loss = loss_fn(model, move_to(next(batches), device, dtype))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

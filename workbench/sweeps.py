@@ -445,6 +445,13 @@ def run_sweep(
         ``"local"``: a pool of ``workers`` spawned processes on this machine. ``"dask"``: tasks on a
         ``distributed`` cluster, the one at ``scheduler`` or a LocalCluster of ``workers``
         single-threaded processes that the sweep starts and stops.
+
+        GPUs (local pool): worker ``k`` sees one GPU, ``CUDA_VISIBLE_DEVICES=gpus[k % len(gpus)]``,
+        where ``gpus`` are the GPUs visible to the driver (its ``CUDA_VISIBLE_DEVICES``, else every
+        ``/dev/nvidiaN``; see :func:`workbench.devices.worker_gpus`). With as many workers as GPUs each
+        run has a GPU to itself; with more, the runs share them round-robin. Without GPUs nothing
+        changes. A Dask cluster places its workers itself (dask-cuda's ``LocalCUDACluster`` gives each
+        worker one GPU).
     scheduler
         Address of a running Dask scheduler (``tcp://host:8786``); only with ``executor="dask"``.
     kernel_name
@@ -619,10 +626,17 @@ def _record_failure(job: dict, error: str) -> dict:
 _BUSY = False
 
 
-def _local_worker_init() -> None:
-    """Worker process setup: the driver decides about interrupts, SIGTERM ends the current run cleanly."""
+def _local_worker_init(gpu_slots=None) -> None:
+    """Worker process setup: the driver decides about interrupts, SIGTERM ends the current run cleanly.
+
+    ``gpu_slots``: a queue of ``CUDA_VISIBLE_DEVICES`` values, one per worker; this worker takes one
+    (its kernels inherit it).
+    """
     signal.signal(signal.SIGINT, lambda signum, frame: None)  # a Ctrl-C reaches the driver too; it stops us
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    gpu = gpu_slots.get() if gpu_slots is not None else None
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def _worker_sigterm(signum, frame):
@@ -655,8 +669,18 @@ def _run_local(jobs: list[dict], *, workers: int, scheduler, on_done) -> dict[st
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_local_worker_init)
+    from .devices import visible_gpus, worker_gpus
+
+    context = multiprocessing.get_context("spawn")
+    n_workers = min(workers, len(jobs))
+    gpus = worker_gpus(n_workers, visible_gpus())
+    gpu_slots = None
+    if any(gpus):
+        gpu_slots = context.Queue()
+        for gpu in gpus:
+            gpu_slots.put(gpu)
+    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context, initializer=_local_worker_init,
+                               initargs=(gpu_slots,))
     outcomes = {}
     try:
         futures = {pool.submit(_local_job, job): job["run_id"] for job in jobs}

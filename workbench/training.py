@@ -9,7 +9,8 @@ only every ``log_every`` steps and at the end of an epoch (see ``benchmarks/loop
 At the end of every epoch, when a run folder is given, the loop writes ``checkpoints/last.pt``
 (model, optimizer, scheduler, RNG states, epoch, step, callback states, history, whether the run
 stopped, and the settings that shape training) atomically, so a run killed at any moment resumes
-with ``resume=True`` to the same final weights, bit for bit on the CPU. A resume with other
+with ``resume=True`` to the same final weights, bit for bit on the CPU (on a GPU only with
+``deterministic=True``, and on as many GPUs). A resume with other
 settings (more epochs, another schedule, batch size, ...) is refused with the list of what
 differs: the schedule was planned for the saved settings, and continuing it under new ones
 would train at the wrong learning rates. A run that finished or stopped early returns its
@@ -56,6 +57,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_state, save_state, save_weights
+from .devices import cuda_rng_states_for, resolve_dtype, set_deterministic, to_device, to_numpy
 from .distributed import DistContext, PerRank, set_epoch
 from .distributed import context as dist_context
 from .ema import ModelEMA
@@ -84,13 +86,13 @@ SETTINGS = ("epochs", "schedule", "warmup_ratio", "min_lr_ratio", "optimizer", "
             "steps_per_epoch", "strategy", "freeze_epochs", "backbone_lr_ratio", "grad_clip", "amp", "seed",
             "world_size", "accumulate", "layer_decay", "ema", "ema_eval",
             # the callbacks' settings: their saved state (best value, wait, top-k) is only meaningful under them
-            "monitor", "mode", "patience", "min_delta", "save_top_k")
+            "monitor", "mode", "patience", "min_delta", "save_top_k", "dtype")
 
 #: What a setting added after a ``last.pt`` was written meant before it existed (so the old state still resumes).
 #: ``monitor`` has no fixed default: before it was recorded it was ``val_loss`` when the run validated, else
 #: ``train_loss`` (read from the saved history, see :func:`_saved_setting`).
 _SETTING_DEFAULTS = {"accumulate": 1, "layer_decay": None, "ema": None, "ema_eval": False,
-                     "mode": "min", "patience": None, "min_delta": 0.0, "save_top_k": 1}
+                     "mode": "min", "patience": None, "min_delta": 0.0, "save_top_k": 1, "dtype": None}
 
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("workbench_extra_callbacks", default=())
 
@@ -414,7 +416,7 @@ class PerSample:
 
     def __init__(self, score: Callable[..., dict], **arrays):
         self.score = score
-        self.arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        self.arrays = {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
                        for k, v in arrays.items()}
 
     def scored(self, dist: DistContext | None = None, *, gather: bool = False) -> dict[str, float]:
@@ -426,18 +428,35 @@ class PerSample:
         return {k: float(v) for k, v in self.score(**arrays).items()}
 
 
-def move_to(batch, device: torch.device):
-    """Move tensors inside nested dicts / lists / tuples (or objects with ``.to``) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [move_to(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    if hasattr(batch, "to"):
-        return batch.to(device)
-    return batch
+def move_to(batch, device: torch.device, dtype: torch.dtype | None = None):
+    """Move tensors inside nested dicts / lists / tuples (or objects with ``.to``) to ``device``.
+
+    The same as :func:`workbench.devices.to_device` (the one device path); floating tensors are cast to ``dtype``
+    when it is given.
+    """
+    return to_device(batch, device, dtype)
+
+
+class _OnDevice:
+    """``data``'s batches moved to ``device`` (and ``dtype``) as they are drawn; other attributes are ``data``'s.
+
+    What :func:`fit` hands to ``evaluate``, so a task's metrics run on the model's device.
+    """
+
+    def __init__(self, data, device, dtype):
+        self.data, self.device, self.dtype = data, device, dtype
+
+    def __iter__(self):
+        for batch in self.data:
+            yield to_device(batch, self.device, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getattr__(self, name):
+        if name == "data":
+            raise AttributeError(name)
+        return getattr(self.data, name)
 
 
 def _default_loss(model, batch):
@@ -458,7 +477,7 @@ def _rng_state(loader) -> dict:
         "python": repr(random.getstate()),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per visible GPU
     generator = getattr(loader, "generator", None)
     if generator is not None:
         state["loader"] = generator.get_state()
@@ -473,7 +492,11 @@ def _set_rng_state(state: dict, loader) -> None:
 
     random.setstate(ast.literal_eval(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        states, note = cuda_rng_states_for(state["cuda"], torch.cuda.device_count())
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        for index, cuda_state in enumerate(states):
+            torch.cuda.set_rng_state(cuda_state, index)
     generator = getattr(loader, "generator", None)
     if generator is not None and "loader" in state:
         generator.set_state(state["loader"])
@@ -522,6 +545,7 @@ class Trainer:
         self.loss_fn: Callable = _default_loss
         self.autocast = contextlib.nullcontext
         self.scaler = None
+        self.dtype: torch.dtype | None = None  # batches' floating tensors are cast to it (fit(dtype=...))
         self.grad_clip: float | None = None
         self.log_every = 50
         self.last_path: Path | None = None
@@ -576,6 +600,7 @@ class Trainer:
             "stopped": self.should_stop,
             "settings": self.settings,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save_state(self, train_data) -> None:
@@ -633,6 +658,8 @@ class Trainer:
         self.global_step = state["global_step"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and "scaler" in state:  # fp16: the loss scale goes on where it was
+            self.scaler.load_state_dict(state["scaler"])
         if self.run is not None:
             self.run.rewrite_metrics(self.history.rows)  # drop rows logged after the state was saved
         _set_rng_state(state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"], train_data)
@@ -683,7 +710,6 @@ class Trainer:
         running = torch.zeros((), device=self.device)
         seen = 0  # samples (or batches, where a batch does not say its size)
         for batches in _micro_batches(train_data, self.accumulate):
-            batches = [move_to(batch, self.device) for batch in batches]
             summed, n = self.train_step(batches)
             running += summed
             seen += n
@@ -697,11 +723,12 @@ class Trainer:
         return value if math.isfinite(value) else self._bad_loss(value)
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, int]:
-        """One optimizer step over ``batches`` (one batch, or ``accumulate`` micro-batches).
+        """One optimizer step over ``batches`` (one batch, or ``accumulate`` micro-batches), as the data yields them.
 
         Each micro-batch's mean loss is weighted by its share of the step's samples before its
         backward pass, so the summed gradient is that of one batch holding them all. Under DDP
         the gradients are averaged over the ranks on the last micro-batch only (``no_sync``).
+        Each micro-batch reaches the device (:func:`workbench.devices.to_device`) just before its forward pass.
         Returns the step's loss summed over samples (on the device) and its number of samples.
         """
         opt = self.optimizer
@@ -711,6 +738,7 @@ class Trainer:
         total = sum(sizes)
         summed = None
         for i, (batch, n) in enumerate(zip(batches, sizes)):
+            batch = to_device(batch, self.device, self.dtype)
             with self._no_sync(last=i == len(batches) - 1):
                 with self.autocast():
                     loss = self.forward_loss(batch)
@@ -765,9 +793,9 @@ class Trainer:
         total, n, metrics, exact = None, 1, {}, {}
         with torch.no_grad(), self.autocast():
             if val_data is not None:
-                total, n = _sum_loss(self.model, val_data, self.loss_fn, self.device)
-            if evaluate is not None:
-                result = evaluate(self.model, val_data)
+                total, n = _sum_loss(self.model, val_data, self.loss_fn, self.device, self.dtype)
+            if evaluate is not None:  # its batches arrive on the model's device
+                result = evaluate(self.model, _OnDevice(val_data, self.device, self.dtype))
                 if isinstance(result, PerSample):
                     exact = result.scored(self.dist, gather=self.val_sharded)
                 else:
@@ -891,6 +919,10 @@ def fit(
     resume: bool = False,
     log_every: int = 50,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    deterministic: bool = False,
+    prefetch: int | None = None,
+    pin_memory: bool | None = None,
     seed: int | None = None,
     progress: bool = True,
     distributed: bool | None = None,
@@ -970,7 +1002,25 @@ def fit(
     log_every
         Steps between reads of the running loss (the only host syncs in the hot loop).
     device
-        Default: ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU.
+        ``"auto"`` or None (default): ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else
+        the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under DDP every rank trains on ``cuda:LOCAL_RANK``).
+        See :func:`workbench.devices.resolve_device`. The model is moved there, and every batch (training,
+        validation, the batches ``evaluate`` receives) through :func:`workbench.devices.to_device`.
+    dtype
+        None (default) keeps the model's dtype; ``"float32"``, ``"float64"``, ...: the model's floating tensors
+        are cast to it, and so is every floating tensor of every batch the loop moves. ``"float64"`` on the CPU
+        is the check that every tensor takes the device path (one that does not meets the model as float32).
+    deterministic
+        Ask torch for deterministic kernels (:func:`workbench.devices.set_deterministic`: cuDNN flags,
+        ``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``); the setting stays on for the
+        process. The CPU loop is bit for bit reproducible without it; on a GPU a resume equals an
+        uninterrupted run only with it (and raises where an operation has no deterministic kernel).
+    prefetch, pin_memory
+        Build the next ``prefetch`` training batches in a background thread while the model trains
+        (:class:`workbench.batches.Prefetch`), in pinned memory with ``pin_memory``. None (default): 2 batches,
+        pinned, on a CUDA device when ``train_data`` is not a ``DataLoader`` (a DataLoader has its own
+        ``num_workers`` and ``pin_memory``); nothing on the CPU. 0 turns it off. The batches and their order
+        are the same either way.
     seed
         Seeds torch before training; also the seed of the DistributedSampler under DDP (default 0).
     distributed
@@ -985,11 +1035,14 @@ def fit(
     if dist.is_main:
         _check_resume(run, resume)
     device = dist.device(device)
-    train_data = dist.shard_train(train_data, seed=seed)
+    dtype = resolve_dtype(dtype)
+    if deterministic:
+        set_deterministic()
+    train_data = _prefetched(dist.shard_train(train_data, seed=seed), device, prefetch=prefetch, pin_memory=pin_memory)
     val_given, val_data = val_data, dist.shard_eval(val_data)
     if seed is not None:
         torch.manual_seed(seed)
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     monitor = monitor or ("val_loss" if val_data is not None else "train_loss")
     settings = _settings(
         epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
@@ -998,6 +1051,7 @@ def fit(
         backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed, world_size=dist.world_size,
         accumulate=accumulate, layer_decay=layer_decay, ema=ema, ema_eval=ema_eval, monitor=monitor, mode=mode,
         patience=patience, min_delta=min_delta, save_top_k=save_top_k,
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
     )
     trainer = None
     with dist.watch(lambda: trainer.where() if trainer is not None else "setup"):
@@ -1011,6 +1065,7 @@ def fit(
             grad_clip=grad_clip, log_every=log_every, progress=progress,
         )
         trainer.accumulate, trainer.ema_eval, trainer.state_fn = accumulate, ema_eval, state_fn
+        trainer.dtype = dtype
         trainer.val_sharded = dist.enabled and (val_data is not val_given or isinstance(val_given, PerRank))
         if restore_best and run is None and dist.is_main:  # no best.safetensors to read back: keep it in memory
             trainer.best_in_memory = _BestInMemory(monitor=monitor, mode=mode)
@@ -1024,6 +1079,18 @@ def fit(
         _finish_ema(trainer)
         _restore_best(trainer, restore_best)
     return trainer.history
+
+
+def _prefetched(train_data, device: torch.device, *, prefetch: int | None, pin_memory: bool | None):
+    """``train_data`` built ahead by :class:`workbench.batches.Prefetch` when asked (or by default on CUDA)."""
+    from .batches import Prefetch
+
+    python_batches = not isinstance(train_data, (torch.utils.data.DataLoader, Prefetch))
+    if prefetch is None:
+        prefetch = 2 if device.type == "cuda" and python_batches else 0
+    if not prefetch or not python_batches:
+        return train_data
+    return Prefetch(train_data, depth=prefetch, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
 
 
 def _check_args(*, epochs: int, optimizer: str, accumulate: int, ema: float | None, ema_eval: bool) -> None:
@@ -1218,12 +1285,12 @@ def _keyed(callbacks: Sequence[Callback]) -> dict[str, Callback]:
     return out
 
 
-def _sum_loss(model, batches, loss_fn, device) -> tuple[float, int]:
+def _sum_loss(model, batches, loss_fn, device, dtype=None) -> tuple[float, int]:
     """Summed loss over the samples of ``batches`` (batch means times batch sizes), and their number."""
     total = torch.zeros((), device=device)
     n = 0
     for batch in batches:
         size = _batch_len(batch)
-        total += loss_fn(model, move_to(batch, device)).detach().float() * size
+        total += loss_fn(model, to_device(batch, device, dtype)).detach().float() * size
         n += size
     return total.item(), n

@@ -48,6 +48,7 @@ from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import Evaluation, classification_metrics, evaluate_classifier
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..predict import (
@@ -148,6 +149,8 @@ PARAMETERS = Spec(
     seed=Integer(ge=0),
     output_dir=Text(),
     tracker=Choice(*TRACKERS),
+    device=DeviceName(),
+    dtype=Choice(*NOTEBOOK_DTYPES),
     interactive=Flag(),
 )
 
@@ -512,7 +515,8 @@ def build_model(data: CellData, **overrides) -> CellTypeClassifier:
 # --------------------------------------------------------------------------- steps
 
 
-def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
+def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root=None, device="auto", dtype=None,
+             **overrides) -> Path:
     """Masked-expression pretraining on the training cells (no labels); returns the checkpoint.
 
     The result is cached under ``<cache root>/pretrain/<fingerprint>/`` (see
@@ -527,7 +531,7 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
     """
     cfg = {**DEFAULTS, **overrides}
     settings = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in PRETRAIN_SETTINGS}
-    settings.update(seed=seed, objective="masked_expression")
+    settings.update(seed=seed, objective="masked_expression", **placement_key(device, dtype))
     key = fingerprint(data.content_hash, data.train_idx, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -540,7 +544,8 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
         run = Run(folder / "run", params=settings, resume=True)
         batches = data.batches(data.train_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
-            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
+            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100,
+            device=device, dtype=dtype)
         meta = {"task": "cell_type", "objective": "masked_expression", "genes": data.genes, "fingerprint": key,
                 "cells": len(data.train_idx), **settings}
         save_weights(model, folder / "pretrained.safetensors", metadata=meta)
@@ -551,10 +556,11 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
 
 
 def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
-               cache_root=None):
+               cache_root=None, device="auto", dtype=None):
     """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
     return resolve_pretrained(pretrained_checkpoint,
-                              lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root))
+                              lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root,
+                                               device=device, dtype=dtype))
 
 
 def input_genes(model: CellTypeClassifier, data: CellData):
@@ -590,7 +596,7 @@ def load_checkpoint(model: CellTypeClassifier, data: CellData, source, *, run=No
 def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_size: int = 32,
              lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1, strategy: str = "full",
              freeze_epochs: int = 0, backbone_lr_ratio: float = 1.0, monitor: str = "val_macro_f1", patience: int = 0,
-             seed: int = 0, run=None, callbacks=(), progress: bool = True):
+             seed: int = 0, run=None, callbacks=(), progress: bool = True, device="auto", dtype=None):
     """Supervised fine-tuning on the labelled training cells; returns the History.
 
     Every epoch is scored on the validation cells (``val_loss``, ``val_accuracy``,
@@ -615,7 +621,7 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
         backbone_lr_ratio=backbone_lr_ratio, val_data=val, evaluate=_validation_metrics if has_val else None,
         monitor=monitor if has_val else "train_loss", mode=MONITORS[monitor] if has_val else "min",
         patience=patience or None, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
-        log_every=100,
+        log_every=100, device=device, dtype=dtype,
     )
 
 
@@ -654,7 +660,7 @@ def _validation_metrics(model, batches):
 
     preds, truth = [], []
     for x, y in batches:
-        preds.append(model(x).argmax(1))
+        preds.append(model(to_model(x, model)).argmax(1))
         truth.append(y)
     return PerSample(_accuracy_and_macro_f1, truth=torch.cat(truth), pred=torch.cat(preds))
 
@@ -695,8 +701,9 @@ def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.nd
     idx = np.asarray(idx, dtype=np.int64)
     model.eval()
     with torch.no_grad():
-        parts = [F.softmax(model(x), dim=1) for x, _ in data.batches(idx, batch_size=batch_size)]
-    proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(data.classes)), dtype=np.float32)
+        parts = [F.softmax(model(to_model(x, model)), dim=1).float()
+                 for x, _ in data.batches(idx, batch_size=batch_size)]
+    proba = to_numpy(torch.cat(parts)) if parts else np.zeros((0, len(data.classes)), dtype=np.float32)
     return proba[np.searchsorted(np.unique(idx), idx)]  # the batches came in sorted order
 
 
@@ -854,12 +861,13 @@ class CellTypePredictor(Predictor):
                     aligned = x.new_zeros((x.shape[0], len(self.genes)))
                     aligned[:, take[0]] = x[:, take[1]]
                     x = aligned
+                x = to_model(x, self.model)
                 if output == "embedding":
                     parts.append(self.model.encoder(x))
                 else:
                     parts.append(F.softmax(self.model(x), dim=1))
         width = self.model.encoder.out_features if output == "embedding" else len(self.classes)
-        values = torch.cat(parts).numpy() if parts else np.zeros((0, width), dtype=np.float32)
+        values = to_numpy(torch.cat(parts)) if parts else np.zeros((0, width), dtype=np.float32)
         names = np.asarray(adata.obs_names.astype(str))
         if output == "embedding":
             import pandas as pd

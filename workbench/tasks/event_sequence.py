@@ -56,6 +56,7 @@ Baseline
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -80,6 +81,7 @@ from ..predict import (
 )
 from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from .cell_type import _validation_metrics  # one copy: validation accuracy / macro-F1
 
 __all__ = [
@@ -131,6 +133,7 @@ PARAMETERS = Spec(
     class_weights=Choice("none", "balanced"), label_smoothing=Real(ge=0, lt=1), grad_clip=Real(ge=0),
     amp=Choice("none", "bf16"), save_top_k=Integer(ge=1), label_fraction=Real(gt=0, le=1), seed=Integer(ge=0),
     output_dir=Text(), tracker=Choice(*TRACKERS), interactive=Flag(),
+    device=DeviceName(), dtype=Choice(*NOTEBOOK_DTYPES),
 )
 
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
@@ -580,6 +583,29 @@ def coles_loader(data: EventData, idx, *, batch_size: int, split_count: int, cnt
 # --------------------------------------------------------------------------- models
 
 
+@functools.cache
+def _numeric_scalers():
+    """ptls's ``identity`` and ``log`` scalers, keeping a floating field's dtype.
+
+    ptls casts every numeric field to float32; these leave float32 fields as they are (the same
+    numbers) and let a float64 batch reach a float64 model (``fit(dtype="float64")``, the CPU
+    check that every batch takes the device path).
+    """
+    from ptls.nn.trx_encoder.scalers import IdentityScaler
+
+    class Identity(IdentityScaler):
+        def forward(self, x):
+            x = x.unsqueeze(2)
+            return x if x.is_floating_point() else x.float()
+
+    class Log(Identity):
+        def forward(self, x):
+            x = super().forward(x)
+            return x.abs().log1p() * x.sign()
+
+    return Identity, Log
+
+
 def build_encoder(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 64, **overrides):
     """A ptls sequence encoder: ``TrxEncoder`` + ``RnnSeqEncoder`` (gru | lstm) or ``TransformerSeqEncoder``."""
     _ptls()
@@ -590,7 +616,8 @@ def build_encoder(data: EventData, *, encoder_type: str = "gru", hidden_size: in
     cfg = {**DEFAULTS, **overrides}
     dim = cfg["embedding_dim"]
     embeddings = {c: {"in": len(data.vocab[c]), "out": min(dim, len(data.vocab[c]))} for c in data.categorical}
-    numeric = {c: ("identity" if c == TIME_GAP else "log") for c in data.numeric}
+    identity, log = _numeric_scalers()
+    numeric = {c: (identity() if c == TIME_GAP else log()) for c in data.numeric}
     if encoder_type == "transformer":
         trx = TrxEncoder(embeddings=embeddings, numeric_values=numeric, linear_projection_size=hidden_size)
         return TransformerSeqEncoder(trx_encoder=trx, n_heads=cfg["transformer_heads"],
@@ -636,8 +663,9 @@ class SequenceClassifier(nn.Module):
     def loss(self, batch):
         x, y = batch
         logits = self(x).float()
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
+        if self.class_weights is not None and self.class_weights.device != logits.device:
+            self.class_weights = self.class_weights.to(logits.device)  # once, not a host-to-device copy per step
+        return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
 
 def build_model(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 64, head_hidden="256,128",
@@ -673,11 +701,13 @@ def coles_loss(module, batch):
 
 
 def pretrain(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 64, seed: int = 0,
-             progress: bool = True, cache_root=None, run_callbacks=(), **overrides) -> Path:
+             progress: bool = True, cache_root=None, run_callbacks=(), device="auto", dtype=None,
+             **overrides) -> Path:
     """CoLES over the training clients (no labels); ``pretrained.safetensors`` in ptls's layout (cached by fingerprint)."""
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS} | {"encoder_type": encoder_type, "hidden_size": hidden_size,
                                                           "seed": seed, "objective": "coles"}
+    settings.update(placement_key(device, dtype))
     key = fingerprint(data.content_hash, data.train_idx, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -693,7 +723,7 @@ def pretrain(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 6
                                split_count=cfg["split_count"], cnt_min=cfg["cnt_min"], cnt_max=cfg["cnt_max"], seed=seed)
         fit(module, batches, loss_fn=coles_loss, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"],
             optimizer="adam", weight_decay=cfg["weight_decay"], schedule="cosine", warmup_ratio=0.05, run=run,
-            resume=True, progress=progress, log_every=20, callbacks=run_callbacks)
+            resume=True, progress=progress, log_every=20, callbacks=run_callbacks, device=device, dtype=dtype)
         meta = {"task": "event_sequence", "objective": "coles", "fingerprint": key, "vocab": data.vocab,
                 "clients": len(data.train_idx), **settings}
         save_weights(module, folder / "pretrained.safetensors", metadata=meta)
@@ -729,7 +759,7 @@ def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learnin
              optimizer: str = "adamw", lr_scheduler_type: str = "cosine", freeze_epochs: int = 0,
              backbone_lr_ratio: float = 1.0,
              grad_clip: float | None = None, amp: str = "none", save_top_k: int = 1, seed: int = 0, run=None,
-             callbacks=(), progress: bool = True):
+             callbacks=(), progress: bool = True, device="auto", dtype=None):
     """Supervised fine-tuning on the labelled clients; the best epoch by ``val_macro_f1`` is kept.
 
     The backbone is frozen for ``freeze_epochs`` epochs (only the head trains), then everything
@@ -753,7 +783,7 @@ def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learnin
         val_data=val, evaluate=_validation_metrics if has_val else None,
         monitor="val_macro_f1" if has_val else "train_loss", mode="max" if has_val else "min",
         save_top_k=save_top_k, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
-        log_every=50,
+        log_every=50, device=device, dtype=dtype,
     )
 
 
@@ -780,14 +810,14 @@ def _forward_batches(model, data: EventData, idx, *, max_tokens: int | None = No
     model.eval()
     with torch.no_grad():
         for pos, (x, _) in zip(batches.positions(), batches):
-            yield pos, model(x)
+            yield pos, model(to_model(x, model))
 
 
 def predict_proba(model, data: EventData, idx=None) -> np.ndarray:
     idx = data.test_idx if idx is None else np.asarray(idx)
     out = np.zeros((len(idx), len(data.classes)), dtype=np.float32)
     for pos, logits in _forward_batches(model, data, idx):
-        out[pos] = F.softmax(logits.float(), dim=1).numpy()
+        out[pos] = to_numpy(F.softmax(logits.float(), dim=1))
     return out
 
 
@@ -803,7 +833,7 @@ def get_embeddings(model, data: EventData, idx=None, *, max_tokens: int | None =
     for pos, emb in _forward_batches(encoder, data, idx, max_tokens=max_tokens):
         if out is None:
             out = np.zeros((len(idx), emb.shape[1]), dtype=np.float32)
-        out[pos] = emb.float().numpy()
+        out[pos] = to_numpy(emb.float())
     return out, data.client_ids[idx], data.labels[idx]
 
 

@@ -100,6 +100,7 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..batches import IndexBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor, class_predictions
@@ -160,6 +161,8 @@ PARAMETERS = Spec(
     segment_seconds=Real(ge=0.5),
     sample_rate=Integer(ge=1000),
     save_every=Integer(ge=0),
+    device=DeviceName(),
+    dtype=Choice(*NOTEBOOK_DTYPES),
     seed=Integer(ge=0),
     output_dir=Text(),
     tracker=Choice(*TRACKERS),
@@ -957,7 +960,7 @@ class EpochLog(Callback):
 
 
 def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cache_root=None, run=None,
-             **overrides) -> Path:
+             device="auto", dtype=None, **overrides) -> Path:
     """NT-Xent pretraining on the training patients' recordings (no labels); returns the checkpoint.
 
     Cached under ``<cache root>/pretrain/<fingerprint>/`` (see :mod:`workbench.cache`): the
@@ -966,7 +969,8 @@ def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cach
     """
     cfg = {**DEFAULTS, **overrides}
     settings = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in PRETRAIN_SETTINGS}
-    settings.update(seed=seed, objective="nt_xent", window=data.window, sample_rate=data.sample_rate)
+    settings.update(seed=seed, objective="nt_xent", window=data.window, sample_rate=data.sample_rate,
+                    **placement_key(device, dtype))
     key = fingerprint(data.content_hash, data.train_idx, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -982,7 +986,7 @@ def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cach
         log.info("pretraining (NT-Xent) on %d recordings, %d epochs", len(signals), cfg["pretrain_epochs"])
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
             schedule="cosine", warmup_ratio=0.05, run=inner, resume=True, progress=progress, log_every=100, seed=seed,
-            callbacks=[EpochLog("pretrain")])
+            callbacks=[EpochLog("pretrain")], device=device, dtype=dtype)
         meta = {"task": "heart_sound", "objective": "nt_xent", "fingerprint": key, "recordings": len(signals), **settings}
         save_weights(model, folder / "pretrained.safetensors", metadata=meta)
 
@@ -1026,7 +1030,7 @@ def predict_proba(model, batches: WindowBatches) -> np.ndarray:
     """Per-recording class probabilities: the mean of its windows' softmax."""
     model.eval()
     with torch.no_grad():
-        probs = torch.cat([F.softmax(model(x), dim=1) for x, _ in batches]).numpy()
+        probs = to_numpy(torch.cat([F.softmax(model(to_model(x, model)), dim=1) for x, _ in batches]))
     out = np.zeros((len(batches.idx), probs.shape[1]))
     np.add.at(out, batches.owner, probs)
     return out / np.bincount(batches.owner, minlength=len(batches.idx))[:, None]
@@ -1047,7 +1051,7 @@ def split_metrics(y_true: np.ndarray, proba: np.ndarray, classes, *, prefix: str
 def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: int = 20, learning_rate: float = 1e-2,
              encoder_lr_ratio: float = 0.1, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1,
              batch_size: int = 32, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
-             progress: bool = True):
+             progress: bool = True, device="auto", dtype=None):
     """Supervised fine-tuning on random crops of the labelled recordings; returns the History.
 
     ``mode``: ``linear_eval`` freezes the encoder (BatchNorm statistics locked) and trains the
@@ -1079,6 +1083,7 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
         evaluate=evaluate if has_val else None, monitor="val_auroc" if has_val else "train_loss",
         mode="max" if has_val else "min", restore_best=True, save_every=save_every, run=run,
         callbacks=[*callbacks, EpochLog("finetune")], progress=progress, seed=seed, log_every=100,
+        device=device, dtype=dtype,
     )
 
 
@@ -1260,14 +1265,14 @@ class HeartSoundPredictor(Predictor):
                                "give recordings of at least that length.")
         windows = [audio.frame(s, size=self.window, hop=self.hop) for s in signals]
         owner = np.concatenate([np.full(len(w), k) for k, w in enumerate(windows)])
-        X = torch.from_numpy(np.concatenate(windows))
+        X = to_model(torch.from_numpy(np.concatenate(windows)), self.model)
         counts = np.bincount(owner, minlength=len(signals))[:, None]
         with torch.no_grad():
             if output == "embedding":
                 parts = [self.model.encoder(X[k:k + batch_size]) for k in range(0, len(X), batch_size)]
             else:
                 parts = [F.softmax(self.model(X[k:k + batch_size]), dim=1) for k in range(0, len(X), batch_size)]
-        values = torch.cat(parts).numpy()
+        values = to_numpy(torch.cat(parts))
         out = np.zeros((len(signals), values.shape[1]))
         np.add.at(out, owner, values)
         out = out / counts

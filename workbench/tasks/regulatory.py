@@ -63,6 +63,7 @@ from ..batches import TensorBatches
 from ..cache import cached, code_version, content_hash, fingerprint
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..checkpoints import resolve_pretrained, save_weights
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
@@ -97,6 +98,8 @@ PARAMETERS = Spec(
     seed=Integer(ge=0),
     output_dir=Text(),
     tracker=Choice(*TRACKERS),
+    device=DeviceName(),
+    dtype=Choice(*NOTEBOOK_DTYPES),
     interactive=Flag(),
 )
 PACKAGES = ("peft", "scipy")
@@ -681,7 +684,8 @@ def build_model(data: RegulatoryData, *, numeric_rows=None, **overrides) -> Regu
 # --------------------------------------------------------------------------- pretraining
 
 
-def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
+def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, device="auto",
+             dtype=None, **overrides) -> Path:
     """Train the model on the source conditions; return ``pretrained.safetensors`` (cached by fingerprint).
 
     The fingerprint covers the data's content, the exact source rows, the vocabularies, ``seed``,
@@ -694,6 +698,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
                          "pretrained_checkpoint='none' (from scratch) or a checkpoint path.")
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS} | {"seed": seed, "objective": "expression_on_source"}
+    settings.update(placement_key(device, dtype))
     key = fingerprint(data.content_hash, data.source_idx, data.vocab, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -705,7 +710,8 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
         run = Run(folder / "run", params=settings, resume=True)
         batches = data.batches(data.source_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed)
         fit(model, batches, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
-            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100)
+            schedule="cosine", warmup_ratio=0.05, run=run, resume=True, progress=progress, log_every=100,
+            device=device, dtype=dtype)
         meta = {"task": "regulatory", "fingerprint": key, "vocab": data.vocab, "samples": len(data.source_idx),
                 **settings}
         save_weights(model, folder / "pretrained.safetensors", metadata=meta)
@@ -770,7 +776,7 @@ def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4, run=
 
 def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, batch_size: int = 64,
              warmup_ratio: float = 0.1, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
-             resume: bool = False, progress: bool = True):
+             resume: bool = False, progress: bool = True, device="auto", dtype=None):
     """Fine-tune on the new-condition train rows, pick the epoch with the lowest ``val_loss``.
 
     ``model`` is what :func:`prepare` returned. A LoRA model (peft) keeps its own freezing and
@@ -791,7 +797,7 @@ def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, 
     return fit(model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
                schedule="cosine", warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress,
                seed=seed, log_every=100, strategy=None if is_lora else "full", restore_best=True, run=run,
-               resume=resume, save_every=save_every, state_fn=state_fn, callbacks=callbacks)
+               resume=resume, save_every=save_every, state_fn=state_fn, callbacks=callbacks, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -803,8 +809,9 @@ def predict(model, data: RegulatoryData, idx, *, conditions: pd.DataFrame | None
     tensors = data.encode(idx, conditions=conditions, warn=warn)
     model.eval()
     with torch.no_grad():
-        parts = [model(r, c, n) for r, c, n, _ in RegulatoryBatches(tensors, batch_size=batch_size, shuffle=False)]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+        parts = [model(*to_model((r, c, n), model))
+                 for r, c, n, _ in RegulatoryBatches(tensors, batch_size=batch_size, shuffle=False)]
+    return to_numpy(torch.cat(parts).float()) if parts else np.zeros(0, np.float32)
 
 
 def _baseline_features(data: RegulatoryData, idx) -> np.ndarray:
@@ -1076,10 +1083,10 @@ class RegulatoryPredictor(Predictor):
                     regions[:, r, m] = _numbers(frame, f"r{r}_m{m}", where)
             if f"r{r}_access" in frame:
                 regions[:, r, s["n_motifs"]] = _numbers(frame, f"r{r}_access", where)
-        tensors = (torch.from_numpy(regions), torch.from_numpy(codes), torch.from_numpy(numeric))
+        tensors = to_model((torch.from_numpy(regions), torch.from_numpy(codes), torch.from_numpy(numeric)), self.model)
         with torch.no_grad():
             parts = [self.model(*(t[a:a + batch_size] for t in tensors)) for a in range(0, n, batch_size)]
-        values = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+        values = to_numpy(torch.cat(parts)) if parts else np.zeros(0, np.float32)
         return _predictions(values, frame, np.arange(n), report,
                             genes=frame["gene"].to_numpy() if "gene" in frame else None)
 

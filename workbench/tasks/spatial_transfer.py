@@ -72,6 +72,7 @@ from torch.nn import functional as F
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, content_hash, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
+from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, fold_summary, regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
 from ..predict import AlignmentReport, Predictions, PredictError, Predictor
@@ -131,6 +132,8 @@ PARAMETERS = Spec(
     sim_seed=Integer(ge=0),
     output_dir=Text(),
     tracker=Choice(*TRACKERS),
+    device=DeviceName(),
+    dtype=Choice(*NOTEBOOK_DTYPES),
     interactive=Flag(),
 )
 
@@ -496,7 +499,9 @@ class SpatialExpressionModel(nn.Module):
 
     def loss(self, batch):
         x, edges, y, mask = batch[:4]
-        return F.mse_loss(self(x, edges)[mask], y[mask])
+        # the mean squared error over the spots in ``mask``, without boolean indexing (a host sync per step)
+        err = torch.where(mask.unsqueeze(1), (self(x, edges) - y) ** 2, 0.0)
+        return err.sum() / (mask.sum() * y.shape[1])
 
 
 def build_model(data: SpotData, *, layers: int | None = None, **overrides) -> SpatialExpressionModel:
@@ -573,7 +578,8 @@ def predict(model, data: SpotData, scaler: Scaler, slides: Sequence[str]) -> np.
         for s in slides:
             idx = data.positions(s)
             x = torch.from_numpy(((data.features[idx] - scaler.feature_mean) / scaler.feature_std).astype(np.float32))
-            out[idx] = model(x, data.graph(s)).numpy() * scaler.target_std + scaler.target_mean
+            pred = model(*to_model((x, data.graph(s)), model))
+            out[idx] = to_numpy(pred) * scaler.target_std + scaler.target_mean
     return out
 
 
@@ -581,7 +587,7 @@ def predict(model, data: SpotData, scaler: Scaler, slides: Sequence[str]) -> np.
 
 
 def _fit(model, data: SpotData, train_idx, val_idx, *, epochs, lr, patience, min_delta=0.0, strategy="full",
-         seed=0, progress=False, callbacks=(), run=None):
+         seed=0, progress=False, callbacks=(), run=None, device="auto", dtype=None):
     from ..training import fit
 
     scaler = Scaler.fit(data, train_idx)
@@ -595,11 +601,12 @@ def _fit(model, data: SpotData, train_idx, val_idx, *, epochs, lr, patience, min
     history = fit(model, batches, epochs=epochs, lr=lr, weight_decay=DEFAULTS["weight_decay"], schedule="constant",
                   strategy=strategy, val_data=val, monitor="val_loss" if val is not None else "train_loss",
                   patience=patience or None, min_delta=min_delta, restore_best=True, run=run, callbacks=callbacks,
-                  progress=progress, seed=seed, log_every=1000)
+                  progress=progress, seed=seed, log_every=1000, device=device, dtype=dtype)
     return history, scaler
 
 
-def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=None, **overrides) -> Path:
+def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=None, device="auto", dtype=None,
+             **overrides) -> Path:
     """Train the bulk model (gene set A, ``bulk_layers`` layers); return ``pretrained.safetensors`` (cached).
 
     The last two bulk slides validate (early stopping). The fingerprint covers the bulk data's
@@ -611,6 +618,7 @@ def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=N
                          "pretrained_checkpoint='none' (from scratch) or a checkpoint path.")
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS} | {"seed": seed, "objective": "bulk_expression"}
+    settings.update(placement_key(device, dtype))
     key = fingerprint(bulk.content_hash, settings, code_version(__name__))
 
     def build(folder: Path) -> None:
@@ -623,7 +631,7 @@ def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=N
         train = np.flatnonzero(~np.isin(bulk.slides, val_slides))
         run = Run(folder / "run", params=settings)
         _fit(model, bulk, train, val, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"],
-             patience=cfg["pretrain_patience"], seed=seed, progress=progress, run=run)
+             patience=cfg["pretrain_patience"], seed=seed, progress=progress, run=run, device=device, dtype=dtype)
         meta = {"task": "spatial_transfer", "stage": "bulk", "genes": bulk.genes, "fingerprint": key, **settings}
         save_weights(model, folder / "pretrained.safetensors", metadata=meta)
 
@@ -769,7 +777,7 @@ def _long_predictions(data: SpotData, idx, truth, pred) -> pd.DataFrame:
 def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbone", cv: str = "loo", folds: int = 5,
                    held_out="", epochs: int = 150, learning_rate: float = 1e-3, patience: int = 20,
                    min_delta: float = 1e-3, seed: int = 0, run=None, callbacks=(), progress: bool = False,
-                   **overrides) -> CVResult:
+                   device="auto", dtype=None, **overrides) -> CVResult:
     """Train and test the spatial model once per fold; per-fold files under ``<run>/folds/<fold>/``.
 
     Each fold: a fresh model (``spatial_layers`` layers, seeded), the checkpoint ``source``
@@ -794,7 +802,7 @@ def cross_validate(study: Study, *, source=None, strategy: str = "frozen_backbon
             load_report(model, source)
         history, scaler = _fit(model, data, fit_idx, val, epochs=epochs, lr=learning_rate, patience=patience,
                                min_delta=min_delta, strategy=strategy, seed=seed, progress=progress,
-                               callbacks=callbacks)
+                               callbacks=callbacks, device=device, dtype=dtype)
         test_slides = list(dict.fromkeys(data.slides[test].tolist()))
         pred = predict(model, data, scaler, test_slides)[test]
         truth = data.targets[test]
