@@ -252,7 +252,7 @@ class WarmKernels:
     def take(self, notebook: str | os.PathLike) -> Kernel:
         """A started kernel for one run of ``notebook``: the warm spare when there is one, else a new one.
 
-        With :attr:`keep_next` the next spare starts warming at once.
+        With ``keep_next`` the next spare starts warming at once.
         """
         notebook = str(Path(notebook).resolve())
         key = self._key(notebook)

@@ -227,7 +227,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
 def data_kind(path: str | os.PathLike) -> str:
-    """What a path holds, by its name and layout: one of :data:`DATA_KINDS`.
+    """What a path holds, by its name and layout: one of ``DATA_KINDS``.
 
     Raises
     ------
@@ -412,7 +412,7 @@ class Predictor:
     """A trained model with the preprocessing state of its run: predicts on new data.
 
     Made by :func:`load_run`; each workflow subclasses it (its task module's ``PREDICTOR``) and
-    implements :meth:`predict` for its own formats.
+    implements ``predict`` for its own formats.
 
     Attributes
     ----------
@@ -424,7 +424,7 @@ class Predictor:
         ``{package: (version that made the run, version now)}`` where they differ.
     """
 
-    #: The input kinds (:data:`DATA_KINDS`) this workflow predicts from.
+    #: The input kinds (``DATA_KINDS``) this workflow predicts from.
     accepts: tuple[str, ...] = ()
     #: What ``output=`` may be.
     outputs: tuple[str, ...] = ("probabilities",)

@@ -711,7 +711,7 @@ def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
     """Score on the test cells, beside logistic regression; write final_metrics.json.
 
     With a ``run``, its folder also gets what predicting on new cells needs (``predictor.json``,
-    see :func:`save_predictor`) and the test cells' predictions (``test_predictions.csv``).
+    see ``save_predictor``) and the test cells' predictions (``test_predictions.csv``).
     ``n_train`` and ``baseline_n_train`` count the cells each was fit on (the labelled cells).
     """
     proba = predict_proba(model, data, data.test_idx)

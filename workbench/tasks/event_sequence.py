@@ -900,7 +900,7 @@ def linear_probe(model, data: EventData, *, seed: int = 0) -> dict:
 def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping | None = None) -> Evaluation:
     """Score the test clients beside logistic regression; write final_metrics.json.
 
-    With a ``run``, its folder also gets what predicting on new clients needs (:func:`save_predictor`).
+    With a ``run``, its folder also gets what predicting on new clients needs (``save_predictor``).
     ``n_train`` and ``baseline_n_train`` count the clients each was fit on (the labelled clients).
     """
     proba = predict_proba(model, data, data.test_idx)

@@ -40,7 +40,7 @@ Synthetic ground truth (:func:`simulate`, used when ``data_path`` is empty)
     is not modelled. The murmur's peak amplitude is ``0.1 * grade`` (assumed, unchanged) at the most audible
     location, drawn PV / TV / MV / AV 62 / 56 / 42 / 19 [C], and half that elsewhere; following [P]'s grading
     rule a grade I murmur is not heard at every location (each other location hears it with p 0.5, assumed),
-    grade II and up at all of them. The 25-400 Hz band-pass of :func:`preprocess` keeps little of a high-pitch
+    grade II and up at all of them. The 25-400 Hz band-pass of ``preprocess`` keeps little of a high-pitch
     murmur, as it would of a real one.
     Noise (the kinds issue 24 names for CirCor: stethoscope rubbing, talking, crying, ambient; not found in [P],
     the paper itself was not at hand; every level and rate assumed): ambient pink (1/f) noise at the patient's signal-to-noise ratio, heart

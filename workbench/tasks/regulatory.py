@@ -895,7 +895,7 @@ def evaluate(model, data: RegulatoryData, *, run=None, pretrained_checkpoint: st
     ``pretrained_checkpoint`` is the parameter the model was made with: ridge regression fits the
     rows the model learnt from (:func:`fit_rows`); ``n_train`` and ``baseline_n_train`` say how many.
 
-    With a ``run``, its folder also gets what predicting on new samples needs (:func:`save_predictor`).
+    With a ``run``, its folder also gets what predicting on new samples needs (``save_predictor``).
     """
     pred = predict(model, data, data.test_idx)
     save_predictor(run, model, data, test_predictions=pred)
