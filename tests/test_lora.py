@@ -100,6 +100,19 @@ def test_adapters_saved_alone_reload_onto_the_base_model(tmp_path):
         lora.load_adapters(Toy(), tmp_path)
 
 
+def test_adapters_saved_without_their_base_reload_onto_a_model_that_holds_it(tmp_path):
+    wrapped, _ = lora.apply_lora(toy(), rank=2)
+    train_adapters(wrapped)
+    folder = lora.save_adapters(wrapped, tmp_path / "adapters", base=False)
+    names = {p.name for p in folder.iterdir()}
+    assert "adapter_model.safetensors" in names and lora.BASE_FILE not in names
+    loaded = lora.load_adapters(toy(), folder)  # toy() holds the very base weights
+    x = inputs()
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(*x), wrapped(*x), atol=1e-6)
+
+
 def test_trainable_state_holds_adapters_and_fully_trained_parts_only():
     wrapped, report = lora.apply_lora(toy(), rank=2)
     state = lora.trainable_state(wrapped)

@@ -230,7 +230,7 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapters(model, folder: str | os.PathLike) -> Path:
+def save_adapters(model, folder: str | os.PathLike, *, base: bool = True) -> Path:
     """Write the adapters (peft's ``adapter_model.safetensors`` + ``adapter_config.json``) and their base.
 
     The base weights go to ``base.safetensors`` in the same folder, so that the folder is
@@ -243,6 +243,10 @@ def save_adapters(model, folder: str | os.PathLike) -> Path:
         A model from :func:`apply_lora`.
     folder
         Created when missing. Under torchrun, rank 0 alone writes it (every rank holds the same adapters).
+    base
+        Also write the base weights (default). ``False`` where they are kept elsewhere already (a run that saved
+        them before training, for its checkpoints), so that they are not stored twice; :func:`load_adapters` then
+        needs a model that holds them.
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"save_adapters needs the peft model that apply_lora returned, got {type(model).__name__}. "
@@ -255,7 +259,8 @@ def save_adapters(model, folder: str | os.PathLike) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
-    save_weights(base_state(model), folder / BASE_FILE)
+    if base:
+        save_weights(base_state(model), folder / BASE_FILE)
     return folder
 
 
