@@ -277,7 +277,9 @@ def test_lora_run_predicts_in_a_new_process_equal_to_its_own_predictions_and_aft
 
     run = regulatory_run["run"]
     record = json.loads((run / "predictor.json").read_text())
-    assert record["weights"] == "adapters" and (run / "adapters" / "base.safetensors").is_file()
+    assert record["weights"] == "adapters" and record["state"]["base"] == "checkpoints/base.safetensors"
+    bases = [p.relative_to(run).as_posix() for p in run.rglob("*.safetensors") if "base" in p.name]
+    assert bases == ["checkpoints/base.safetensors"]  # the base weights are stored once, not again in adapters/
     own = pd.read_csv(run / "predictions.csv")["predicted"].to_numpy()
     data, model = regulatory_run["data"], regulatory_run["model"]
     assert np.abs(regulatory.predict(model, data, data.test_idx) - own).max() <= 1e-6  # the in-process model

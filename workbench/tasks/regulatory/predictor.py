@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...checkpoints import read_state_dict
 from ...devices import to_model, to_numpy
 from ...predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
 from ...predict import save_predictor as _save_predictor
@@ -44,22 +45,24 @@ def save_predictor(run, model, data: RegulatoryData, *, test_predictions: np.nda
 
     The state: the layout (regions, motifs), the vocabularies (index 0 is unknown) and the
     architecture; the numeric statistics are buffers of the weights. A LoRA model is kept as
-    its adapters plus the base weights they were trained on (``adapters/``, see
-    :func:`workbench.lora.save_adapters`), never only in the cache; a fully fine-tuned model as
-    its weights. ``test_predictions`` (of ``data.test_idx``) go to ``test_predictions.csv``.
+    its adapters (``adapters/``, see :func:`workbench.lora.save_adapters`) and the base weights
+    they were trained on, never only in the cache: those ``prepare`` kept for the checkpoints
+    (:data:`BASE_WEIGHTS`, stored once), or beside the adapters when the run has none. A fully
+    fine-tuned model as its weights. ``test_predictions`` (of ``data.test_idx``) go to ``test_predictions.csv``.
     """
     if run is None:
         return None
     is_lora = hasattr(model, "peft_config")
-    weights = None
+    weights, base = None, None
     if is_lora and getattr(run, "writes", True):
         from ...lora import save_adapters
 
-        save_adapters(model, run.path / "adapters")
+        base = BASE_WEIGHTS if (run.path / BASE_WEIGHTS).is_file() else None
+        save_adapters(model, run.path / "adapters", base=base is None)
         weights = "adapters"
     state = {"n_regions": data.n_regions, "n_motifs": data.n_channels - 1, "vocab": data.vocab,
              "categorical": list(CATEGORICAL), "numeric": list(NUMERIC), "finetune": "lora" if is_lora else "full",
-             "source": data.source, **_model_settings(model)}
+             "source": data.source, **_model_settings(model), **({"base": base} if base else {})}
     test = None
     if test_predictions is not None:
         report = AlignmentReport(what="fields", n_model=len(_fields(data.n_regions, data.n_channels - 1)),
@@ -118,9 +121,11 @@ class RegulatoryPredictor(Predictor):
             from ...lora import load_adapters
 
             folder = self.path / self.record["weights"]
-            if not (folder / "base.safetensors").is_file():
-                raise PredictError(f"{folder} holds no base.safetensors: the adapters cannot be applied without the "
+            base = self.path / s["base"] if s.get("base") else folder / "base.safetensors"  # older runs: beside
+            if not base.is_file():
+                raise PredictError(f"{base} does not exist: the adapters in {folder} cannot be applied without the "
                                    "base weights they were trained on. Run the notebook again into a new folder.")
+            model.load_state_dict(read_state_dict(base))
             self.model = load_adapters(model, folder).eval()
         else:
             self.model = self.load_weights(model)
