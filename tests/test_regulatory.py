@@ -135,6 +135,30 @@ def test_pretraining_is_cached_by_data_rows_and_settings(tiny_csv, tmp_path):
     assert meta["vocab"]["medium"][0] == "<unknown>" and meta["fingerprint"] == first.parent.name
 
 
+def test_the_pretraining_key_covers_the_source_of_every_module_of_the_package():
+    """A package's key must not read its __init__.py alone: an edit to model.py or steps.py builds anew."""
+    from workbench.tasks.regulatory import steps
+
+    package = Path(regulatory.__file__).parent
+    files = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert set(steps._code_modules()) == {"workbench.tasks.regulatory"} | {f"workbench.tasks.regulatory.{f}"
+                                                                            for f in files}
+    assert {"model", "steps", "data"} <= files
+
+
+def test_the_baseline_is_ridge_cv_on_the_features_as_they_are(tiny_csv):
+    """protocol.fit_baseline(kind="ridge", scale=False) is the RidgeCV the workflow always fit, to the last bit."""
+    from sklearn.linear_model import RidgeCV
+
+    from workbench.tasks.regulatory.steps import _baseline_features
+
+    data = regulatory.load(str(tiny_csv), seed=0, label_fraction=0.5, val_fraction=0.25)
+    rows = regulatory.fit_rows(data)
+    ridge = RidgeCV(alphas=np.logspace(-2, 3, 12)).fit(_baseline_features(data, rows), data.y[rows])
+    np.testing.assert_array_equal(regulatory.baseline(data, rows=rows),
+                                  ridge.predict(_baseline_features(data, data.test_idx)))
+
+
 def test_old_pickle_checkpoint_needs_trust_and_its_renamed_keys_are_reported(tiny_csv, tmp_path):
     import argparse
 
