@@ -53,7 +53,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 
 @dataclass(frozen=True)
 class FigureChoice:
-    """What :func:`plot` draws for a sweep.
+    """What :func:`~workbench.sweep_plots.plot` draws for a sweep.
 
     Attributes
     ----------
@@ -226,7 +226,7 @@ def transfer_gap(result, *, x: str | None = None, hue: str | None = None, metric
     result
         A :class:`~workbench.sweeps.SweepResult`.
     x, hue, metric
-        As in :func:`choose_figure` (defaults chosen the same way).
+        As in :func:`~workbench.sweep_plots.choose_figure` (defaults chosen the same way).
 
     Returns
     -------
@@ -292,7 +292,7 @@ def plot(result, *, x: str | None = None, hue: str | None = None, metric: str | 
         A :class:`~workbench.sweeps.SweepResult`, or a sweep folder (read with
         :func:`~workbench.sweep_results.load_result`).
     x, hue, metric
-        See :func:`choose_figure`.
+        See :func:`~workbench.sweep_plots.choose_figure`.
 
     Returns
     -------
@@ -431,7 +431,7 @@ def _draw_points(lines, choice: FigureChoice, *, levels: list, name: str):
 
 def save_figure(result, path: str | os.PathLike, *, x: str | None = None, hue: str | None = None,
                 metric: str | None = None) -> Path:
-    """Draw :func:`plot` into ``path`` (PNG) and close the figure; returns the path."""
+    """Draw :func:`~workbench.sweep_plots.plot` into ``path`` (PNG) and close the figure; returns the path."""
     import matplotlib.pyplot as plt
 
     figure = plot(result, x=x, hue=hue, metric=metric)
