@@ -118,7 +118,7 @@ def _contracts() -> dict:
 
 
 def test_the_import_contracts_hold():
-    """Layers (interfaces > running > workflows > notebooks > presentation > core), workflows independent, no circles."""
+    """Layers (interfaces > running > workflows > presentation > core), workflows independent, no circles."""
     done = _lint_imports(ROOT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert set(_contracts()) == {"layers", "tasks-independent", "core-knows-no-front-end", "acyclic"}

@@ -216,7 +216,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _headline_metrics(notebook: Path | None, result, choice: FigureChoice | None) -> list[str]:
     """The metrics shown in the tables: the figure's, then the workflow's headline ones (all numeric ones without)."""
-    from .tasks import headline_metrics
+    from .workflow import headline_metrics
 
     available = available_metrics(result)
     try:

@@ -2,7 +2,7 @@
 
 :func:`choose_figure` reads the grid and picks what to draw:
 
-- When a grid parameter is numeric (``label_fraction``, ``shot_ratio``, ``learning_rate``,
+- When a grid parameter is numeric (``label_fraction``, ``learning_rate``,
   ``lora_rank``), the metric is drawn against it: one line per value of the other grid
   parameters, the mean over seeds with a band of ± one standard deviation, and a log axis
   when the values span more than a decade. The first other grid parameter sets the colour

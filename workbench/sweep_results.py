@@ -139,7 +139,7 @@ def load_result(folder: str | os.PathLike):
     result = SweepResult(name=spec.get("name", folder.name), path=folder, results=results, summary=summary,
                          n_failed=int((results["status"] == "failed").sum()), n_executed=0, metric=spec.get("metric"))
     if result.metric is None:  # a folder without spec.json: the workflow's first headline metric
-        from .tasks import headline_metrics
+        from .workflow import headline_metrics
 
         available = available_metrics(result)
         try:
