@@ -24,6 +24,11 @@ A run folder holds one run (see :mod:`workbench.tracking`): before a kernel star
 :func:`run_in_process` runs the same notebook's code cells in this Python process, with the
 same parameters: the widget panel's Train button and the tests use it, so the notebook is the
 one definition of a workflow's steps.
+
+Why this module is long: everything that decides how one notebook run goes is here, so that ``workbench run``, every
+sweep run, the panel and the tests execute a notebook the same way: the parameters cell read and coerced, the run
+folder checked, the kernel spec, papermill's failures (errors, timeouts, dead kernels) turned into ``status.json``,
+and the in-process runner.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ Everything also works without a browser: ``panel.set(...)``, ``panel.train()`` a
 ``panel.export_sweep()`` do what the widgets do, and button callbacks can be fired with
 ``button.click()``. Results never live only in the widgets: a panel run writes its run folder, and
 an export writes its YAML file.
+
+Why this module is long: most of it is one class, :class:`ParameterPanel`, whose widgets, tabs and button callbacks
+share the panel's state (the current values, the output areas, the run counter); split apart, the pieces would pass
+that state around. The functions that build it and the live curves in an Output widget are short.
 """
 
 from __future__ import annotations
