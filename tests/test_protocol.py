@@ -12,6 +12,7 @@ import math
 import pytest
 
 from workbench.tasks import event_sequence, heart_sound, regulatory
+from workbench.execute import run_workflow
 
 
 def _cell_type(tmp):
@@ -62,7 +63,7 @@ def runs(request, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WORKBENCH_CACHE", str(tmp / cache))
             patch.setenv("TORCH_NUM_THREADS", "1")
-            results.append(module.WORKFLOW.run({**params, **changes, "interactive": False,
+            results.append(run_workflow(module.WORKFLOW, {**params, **changes, "interactive": False,
                                                 "output_dir": str(tmp / folder)}))
         return json.loads((tmp / folder / "final_metrics.json").read_text())
 

@@ -674,3 +674,24 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def run_workflow(workflow, params: dict, *, callbacks=()):
+    """Run a workflow's notebook in this process for ``params``; return the notebook's ``result``.
+
+    ``workflow`` is a :class:`workbench.workflow.Workflow`, a registered name, or a notebook's path. The notebook's
+    own cells run (:func:`run_in_process`), so the widget panel's Train button and a papermill run follow the same
+    steps. ``callbacks`` join every ``fit`` of the run (the panel's live curves).
+    """
+    from .training import extra_callbacks
+    from .workflow import Workflow, get_workflow
+
+    if isinstance(workflow, Workflow):
+        notebook = workflow.notebook
+    elif isinstance(workflow, str) and not workflow.endswith(".ipynb"):
+        notebook = get_workflow(workflow).notebook
+    else:
+        notebook = Path(workflow)
+    with extra_callbacks(callbacks):
+        namespace = run_in_process(notebook, parameters=dict(params))
+    return namespace.get("result")
