@@ -20,7 +20,7 @@ from ...metrics import Evaluation, grouped_regression_metrics
 from .data import RegulatoryBatches, RegulatoryData
 from .formats import CATEGORICAL, NUMERIC
 from .model import DEFAULTS, LEGACY_KEY_MAP, PRETRAIN_SETTINGS, RegulatoryModel, build_model
-from .predictor import save_predictor
+from .predictor import BASE_WEIGHTS, save_predictor
 
 __all__ = ["FINETUNE_METHODS", "pretrain", "pretrained", "load_checkpoint", "prepare", "finetune", "predict",
            "fit_rows", "baseline", "evaluate", "permutation_importance"]
@@ -130,7 +130,7 @@ def prepare(model: RegulatoryModel, *, method: str = "lora", rank: int = 4, run=
     from ...lora import apply_lora
 
     if run is not None and run.writes:  # under torchrun, rank 0 alone writes the run folder
-        save_weights(model, run.checkpoints / "base.safetensors",
+        save_weights(model, run.path / BASE_WEIGHTS,
                      metadata={"what": "the base weights the LoRA adapters of this run adapt", "rank": rank})
     return apply_lora(model, rank=rank)
 
