@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .execute import coerce_parameters, notebook_parameters
-from .training import LiveCurves
+from .live import LiveCurves
 
 __all__ = ["panel", "ParameterPanel", "OutputCurves", "parse_options"]
 
@@ -696,7 +696,7 @@ class ParameterPanel:
 class OutputCurves(LiveCurves):
     """Training curves redrawn after every epoch inside an ipywidgets ``Output``.
 
-    :class:`workbench.training.LiveCurves` updates a display handle, but display updates do not
+    :class:`workbench.live.LiveCurves` updates a display handle, but display updates do not
     reach outputs captured by an ``Output`` widget (jupyter-widgets/ipywidgets#1844). This
     variant clears the widget and draws the new figure instead, and closes each figure so that
     none piles up in pyplot (or reappears under the next cell that runs).
