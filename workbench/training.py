@@ -1007,8 +1007,9 @@ def fit(
     run
         A :class:`workbench.Run`: ``metrics.jsonl`` per epoch, checkpoints, resume state, ``train.log``
         (the settings, the schedule and freezing, one line per epoch with losses, metrics and every
-        group's LR) and ``fit_settings.json`` (the last fit's settings: :meth:`FitSettings.to_dict` plus
-        the derived ``batch_size``, ``steps_per_epoch``, ``world_size`` and ``device``).
+        group's LR) and ``fit_settings.json`` (the last fit's settings: :meth:`FitSettings.to_dict` with
+        ``monitor`` and ``dtype`` as resolved, plus the derived ``batch_size``, ``steps_per_epoch``,
+        ``world_size`` and ``device``; :meth:`FitSettings.from_dict` reads it back).
     resume
         Continue from ``run``'s ``checkpoints/last.pt`` when it exists (open the run with
         ``Run(..., resume=True)``). Every setting in :data:`SETTINGS` (the :class:`FitSettings` fields
