@@ -219,7 +219,7 @@ def test_layer_decay_composes_with_freezing_and_the_preview():
     assert seen == [True, False]
     row = history.rows[-1]
     assert row["lr_layer0"] == pytest.approx(0.1 * 0.5 * 0.5**3) and row["lr_head"] == pytest.approx(0.1)
-    curve = wb.lr_curve("cosine", lr=0.1, total_steps=10,
+    curve = wb.lr_curve("cosine", learning_rate=0.1, total_steps=10,
                         groups=lr_ratios(param_groups(model, lr=0.1, layer_decay=0.5), lr=0.1))
     assert list(curve.columns) == ["layer0", "layer1", "layer2", "head"]
     assert len(wb.plots.plot_lr_schedule(curve).axes[0].lines) == 4  # one line per group

@@ -483,8 +483,8 @@ class ParameterPanel:
         groups = None
         if "backbone_lr_ratio" in v or "freeze_epochs" in v:  # one line per parameter group, freeze phase marked
             groups = {"backbone": v.get("backbone_lr_ratio", 1.0), "head": 1.0}
-        return lr_curve(v["lr_scheduler_type"], lr=v["learning_rate"], total_steps=v["epochs"] * per_epoch,
-                        warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
+        return lr_curve(v["lr_scheduler_type"], learning_rate=v["learning_rate"],
+                        total_steps=v["epochs"] * per_epoch, warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
                         freeze_steps=v.get("freeze_epochs", 0) * per_epoch)
 
     # -- LR range test -----------------------------------------------------------------------
