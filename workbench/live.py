@@ -16,14 +16,14 @@ __all__ = ["LiveCurves"]
 class LiveCurves(Callback):
     """Redraw the training curves in the notebook after every epoch; one figure per cell.
 
+    The cell ends with ``curves.final(fig)``: the live figure is replaced by the final one (the
+    best epoch marked), and nothing is shown twice; when nothing was drawn live, ``final``
+    returns ``fig`` for the cell to show.
+
     Parameters
     ----------
     enabled
         False makes it inert (headless runs), so a notebook can always pass it.
-
-    The cell ends with ``curves.final(fig)``: the live figure is replaced by the final one (the
-    best epoch marked), and nothing is shown twice; when nothing was drawn live, ``final``
-    returns ``fig`` for the cell to show.
     """
 
     def __init__(self, *, enabled: bool = True):

@@ -65,7 +65,7 @@ from .ema import ModelEMA
 from .schedules import build_scheduler, describe
 from .transfer import apply_strategy, param_groups, unwrap
 
-__all__ = [  # LiveCurves moved to workbench.live (the core imports no plotting); see __getattr__ below
+__all__ = [
     "Callback",
     "EarlyStopping",
     "ModelCheckpoint",
@@ -95,7 +95,7 @@ class FitSettings:
 
     ``fit(model, data, epochs=3, learning_rate=1e-3)`` builds one from its keywords;
     ``fit(model, data, settings)`` takes one, and keywords given beside it replace its fields
-    (:func:`dataclasses.replace`). Each field's metadata holds its one-line ``help`` and ``resume``:
+    (``dataclasses.replace``). Each field's metadata holds its one-line ``help`` and ``resume``:
     whether a resume (``fit(..., resume=True)``) must use the value ``last.pt`` saved. The
     resume check, the run's ``fit_settings.json`` and this page read the fields, so a setting
     is added in one place. The values are plain (JSON-able): ``to_dict`` / ``from_dict`` round-trip.
@@ -1077,7 +1077,7 @@ def fit(
       uninterrupted run only with it (and raises where an operation has no deterministic kernel).
     - ``seed``: also the seed of the DistributedSampler under DDP (default 0 there).
     """
-    s = fit_settings(settings, kwargs)
+    s = _resolve_settings(settings, kwargs)
     dist = dist_context(distributed)
     if dist.is_main:
         _check_resume(run, resume)
@@ -1119,7 +1119,7 @@ def fit(
     return trainer.history
 
 
-def fit_settings(settings: FitSettings | None = None, overrides: dict | None = None, *, stacklevel: int = 3
+def _resolve_settings(settings: FitSettings | None = None, overrides: dict | None = None, *, stacklevel: int = 3
                  ) -> FitSettings:
     """``settings`` with ``overrides`` (fit's keywords) applied, or a new :class:`FitSettings` from them.
 
