@@ -53,7 +53,7 @@ WORKFLOWS = {
                                       "head_hidden": "8", "label_fraction": 0.5, "class_weights": "balanced"},
     "spatial_transfer": {"n_bulk_slides": 3, "n_spatial_slides": 2, "epochs": 2, "pretrain_epochs": 1, "cv": "kfold",
                          "folds": 2},
-    "regulatory_lora": {"epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.5, "lora_rank": 2},
+    "regulatory_lora": {"epochs": 2, "pretrain_epochs": 1, "label_fraction": 0.5, "lora_rank": 2},
 }
 
 
@@ -74,7 +74,7 @@ def workflow_inputs(root: Path) -> dict:
 def check_workflows(device: str, tolerance: float, names: list[str]) -> dict:
     """Each workflow on ``device`` and on the CPU: completion, the model's device, headline metric differences."""
     from workbench.execute import run_in_process
-    from workbench.tasks import headline_metrics
+    from workbench.workflow import headline_metrics
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,11 +27,11 @@ from workbench.tasks import heart_sound as hs
 RESULTS = Path(__file__).resolve().parent / "results" / "heart_baseline_difficulty.json"
 
 
-def measure(task: str, seeds, *, shot_ratio: float = 1.0) -> dict:
+def measure(task: str, seeds, *, label_fraction: float = 1.0) -> dict:
     """The baseline's test AUROC per seed on the notebook's default synthetic data for ``task``."""
     scores = []
     for seed in seeds:
-        data = hs.load("", task, shot_ratio=shot_ratio, seed=seed)  # the notebook's defaults
+        data = hs.load("", task, label_fraction=label_fraction, seed=seed)  # the notebook's defaults
         scores.append(float(hs.baseline(data, seed=seed)["test_auroc"]))
     return {"per_seed": dict(zip(map(str, seeds), scores)), "mean": float(np.mean(scores)),
             "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0}
@@ -55,15 +55,15 @@ def main():
             hs.DEFAULTS["sim_snr_db"] = knob
         name = args.label or f"sim_snr_db={knob:g}"
         for task in args.tasks:
-            for ratio in args.shot_ratio:
+            for ratio in args.label_fraction:
                 start = time.time()
-                result = measure(task, args.seeds, shot_ratio=ratio)
-                key = f"{name} | {task} | shot_ratio={ratio:g}"
+                result = measure(task, args.seeds, label_fraction=ratio)
+                key = f"{name} | {task} | label_fraction={ratio:g}"
                 per_seed = " / ".join(f"{v:.3f}" for v in result["per_seed"].values())
                 print(f"{key}: baseline test AUROC {result['mean']:.3f} +- {result['std']:.3f} "
                       f"(seeds {per_seed}) in {time.time() - start:.0f} s", flush=True)
                 record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tries": {}}  # other runs' too
-                record["tries"][key] = {"generator": name, "sim_snr_db": knob, "task": task, "shot_ratio": ratio,
+                record["tries"][key] = {"generator": name, "sim_snr_db": knob, "task": task, "label_fraction": ratio,
                                         **result, "commit": commit + ("+dirty" if dirty else ""),
                                         "inside_0.70-0.90": bool(0.70 <= result["mean"] <= 0.90)}
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ TINY = {"width": 16, "layers": 1, "heads": 2, "fusion_hidden": 8, "condition_dim
 def main(csv, run_dir):
     torch.set_num_threads(1)
     rank = process_rank()
-    data = regulatory.load(csv, seed=0, train_fraction=0.5, val_fraction=0.25)
+    data = regulatory.load(csv, seed=0, label_fraction=0.5, val_fraction=0.25)
     torch.manual_seed(0)
     model = regulatory.build_model(data, **TINY)
     run = wb.Run(run_dir if rank == 0 else f"{run_dir}-rank{rank}", params={"case": "lora ddp"})

@@ -35,7 +35,7 @@ class KillAfter(wb.Callback):
 
 def main(csv, run_dir, out, kill_after, resume):
     torch.set_num_threads(1)
-    data = regulatory.load(csv, seed=0, train_fraction=0.5, val_fraction=0.25)
+    data = regulatory.load(csv, seed=0, label_fraction=0.5, val_fraction=0.25)
     torch.manual_seed(0)
     model = regulatory.build_model(data, **TINY)  # unknown_rate > 0: the forward draws random numbers
     run = wb.Run(run_dir, params={"case": "lora resume"}, resume=resume)

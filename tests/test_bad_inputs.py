@@ -369,10 +369,9 @@ def test_bad_input_gives_a_clear_message_that_names_the_fix(case, tmp_path):
 
 def test_the_matrix_covers_every_workflow():
     """A workflow that lands adds its rows (docs/own_data.md prints the count)."""
-    from workbench.params import spec_of
+    from workbench.workflow import workflow_of
 
-    workflows = {json.loads(p.read_text())["metadata"]["workbench"]["task"].rsplit(".", 1)[1]
-                 for p in (ROOT / "notebooks").glob("*.ipynb") if spec_of(p) is not None}
+    workflows = {workflow_of(p).name for p in (ROOT / "notebooks").glob("*.ipynb") if workflow_of(p) is not None}
     covered = {c.workflow for c in CASES}
     assert workflows <= covered, f"workflows with no bad-input rows: {sorted(workflows - covered)}"
     assert len({c.id for c in CASES}) == len(CASES)

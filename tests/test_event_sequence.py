@@ -369,7 +369,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     proc = _cli(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
-    assert set(es.HEADLINE_METRICS) <= set(final) and {"probe_test_accuracy", "probe_test_macro_f1"} <= set(final)
+    assert set(es.WORKFLOW.headline_metrics) <= set(final) and {"probe_test_accuracy", "probe_test_macro_f1"} <= set(final)
     assert {p.name for p in (out / "figures").iterdir()} == {"training_curves.png", "lr_schedule.png",
                                                              "confusion_matrix.png", "embeddings.png"}
     saved = np.load(out / "embeddings.npz")
@@ -379,7 +379,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     assert len(list((out / "checkpoints").glob("top-epoch*.safetensors"))) == 2
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = es.run_workflow({**params, "output_dir": str(tmp_path / "in_process"), "interactive": False})
+    in_process = es.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process"), "interactive": False})
     assert in_process.final == final
 
 

@@ -129,7 +129,7 @@ def test_splits_are_by_patient_and_few_shot_is_a_stratified_subset():
     assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
     assert set(data.train_idx) == set(data.labelled_idx) | set(data.val_idx)
     assert all(len(set(data.labels[patients == p])) == 1 for p in set(patients))  # a patient's recordings share its label
-    few = hs.load("", "circor_murmur", n_patients=40, seconds=2, seed=0, shot_ratio=0.1)
+    few = hs.load("", "circor_murmur", n_patients=40, seconds=2, seed=0, label_fraction=0.1)
     assert set(few.labelled_idx) < set(data.labelled_idx) and set(few.labels[few.labelled_idx]) == set(data.labels[data.labelled_idx])
     assert np.array_equal(few.train_idx, data.train_idx) and np.array_equal(few.test_idx, data.test_idx)
     assert "patients" in data.to_frame().index and data.to_dict()["patients"] == 40
@@ -235,7 +235,7 @@ def test_pretraining_loads_like_an_external_checkpoint_and_is_cached_by_fingerpr
     report = wb.load_pretrained(model, ckpt, expect_missing=["head.*"])
     assert report.missing == ["head.1.bias", "head.1.weight"] and all(k.startswith("projector.") for k in report.unexpected)
     stamp = ckpt.stat().st_mtime_ns
-    assert hs.pretrain(hs.load("", "physionet2016", n_patients=12, seconds=3, seed=0, shot_ratio=0.5),
+    assert hs.pretrain(hs.load("", "physionet2016", n_patients=12, seconds=3, seed=0, label_fraction=0.5),
                        pretrain_epochs=1, progress=False, cache_root=cache) == ckpt  # same recordings: reused
     assert ckpt.stat().st_mtime_ns == stamp
     other = hs.load("", "physionet2016", n_patients=12, seconds=3, seed=1)
@@ -259,7 +259,7 @@ def test_linear_eval_locks_the_encoder_and_its_batchnorm_full_trains_it_at_the_r
     log = (tmp_path / "linear" / "train.log").read_text()
     assert "fine-tuning (linear_eval)" in log and "finetune epoch=0" in log and "lr_head=" in log
     model = hs.build_model(data)
-    history = hs.finetune(model, data, mode="full", epochs=1, batch_size=16, learning_rate=1e-2, encoder_lr_ratio=0.1,
+    history = hs.finetune(model, data, mode="full", epochs=1, batch_size=16, learning_rate=1e-2, backbone_lr_ratio=0.1,
                           lr_scheduler_type="constant", warmup_ratio=0.0, progress=False)
     row = history.rows[0]
     assert row["lr_head"] == pytest.approx(1e-2) and row["lr_backbone"] == pytest.approx(1e-3)
@@ -305,7 +305,7 @@ def test_notebook_under_papermill_writes_the_run_folder_and_equals_the_in_proces
     assert max(per_cell) == 1 and sum(per_cell) == 6
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = hs.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = hs.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 
@@ -314,7 +314,7 @@ def test_wandb_logs_offline_into_the_run_folder(physionet, tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    result = hs.run_workflow({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
+    result = hs.WORKFLOW.run({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
                               "watch": True, "output_dir": str(out)})
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and result.final["test_auroc"] == json.loads((out / "final_metrics.json").read_text())["test_auroc"]
@@ -326,7 +326,7 @@ def test_without_wandb_one_notice_and_training_goes_on(physionet, tmp_path, monk
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hs.run_workflow({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
+        hs.WORKFLOW.run({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
                          "output_dir": str(out)})
     notices = [str(w.message) for w in caught if "wandb" in str(w.message)]
     assert len(notices) == 1 and "not installed" in notices[0] and len(notices[0].splitlines()) == 1

@@ -103,7 +103,7 @@ def cell_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("cell_run")
     data_path = _write_cells(folder / "cells.h5ad")
-    namespace = run_in_process(cell_type.NOTEBOOK, parameters={
+    namespace = run_in_process(cell_type.WORKFLOW.notebook, parameters={
         "data_path": str(data_path), "label_key": "celltype", "epochs": 2, "batch_size": 64,
         "pretrained_checkpoint": "none", "output_dir": str(folder / "run"), "interactive": False})
     data = namespace["data"]
@@ -257,8 +257,8 @@ def regulatory_run(tmp_path_factory):
     old = os.environ.get("WORKBENCH_CACHE")
     os.environ["WORKBENCH_CACHE"] = str(folder / "cache")
     try:
-        namespace = run_in_process(regulatory.NOTEBOOK, parameters={
-            "data_path": str(folder / "samples.csv"), "epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.5,
+        namespace = run_in_process(regulatory.WORKFLOW.notebook, parameters={
+            "data_path": str(folder / "samples.csv"), "epochs": 2, "pretrain_epochs": 1, "label_fraction": 0.5,
             "lora_rank": 2, "output_dir": str(folder / "run"), "interactive": False})
     finally:
         os.environ["WORKBENCH_CACHE"] = old
@@ -330,7 +330,7 @@ def test_heart_sound_run_predicts_new_recordings_equal_to_its_own_test_predictio
     old = os.environ.get("TORCH_NUM_THREADS")
     os.environ["TORCH_NUM_THREADS"] = "1"
     try:
-        namespace = run_in_process(hs.NOTEBOOK, parameters={
+        namespace = run_in_process(hs.WORKFLOW.notebook, parameters={
             "task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size": 16, "data_path": str(physionet),
             "output_dir": str(tmp_path / "run"), "interactive": False})
     finally:
@@ -371,7 +371,7 @@ def test_event_sequence_run_predicts_new_clients_equal_to_its_own_test_predictio
     old = os.environ.get("TORCH_NUM_THREADS")
     os.environ["TORCH_NUM_THREADS"] = "1"
     try:
-        namespace = run_in_process(es.NOTEBOOK, parameters={
+        namespace = run_in_process(es.WORKFLOW.notebook, parameters={
             "data_path": str(data_path), "pretrain_epochs": 1, "epochs": 2, "freeze_epochs": 1, "hidden_size": 8,
             "head_hidden": "8", "label_fraction": 0.5, "output_dir": str(tmp_path / "run"), "interactive": False})
     finally:
@@ -413,7 +413,7 @@ def test_spatial_run_predicts_a_visium_file_equal_to_each_folds_own_test_predict
     old = os.environ.get("TORCH_NUM_THREADS")
     os.environ["TORCH_NUM_THREADS"] = "1"
     try:
-        namespace = run_in_process(st.NOTEBOOK, parameters={
+        namespace = run_in_process(st.WORKFLOW.notebook, parameters={
             "n_bulk_slides": 3, "n_spatial_slides": 2, "epochs": 2, "pretrain_epochs": 1, "cv": "kfold", "folds": 2,
             "output_dir": str(tmp_path / "run"), "interactive": False})
     finally:

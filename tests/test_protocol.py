@@ -21,7 +21,7 @@ def _cell_type(tmp):
 def _heart_sound(tmp):
     folder = heart_sound.write_layout(tmp / "physionet", "physionet2016", n_patients=16, seconds=3, seed=1)
     params = {"task": "physionet2016", "epochs": 1, "pretrain_epochs": 1, "batch_size": 16, "data_path": str(folder)}
-    return params, {"mode": "few_shot", "shot_ratio": 0.5}
+    return params, {"mode": "few_shot", "label_fraction": 0.5}
 
 
 def _event_sequence(tmp):
@@ -39,8 +39,8 @@ def _spatial_transfer(tmp):
 def _regulatory(tmp):
     frame = regulatory.simulate(n_genes=24, n_regions=3, n_motifs=6, n_source_conditions=4, n_new_conditions=2)
     csv = regulatory.write_csv(frame, tmp / "tiny.csv")
-    params = {"data_path": str(csv), "epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.25, "lora_rank": 2}
-    return params, {"train_fraction": 0.5}  # the same source rows and vocabularies: the same pretraining key
+    params = {"data_path": str(csv), "epochs": 2, "pretrain_epochs": 1, "label_fraction": 0.25, "lora_rank": 2}
+    return params, {"label_fraction": 0.5}  # the same source rows and vocabularies: the same pretraining key
 
 
 #: workflow -> (tiny parameters, what the other run sharing the cache changes)
@@ -60,7 +60,7 @@ def runs(request, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WORKBENCH_CACHE", str(tmp / cache))
             patch.setenv("TORCH_NUM_THREADS", "1")
-            module.run_workflow({**params, **changes, "interactive": False, "output_dir": str(tmp / folder)})
+            module.WORKFLOW.run({**params, **changes, "interactive": False, "output_dir": str(tmp / folder)})
         return json.loads((tmp / folder / "final_metrics.json").read_text())
 
     alone = run("alone", "cache_alone")

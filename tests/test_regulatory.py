@@ -36,7 +36,7 @@ def tiny_csv(tmp_path_factory):
 
 
 def test_simulated_csv_loads_with_new_conditions_only_after_pretraining(tiny_csv):
-    data = regulatory.load(str(tiny_csv), train_fraction=0.5, val_fraction=0.25, seed=0)
+    data = regulatory.load(str(tiny_csv), label_fraction=0.5, val_fraction=0.25, seed=0)
     assert data.regions.shape == (144, 3, 7) and len(data.source_idx) == 96
     assert len(data.train_idx) == 24 and len(data.val_idx) == 12 and len(data.test_idx) == 12
     parts = [data.source_idx, data.train_idx, data.val_idx, data.test_idx]
@@ -48,7 +48,7 @@ def test_simulated_csv_loads_with_new_conditions_only_after_pretraining(tiny_csv
     assert set(new["medium"]) & {"minimal"} and set(new["drug"]) & {"rapamycin"}
     assert data.vocab["medium"][0] == "<unknown>" and "minimal" in data.vocab["medium"]  # seen in fine-tuning train
     assert data.to_frame().loc["test", "samples"] == 12 and "<table" in data._repr_html_()
-    other = regulatory.load(str(tiny_csv), train_fraction=0.5, val_fraction=0.25, seed=1)
+    other = regulatory.load(str(tiny_csv), label_fraction=0.5, val_fraction=0.25, seed=1)
     assert not np.array_equal(other.test_idx, data.test_idx)
 
 
@@ -78,8 +78,8 @@ def test_the_set_column_ignores_case_and_spaces_and_refuses_other_values(tiny_cs
     frame = pd.read_csv(tiny_csv)
     frame["set"] = frame["set"].map({"source": " Source", "target": "TARGET "})
     frame.to_csv(tmp_path / "spaced.csv", index=False)
-    data = regulatory.load(str(tmp_path / "spaced.csv"), train_fraction=0.5, val_fraction=0.25, seed=0)
-    expected = regulatory.load(str(tiny_csv), train_fraction=0.5, val_fraction=0.25, seed=0)
+    data = regulatory.load(str(tmp_path / "spaced.csv"), label_fraction=0.5, val_fraction=0.25, seed=0)
+    expected = regulatory.load(str(tiny_csv), label_fraction=0.5, val_fraction=0.25, seed=0)
     assert len(data.source_idx) == 96 and np.array_equal(data.source_idx, expected.source_idx)
     assert np.array_equal(data.test_idx, expected.test_idx)
 
@@ -115,7 +115,7 @@ def test_numeric_statistics_travel_in_the_checkpoint(tiny_csv, tmp_path):
     mean, std = data.numeric_stats()
     assert torch.equal(model.conditions.numeric_mean, torch.from_numpy(mean)) and (std > 0).all()
     path = wb.save_weights(model, tmp_path / "m.safetensors")
-    other = regulatory.build_model(regulatory.load(str(tiny_csv), seed=3, train_fraction=0.6), **TINY)
+    other = regulatory.build_model(regulatory.load(str(tiny_csv), seed=3, label_fraction=0.6), **TINY)
     assert not torch.equal(other.conditions.numeric_mean, model.conditions.numeric_mean)
     wb.load_pretrained(other, path)
     assert torch.equal(other.conditions.numeric_mean, model.conditions.numeric_mean)
@@ -168,7 +168,7 @@ def test_lora_run_checkpoints_hold_only_the_trainable_tensors(tiny_csv, tmp_path
     """Through fit's own checkpointing (best, every N epochs, last.pt), with the base weights kept once beside them."""
     import workbench as wb
 
-    data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.5, val_fraction=0.25)
+    data = regulatory.load(str(tiny_csv), seed=0, label_fraction=0.5, val_fraction=0.25)
     torch.manual_seed(0)
     model = regulatory.build_model(data, **{**TINY, "width": 32})
     full_size = wb.save_weights(model, tmp_path / "full.safetensors").stat().st_size
@@ -203,13 +203,13 @@ def _cli(args, env=None):
 def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, tmp_path, monkeypatch):
     """One papermill run with tiny parameters (the run folder's contract), then the same cells in-process."""
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
-    params = {"data_path": str(tiny_csv), "epochs": 2, "pretrain_epochs": 1, "train_fraction": 0.5, "lora_rank": 2}
+    params = {"data_path": str(tiny_csv), "epochs": 2, "pretrain_epochs": 1, "label_fraction": 0.5, "lora_rank": 2}
     out = tmp_path / "papermill"
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache_papermill")}
     proc = _cli(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
-    assert set(regulatory.HEADLINE_METRICS) <= set(final) and 0 < final["trainable_fraction"] < 0.2
+    assert set(regulatory.WORKFLOW.headline_metrics) <= set(final) and 0 < final["trainable_fraction"] < 0.2
     predictions = (out / "predictions.csv").read_text().splitlines()
     assert predictions[0] == "row,condition,true,predicted,residual" and len(predictions) == 1 + 19  # 48 new-condition rows: 24 train, 5 val
     per_condition = json.loads((out / "metrics.json").read_text())["per_condition"]
@@ -224,12 +224,12 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     assert merge_error <= 1e-5
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = regulatory.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = regulatory.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 
 def test_permutation_importance_is_zero_for_a_feature_the_model_ignores(tiny_csv):
-    data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.3, val_fraction=0.1)
+    data = regulatory.load(str(tiny_csv), seed=0, label_fraction=0.3, val_fraction=0.1)
     torch.manual_seed(0)
     model = regulatory.build_model(data, **TINY)
     with torch.no_grad():
@@ -266,7 +266,7 @@ def test_on_a_rank_other_than_0_evaluation_and_lora_preparation_write_nothing(ti
     import workbench as wb
 
     monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
-    data = regulatory.load(str(tiny_csv), seed=0, train_fraction=0.5, val_fraction=0.25)
+    data = regulatory.load(str(tiny_csv), seed=0, label_fraction=0.5, val_fraction=0.25)
     torch.manual_seed(0)
     run = wb.Run(tmp_path / "run", params={"test": 1})
     model, _ = regulatory.prepare(regulatory.build_model(data, **TINY), method="lora", rank=2, run=run)

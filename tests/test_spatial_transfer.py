@@ -206,7 +206,7 @@ def test_pretraining_is_cached_and_cross_validation_writes_each_fold(study, tmp_
     assert summary.loc["test_mean_pearson", "mean"] == pytest.approx(result.per_fold["test_mean_pearson"].mean())
     assert summary.loc["test_mse", "std"] == pytest.approx(result.per_fold["test_mse"].std())
     final = st.evaluate(result, run=run).final
-    assert set(st.HEADLINE_METRICS) <= set(final) and final["folds"] == 2
+    assert set(st.WORKFLOW.headline_metrics) <= set(final) and final["folds"] == 2
     assert json.loads((run.path / "final_metrics.json").read_text()) == final
 
 
@@ -224,7 +224,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     proc = _cli(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
-    assert set(st.HEADLINE_METRICS) <= set(final) and final["folds"] == 2
+    assert set(st.WORKFLOW.headline_metrics) <= set(final) and final["folds"] == 2
     report = json.loads((out / "load_report.json").read_text())
     assert set(report["mismatched"]) == {"output.weight", "output.bias"}
     assert len(report["unexpected"]) == 12 and all(k.startswith("encoder.layers.2.") for k in report["unexpected"])
@@ -232,7 +232,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     assert {p.name for p in (out / "figures").iterdir()} == {"folds_mean_pearson.png", "cv_summary.png"}
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = st.run_workflow({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = st.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 

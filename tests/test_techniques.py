@@ -279,7 +279,7 @@ def test_cell_type_notebook_trains_at_the_lr_find_suggestion(tmp_path):
     from workbench.execute import run_in_process
     from workbench.tasks import cell_type
 
-    ns = run_in_process(cell_type.NOTEBOOK, parameters={
+    ns = run_in_process(cell_type.WORKFLOW.notebook, parameters={
         "epochs": 1, "pretrained_checkpoint": "none", "find_lr": True, "lr_scheduler_type": "constant",
         "interactive": False, "output_dir": str(tmp_path / "run")})
     recorded = json.loads((tmp_path / "run" / "lr_find.json").read_text())

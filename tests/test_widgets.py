@@ -220,7 +220,7 @@ def test_train_button_runs_in_a_folder_of_its_own(make_panel, tmp_path):
 
     def train(values, *, callbacks=()):
         calls.append((dict(values), list(callbacks)))
-        return cell_type.run_workflow(values, callbacks=callbacks)
+        return cell_type.WORKFLOW.run(values, callbacks=callbacks)
 
     panel = make_panel(values=TINY, train=train)
     panel.train_button.click()

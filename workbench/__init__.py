@@ -52,10 +52,15 @@ _EXPORTS = {
     "load_run": "predict",
     "AlignmentReport": "predict",
     "PredictError": "predict",
+    "Workflow": "workflow",
+    "Param": "workflow",
+    "workflows": "workflow",
+    "get_workflow": "workflow",
+    "workflow_of": "workflow",
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
                "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli",
-               "predict", "live"}
+               "predict", "workflow", "protocol", "live"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -210,7 +210,7 @@ def _cmd_sweep(args) -> int:
         print(f"workbench sweep: error: {err}", file=sys.stderr)
         return 2
     print(f"sweep {result.name}: {result.n_runs} runs, {result.n_failed} failed, {result.n_executed} executed now")
-    from .tasks import headline_metrics
+    from .workflow import headline_metrics
 
     headline = _headline(result.summary, [result.metric, *headline_metrics(load_spec(args.spec).notebook)])
     print(headline.to_string(index=False, na_rep=""))
@@ -258,7 +258,7 @@ def _cmd_report(args) -> int:
     if (folder / "summary.csv").is_file():
         import pandas as pd
 
-        from .tasks import headline_metrics
+        from .workflow import headline_metrics
 
         summary = pd.read_csv(folder / "summary.csv")
         print(f"sweep {folder.name}")

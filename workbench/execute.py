@@ -226,7 +226,7 @@ def check_values(notebook: str | os.PathLike, values: dict, *, declared: dict[st
     a notebook that names no workflow is checked for names and types only. Raises
     :class:`workbench.params.ParameterError` listing every value not accepted, before any work.
     """
-    from .params import spec_of
+    from .workflow import spec_of
 
     spec = spec_of(notebook)
     if spec is None:

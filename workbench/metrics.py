@@ -603,14 +603,55 @@ def project_2d(embeddings, *, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class Evaluation:
-    """Test metrics of the fine-tuned model against the baseline, the confusion matrix and the flat final metrics."""
+def validation_accuracy_and_macro_f1(model, batches):
+    """``val_accuracy`` and ``val_macro_f1`` of a classifier on ``(x, y)`` validation batches (``fit(evaluate=...)``).
 
-    def __init__(self, table: MetricsTable, confusion, final: dict):
-        self.table, self.confusion, self.final = table, confusion, final
+    Returned as per-sample outputs (:class:`workbench.training.PerSample`), so that under DDP macro-F1 is computed on
+    the whole validation set, not averaged over the ranks' shares.
+    """
+    import torch
+
+    from .devices import to_model
+    from .training import PerSample
+
+    preds, truth = [], []
+    for x, y in batches:
+        preds.append(model(to_model(x, model)).argmax(1))
+        truth.append(y)
+    return PerSample(_accuracy_and_macro_f1, truth=torch.cat(truth), pred=torch.cat(preds))
+
+
+def _accuracy_and_macro_f1(*, truth, pred) -> dict:
+    scores = classification_metrics(truth, pred)
+    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
+
+
+class Evaluation:
+    """The test metrics of the model beside its baseline, with three faces.
+
+    ``table`` (a :class:`workbench.metrics.MetricsTable`: one row per predictor) shows in a notebook
+    (``_repr_html_``) and as a frame (``to_frame()``); ``final`` (flat ``test_*``, ``baseline_test_*`` and the counts)
+    is what ``final_metrics.json`` holds (``to_dict()``). ``confusion`` is the model's confusion matrix for a
+    classification, None otherwise; ``extra`` holds a task's further outputs (predictions, per-gene scores).
+    """
+
+    def __init__(self, table, confusion=None, final: dict | None = None, **extra):
+        self.table, self.confusion, self.final, self.extra = table, confusion, dict(final or {}), extra
+
+    def to_frame(self):
+        return self.table.to_frame()
+
+    def to_dict(self) -> dict:
+        return dict(self.final)
 
     def _repr_html_(self) -> str:
         return self.table._repr_html_()
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
 
     def __repr__(self) -> str:
         return repr(self.table)

@@ -15,7 +15,7 @@ scikit-learn's ``_parameter_constraints``)::
 The same declaration is checked in three places, so a typo fails in a second instead of after
 pretraining: ``workbench run`` and :func:`workbench.run_notebook` before the kernel starts,
 ``workbench sweep`` for every run of the grid when the spec is loaded (before any run begins),
-and the notebook's own second cell (``params = task.PARAMETERS.check(wb.params_of(globals()))``)
+and the notebook's own second cell (``params = task.WORKFLOW.check(wb.params_of(globals()))``)
 for interactive edits. Every problem is reported at once, each with what was given, what is
 accepted and, for a near miss, the closest accepted value.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real as _RealNumber
 from pathlib import Path
 
-__all__ = ["ParameterError", "Constraint", "Choice", "Integer", "Real", "Text", "Flag", "Spec", "spec_of"]
+__all__ = ["ParameterError", "Constraint", "Choice", "Integer", "Real", "Text", "Flag", "Spec"]
 
 
 class ParameterError(ValueError):
@@ -221,15 +221,6 @@ class Spec(Mapping):
 
     def __repr__(self) -> str:
         return f"Spec({', '.join(f'{k}: {c.describe()}' for k, c in self._constraints.items())})"
-
-
-def spec_of(notebook) -> Spec | None:
-    """The :class:`Spec` of the workflow a notebook belongs to (its task module's ``PARAMETERS``), or None."""
-    from .tasks import workflow_of
-
-    module = workflow_of(notebook)
-    spec = getattr(module, "PARAMETERS", None) if module is not None else None
-    return spec if isinstance(spec, Spec) else None
 
 
 def _closest(value, options) -> str | None:

@@ -16,7 +16,7 @@ the workflow (task module), the workbench and package versions that made it, the
 it predicts with, and the preprocessing state of the workflow (gene names and order, class
 names, scaler statistics, vocabularies, sample rate...) as plain JSON. Each workflow writes it
 at evaluation time (``save_predictor``) and reads it back in its own :class:`Predictor`
-subclass, named ``PREDICTOR`` in the task module. ``test_predictions.csv`` beside it holds the
+subclass, named by the workflow's declaration (``Workflow(predictor=...)``). ``test_predictions.csv`` beside it holds the
 run's own predictions on its test samples, in the format :meth:`Predictions.write` gives.
 
 Inputs are aligned to what the model was trained on, and :class:`AlignmentReport` says how:
@@ -411,7 +411,7 @@ def _write_annotated(predictions: Predictions, path: Path) -> None:
 class Predictor:
     """A trained model with the preprocessing state of its run: predicts on new data.
 
-    Made by :func:`load_run`; each workflow subclasses it (its task module's ``PREDICTOR``) and
+    Made by :func:`load_run`; each workflow subclasses it (named by its ``Workflow(predictor=...)``) and
     implements ``predict`` for its own formats.
 
     Attributes
@@ -590,7 +590,10 @@ def load_run(run_dir: str | os.PathLike) -> Predictor:
                            f"format {record.get('format')}); upgrade workbench (pip install -U workbench) to use it.")
     try:
         module = import_module(record["task"])
-        cls = module.PREDICTOR
+        workflow = getattr(module, "WORKFLOW", None)  # the declaration names its predictor (workbench.workflow)
+        cls = workflow.predictor_class() if workflow is not None and workflow.predictor else module.PREDICTOR
+        if cls is None:
+            raise AttributeError(record["task"])
     except (KeyError, ImportError, AttributeError):
         raise PredictError(f"{file} names the workflow {record.get('task')!r}, which this workbench does not have "
                            "(or which cannot predict). Use the workbench version that made the run.") from None

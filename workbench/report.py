@@ -3,7 +3,7 @@
 The figure
     :func:`choose_figure` reads the grid and picks what to draw:
 
-    - When a grid parameter is numeric (``label_fraction``, ``shot_ratio``, ``learning_rate``,
+    - When a grid parameter is numeric (``label_fraction``, ``learning_rate``,
       ``lora_rank``), the metric is drawn against it: one line per value of the other grid
       parameters, the mean over seeds with a band of ± one standard deviation, and a log axis
       when the values span more than a decade. The first other grid parameter sets the colour
@@ -514,7 +514,7 @@ def load_result(folder: str | os.PathLike):
     result = SweepResult(name=spec.get("name", folder.name), path=folder, results=results, summary=summary,
                          n_failed=int((results["status"] == "failed").sum()), n_executed=0, metric=spec.get("metric"))
     if result.metric is None:  # a folder without spec.json: the workflow's first headline metric
-        from .tasks import headline_metrics
+        from .workflow import headline_metrics
 
         available = available_metrics(result)
         try:
@@ -715,7 +715,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _headline_metrics(notebook: Path | None, result, choice: FigureChoice | None) -> list[str]:
     """The metrics shown in the tables: the figure's, then the workflow's headline ones (all numeric ones without)."""
-    from .tasks import headline_metrics
+    from .workflow import headline_metrics
 
     available = available_metrics(result)
     try:

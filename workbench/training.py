@@ -213,7 +213,7 @@ def extra_callbacks(callbacks: Sequence[Callback]):
     notebook's cells) draws live curves for it::
 
         with extra_callbacks([OutputCurves(out)]):
-            run_workflow(params)
+            workflow.run(params)
     """
     token = _EXTRA_CALLBACKS.set(tuple(_EXTRA_CALLBACKS.get()) + tuple(callbacks))
     try:

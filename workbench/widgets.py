@@ -8,7 +8,7 @@ the names papermill injects, the names a sweep grid varies and the keys of a run
     from workbench import widgets
     from workbench.tasks import cell_type
 
-    widgets.panel("cell_type_annotation.ipynb", values=params, train=cell_type.run_workflow)
+    widgets.panel("cell_type_annotation.ipynb", values=params, train=cell_type.WORKFLOW.run)
 
 One widget per parameter: ``int`` -> IntText, ``float`` -> FloatText, ``bool`` -> Checkbox, a
 ``str`` whose help comment lists options (``# constant | cosine | linear``) -> Dropdown of those
@@ -239,7 +239,7 @@ class ParameterPanel:
         self.steps_per_epoch = steps_per_epoch
         self.train_size = train_size
         if metric is None:
-            from .tasks import headline_metrics
+            from .workflow import headline_metrics
 
             metric = next(iter(headline_metrics(self.notebook)), "")
         self._train_fn = train if train is not None else self._run_notebook

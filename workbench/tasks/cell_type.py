@@ -49,8 +49,9 @@ from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads(
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
-from ..metrics import Evaluation, classification_metrics, evaluate_classifier
+from ..metrics import Evaluation, classification_metrics, evaluate_classifier, validation_accuracy_and_macro_f1
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..workflow import Param, Workflow
 from ..predict import (
     MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names, class_predictions,
 )
@@ -61,8 +62,8 @@ from ..tracking import TRACKERS
 from ..transfer import BUILTIN_STRATEGIES
 
 __all__ = [
+    "WORKFLOW",
     "DEFAULTS",
-    "PARAMETERS",
     "CellData",
     "ExpressionBatches",
     "ExpressionEncoder",
@@ -79,9 +80,7 @@ __all__ = [
     "lr_finder",
     "baseline",
     "evaluate",
-    "run_workflow",
     "CellTypePredictor",
-    "PREDICTOR",
     "HEADLINE_METRICS",
     "PACKAGES",
 ]
@@ -127,31 +126,40 @@ COUNTS_TARGET_SUM = 1e4
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
 #: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
-PARAMETERS = Spec(
-    data_path=Text(),
-    label_key=Text(nonempty=True),
-    backed=Choice(*BACKED_CHOICES),
-    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
-    strategy=Choice(*BUILTIN_STRATEGIES),
-    lr_scheduler_type=Choice(*SCHEDULES),
-    learning_rate=Real(gt=0),
-    find_lr=Flag(),
-    warmup_ratio=Real(ge=0, lt=1),
-    epochs=Integer(ge=1),
-    batch_size=Integer(ge=1),
-    freeze_epochs=Integer(ge=0),
-    backbone_lr_ratio=Real(ge=0),
-    label_fraction=Real(gt=0, le=1),
-    test_size=Real(gt=0, lt=1),
-    val_fraction=Real(ge=0, le=0.5),
-    monitor=Choice(*MONITORS),
-    patience=Integer(ge=0),
-    seed=Integer(ge=0),
-    output_dir=Text(),
-    tracker=Choice(*TRACKERS),
-    device=DeviceName(),
-    dtype=Choice(*NOTEBOOK_DTYPES),
-    interactive=Flag(),
+WORKFLOW = Workflow(
+    name='cell_type',
+    title='Cell-type annotation',
+    notebook=NOTEBOOK,
+    headline_metrics=HEADLINE_METRICS,
+    packages=PACKAGES,
+    predictor="workbench.tasks.cell_type:CellTypePredictor",
+    parameters=dict(
+        data_path=Param("", ".h5ad file; empty means the bundled pbmc68k_reduced from scanpy", Text()),
+        label_key=Param("bulk_labels", "obs column holding the cell types", Text(nonempty=True)),
+        backed=Param("auto", "auto | true | false: stream X from the .h5ad instead of reading it (auto: files over 1 GiB)", Choice(*BACKED_CHOICES)),
+        pretrained_checkpoint=Param("pretrain", "pretrain (here, on unlabeled training cells) | none (from scratch) | a checkpoint path", Choice("pretrain", "none", or_path=True)),
+        pretrain_epochs=Param(DEFAULTS["pretrain_epochs"], "masked-expression pretraining epochs (pretrained_checkpoint pretrain)", Integer(ge=1)),
+        strategy=Param("full", "full | frozen_backbone | linear_probe", Choice(*BUILTIN_STRATEGIES)),
+        lr_scheduler_type=Param("cosine", "constant | constant_with_warmup | cosine | linear | step", Choice(*SCHEDULES)),
+        learning_rate=Param(1.0e-3, "head learning rate", Real(gt=0)),
+        warmup_ratio=Param(0.1, "fraction of steps spent warming up", Real(ge=0, lt=1)),
+        epochs=Param(100, "fine-tuning epochs", Integer(ge=1)),
+        batch_size=Param(32, "cells per batch", Integer(ge=1)),
+        freeze_epochs=Param(0, "epochs with the encoder frozen before full fine-tuning", Integer(ge=0)),
+        backbone_lr_ratio=Param(1.0, "encoder learning rate as a multiple of learning_rate", Real(ge=0)),
+        label_fraction=Param(1.0, "fraction of training cells whose labels are used", Real(gt=0, le=1)),
+        test_size=Param(0.2, "held-out fraction (stratified)", Real(gt=0, lt=1)),
+        val_fraction=Param(0.1, "share of the labelled training cells held out for validation (0: none)", Real(ge=0, le=0.5)),
+        monitor=Param("val_macro_f1", "val_macro_f1 | val_accuracy | val_loss (picks the best epoch)", Choice(*MONITORS)),
+        patience=Param(0, "stop after this many epochs without improvement (0: never)", Integer(ge=0)),
+        seed=Param(0, "split, initialisation and data order", Integer(ge=0)),
+        output_dir=Param("", "run folder; empty: a new dated folder under runs/cell_type/", Text()),
+        tracker=Param("none", "none | wandb (offline unless WANDB_MODE is set)", Choice(*TRACKERS)),
+        find_lr=Param(False, "run the LR range test first and train at its suggestion instead of learning_rate", Flag()),
+        device=Param("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available, else the CPU)", DeviceName()),
+        dtype=Param("float32", "float32 | float64 (float64 on the CPU checks that every tensor takes the device path)", Choice(*NOTEBOOK_DTYPES)),
+        interactive=Param(True, "show the widget panel (papermill runs set it False)", Flag()),
+    ),
 )
 
 
@@ -556,11 +564,11 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
 
 
 def pretrained(data: CellData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
-               cache_root=None, device="auto", dtype=None):
+               cache_root=None, device="auto", dtype=None, **overrides):
     """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
     return resolve_pretrained(pretrained_checkpoint,
                               lambda: pretrain(data, seed=seed, progress=progress, cache_root=cache_root,
-                                               device=device, dtype=dtype))
+                                               device=device, dtype=dtype, **overrides))
 
 
 def input_genes(model: CellTypeClassifier, data: CellData):
@@ -618,7 +626,7 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
     return fit(
         model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
         schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy, freeze_epochs=freeze_epochs,
-        backbone_lr_ratio=backbone_lr_ratio, val_data=val, evaluate=_validation_metrics if has_val else None,
+        backbone_lr_ratio=backbone_lr_ratio, val_data=val, evaluate=validation_accuracy_and_macro_f1 if has_val else None,
         monitor=monitor if has_val else "train_loss", mode=MONITORS[monitor] if has_val else "min",
         patience=patience or None, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
         log_every=100, device=device, dtype=dtype,
@@ -648,26 +656,6 @@ def lr_finder(model, data: CellData):
                        seed=values["seed"])
 
     return run
-
-
-def _validation_metrics(model, batches):
-    """``val_accuracy`` and ``val_macro_f1`` of the model on the validation batches.
-
-    Returned as per-sample outputs (:class:`workbench.training.PerSample`), so that under DDP
-    macro-F1 is computed on the whole validation set, not averaged over the ranks' shares.
-    """
-    from ..training import PerSample
-
-    preds, truth = [], []
-    for x, y in batches:
-        preds.append(model(to_model(x, model)).argmax(1))
-        truth.append(y)
-    return PerSample(_accuracy_and_macro_f1, truth=torch.cat(truth), pred=torch.cat(preds))
-
-
-def _accuracy_and_macro_f1(*, truth, pred) -> dict:
-    scores = classification_metrics(truth, pred)
-    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
 
 
 def baseline(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CELLS) -> dict:
@@ -720,20 +708,6 @@ def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
     return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
                                run=run, extra=counts)
 
-
-def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
-    """Run the workflow's notebook in this process for ``params``; return its evaluation.
-
-    The notebook's own cells run (:func:`workbench.execute.run_in_process`), so the widget
-    panel's Train button and a papermill run follow the same steps. ``callbacks`` join every
-    ``fit`` of the run (the panel's live curves).
-    """
-    from ..execute import run_in_process
-    from ..training import extra_callbacks
-
-    with extra_callbacks(callbacks):
-        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
-    return namespace["result"]
 
 
 # --------------------------------------------------------------------------- prediction on new cells
@@ -881,6 +855,3 @@ class CellTypePredictor(Predictor):
 
 #: Rows of a backed input read to tell integer counts from log-normalised expression.
 COUNTS_PROBE_ROWS = 2048
-
-#: The class :func:`workbench.load_run` makes for a cell-type run folder.
-PREDICTOR = CellTypePredictor

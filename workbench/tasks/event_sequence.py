@@ -74,21 +74,21 @@ from .. import splits
 from . import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
 from ..cache import cached, code_version, fingerprint
 from ..checkpoints import resolve_pretrained, save_weights
-from ..metrics import Evaluation, classification_metrics, evaluate_classifier
+from ..metrics import Evaluation, classification_metrics, evaluate_classifier, validation_accuracy_and_macro_f1
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..workflow import Param, Workflow
 from ..predict import (
     MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names, class_predictions,
 )
 from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
-from .cell_type import _validation_metrics  # one copy: validation accuracy / macro-F1
 
 __all__ = [
-    "DEFAULTS", "PARAMETERS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
+    "WORKFLOW",
+    "DEFAULTS", "EventData", "EventBatches", "coles_loader", "SequenceClassifier", "simulate", "write_tables",
     "read_table", "load", "build_encoder", "build_model", "build_coles", "pretrain", "pretrained", "load_checkpoint",
-    "finetune", "predict_proba", "get_embeddings", "linear_probe", "save_embeddings", "baseline", "baseline_features", "evaluate",
-    "run_workflow", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "ENCODER_TYPES", "ACTIVATIONS",
+    "finetune", "predict_proba", "get_embeddings", "linear_probe", "save_embeddings", "baseline", "baseline_features", "evaluate", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "ENCODER_TYPES", "ACTIVATIONS",
 ]
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "event_sequence_classification.ipynb"
@@ -121,19 +121,48 @@ DEFAULTS = {
     "eval_tokens": 65536,  # padded events per batch when evaluating or embedding (EventBatches max_tokens)
 }
 #: What each parameter of the notebook accepts (checked by ``workbench run``/``sweep`` and the notebook's first cell).
-PARAMETERS = Spec(
-    data_path=Text(), labels_path=Text(), categorical_fields=Text(nonempty=True), numeric_fields=Text(),
-    max_seq_len=Integer(ge=1), impute_numeric=Flag(),
-    pretrained_checkpoint=Choice("pretrain", "none", or_path=True), trust_pickle=Flag(),
-    encoder_type=Choice(*ENCODER_TYPES), hidden_size=Integer(ge=1), pretrain_epochs=Integer(ge=1),
-    head_hidden=Text(), head_dropout=Real(ge=0, lt=1), head_activation=Choice(*ACTIVATIONS),
-    epochs=Integer(ge=1), freeze_epochs=Integer(ge=0), learning_rate=Real(gt=0), backbone_lr_ratio=Real(gt=0),
-    batch_size=Integer(ge=1),
-    optimizer=Choice("adam", "adamw"), lr_scheduler_type=Choice(*SCHEDULES),
-    class_weights=Choice("none", "balanced"), label_smoothing=Real(ge=0, lt=1), grad_clip=Real(ge=0),
-    amp=Choice("none", "bf16"), save_top_k=Integer(ge=1), label_fraction=Real(gt=0, le=1), seed=Integer(ge=0),
-    output_dir=Text(), tracker=Choice(*TRACKERS), interactive=Flag(),
-    device=DeviceName(), dtype=Choice(*NOTEBOOK_DTYPES),
+WORKFLOW = Workflow(
+    name='event_sequence',
+    title='Event-sequence classification',
+    notebook=NOTEBOOK,
+    headline_metrics=HEADLINE_METRICS,
+    packages=PACKAGES,
+    predictor="workbench.tasks.event_sequence:EventSequencePredictor",
+    parameters=dict(
+        data_path=Param("", "long-format event table (.csv/.parquet); empty means simulated clients", Text()),
+        labels_path=Param("", "labels table (client_id, target); empty: <data stem>.labels.csv beside data_path", Text()),
+        categorical_fields=Param("event_type,channel", "comma-separated categorical columns", Text(nonempty=True)),
+        numeric_fields=Param("amount", "comma-separated numeric columns (time_gap is derived from event_time)", Text()),
+        max_seq_len=Param(1000, "events kept per client: the last max_seq_len in time order", Integer(ge=1)),
+        impute_numeric=Param(False, "NaN in a numeric field: False is an error, True fills the training median", Flag()),
+        pretrained_checkpoint=Param("pretrain", "pretrain (CoLES here) | none (from scratch) | a ptls/state-dict checkpoint path", Choice("pretrain", "none", or_path=True)),
+        trust_pickle=Param(False, "allow a pickle checkpoint with Python objects (only for files you trust)", Flag()),
+        encoder_type=Param("gru", "gru | lstm | transformer", Choice(*ENCODER_TYPES)),
+        hidden_size=Param(64, "width of the sequence encoder (the client embedding)", Integer(ge=1)),
+        pretrain_epochs=Param(30, "CoLES epochs (pretrained_checkpoint pretrain)", Integer(ge=1)),
+        head_hidden=Param("256,128", "MLP head widths, comma-separated; empty for a linear head", Text()),
+        head_dropout=Param(0.1, "dropout after each hidden head layer", Real(ge=0, lt=1)),
+        head_activation=Param("relu", "relu | gelu | tanh", Choice(*ACTIVATIONS)),
+        epochs=Param(60, "fine-tuning epochs", Integer(ge=1)),
+        freeze_epochs=Param(5, "epochs with the encoder frozen (head only) before everything trains", Integer(ge=0)),
+        learning_rate=Param(1.0e-3, "peak learning rate (of the head)", Real(gt=0)),
+        backbone_lr_ratio=Param(1.0, "the encoder learns at learning_rate * backbone_lr_ratio once unfrozen", Real(gt=0)),
+        batch_size=Param(32, "clients per batch", Integer(ge=1)),
+        optimizer=Param("adamw", "adam | adamw", Choice("adam", "adamw")),
+        lr_scheduler_type=Param("cosine", "cosine | plateau | constant", Choice(*SCHEDULES)),
+        class_weights=Param("none", "none | balanced (weights the loss by inverse class frequency)", Choice("none", "balanced")),
+        label_smoothing=Param(0.1, "label smoothing of the cross-entropy loss", Real(ge=0, lt=1)),
+        grad_clip=Param(1.0, "clip the gradient norm (0: no clipping)", Real(ge=0)),
+        amp=Param("none", "none | bf16 (autocast, also on the CPU)", Choice("none", "bf16")),
+        save_top_k=Param(3, "checkpoints kept (best epochs by validation macro-F1)", Integer(ge=1)),
+        label_fraction=Param(0.1, "share of the training clients whose labels are used", Real(gt=0, le=1)),
+        seed=Param(0, "split, pretraining, initialisation and data order", Integer(ge=0)),
+        output_dir=Param("", "run folder; empty: a new dated folder under runs/event_sequence/", Text()),
+        tracker=Param("none", "none | wandb (offline unless WANDB_MODE is set)", Choice(*TRACKERS)),
+        device=Param("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available, else the CPU)", DeviceName()),
+        dtype=Param("float32", "float32 | float64 (float64 on the CPU checks that every tensor takes the device path)", Choice(*NOTEBOOK_DTYPES)),
+        interactive=Param(True, "show the widget panel and live curves (papermill runs set it False)", Flag()),
+    ),
 )
 
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
@@ -780,7 +809,7 @@ def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learnin
         schedule=lr_scheduler_type, warmup_ratio=0.1 if lr_scheduler_type == "cosine" else 0.0, strategy="full",
         freeze_epochs=freeze_epochs, backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip or None,
         amp=None if amp == "none" else amp,
-        val_data=val, evaluate=_validation_metrics if has_val else None,
+        val_data=val, evaluate=validation_accuracy_and_macro_f1 if has_val else None,
         monitor="val_macro_f1" if has_val else "train_loss", mode="max" if has_val else "min",
         save_top_k=save_top_k, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
         log_every=50, device=device, dtype=dtype,
@@ -909,15 +938,6 @@ def evaluate(model, data: EventData, *, run=None, seed: int = 0, extra: Mapping 
     return evaluate_classifier(data.labels[data.test_idx], proba, data.classes, baseline=baseline(data, seed=seed),
                                run=run, extra={**counts, **dict(extra or {})})
 
-
-def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
-    """Run the workflow's notebook in this process for ``params``; return its evaluation."""
-    from ..execute import run_in_process
-    from ..training import extra_callbacks
-
-    with extra_callbacks(callbacks):
-        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
-    return namespace["result"]
 
 
 # --------------------------------------------------------------------------- prediction on new clients
@@ -1083,7 +1103,3 @@ class _Shape:
     numeric: list
     max_seq_len: int
     classes: list
-
-
-#: The class :func:`workbench.load_run` makes for an event-sequence run folder.
-PREDICTOR = EventSequencePredictor

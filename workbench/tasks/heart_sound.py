@@ -73,9 +73,9 @@ Pretraining
     source), and loaded into the classifier through :func:`workbench.load_pretrained`.
 Fine-tuning modes
     ``linear_eval``: the encoder is frozen (its BatchNorm statistics locked), the head trains.
-    ``few_shot``: a stratified ``shot_ratio`` of the labelled training patients, everything
+    ``few_shot``: a stratified ``label_fraction`` of the labelled training patients, everything
     trains. ``full``: every labelled patient, everything trains, the encoder at
-    ``encoder_lr_ratio`` times the head's learning rate.
+    ``backbone_lr_ratio`` times the head's learning rate.
 Baseline
     Logistic regression on per-recording band-power features (log relative Welch power in seven
     bands from 25 to 400 Hz), fitted on the same labelled recordings.
@@ -103,6 +103,7 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves, sensitivity_specificity
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..workflow import Param, Workflow
 from ..predict import AUDIO_SUFFIXES, AlignmentReport, Predictions, PredictError, Predictor, class_predictions
 from ..predict import save_predictor as _save_predictor
 from ..schedules import SCHEDULES
@@ -110,11 +111,12 @@ from ..tracking import TRACKERS
 from ..training import Callback
 
 __all__ = [
+    "WORKFLOW",
     "DEFAULTS", "TASKS", "MODES", "Recording", "HeartSoundData", "ConvEncoder", "HeartSoundClassifier",
     "ContrastiveModel", "simulate", "write_layout", "read_folder", "load", "build_model", "pretrain", "pretrained",
     "finetune", "train_batches", "strategy_of", "watch_gradients", "baseline", "band_power_features", "evaluate",
-    "examples", "open_log", "run_workflow",
-    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "PARAMETERS",
+    "examples", "open_log",
+    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK",
 ]
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "heart_sound_classification.ipynb"
@@ -145,30 +147,38 @@ MIN_SECONDS = 1.0
 PASCAL_ALIASES = {"extrastole": "extrasystole", "artefact": "artifact"}
 
 #: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
-PARAMETERS = Spec(
-    data_path=Text(),
-    task=Choice(*TASKS),
-    mode=Choice(*MODES),
-    shot_ratio=Real(gt=0, le=1),
-    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
-    pretrain_epochs=Integer(ge=1),
-    epochs=Integer(ge=1),
-    learning_rate=Real(gt=0),
-    encoder_lr_ratio=Real(ge=0),
-    lr_scheduler_type=Choice(*SCHEDULES),
-    warmup_ratio=Real(ge=0, lt=1),
-    batch_size=Integer(ge=1),
-    segment_seconds=Real(ge=0.5),
-    sample_rate=Integer(ge=1000),
-    save_every=Integer(ge=0),
-    device=DeviceName(),
-    dtype=Choice(*NOTEBOOK_DTYPES),
-    seed=Integer(ge=0),
-    output_dir=Text(),
-    tracker=Choice(*TRACKERS),
-    wandb_project=Text(nonempty=True),
-    watch=Flag(),
-    interactive=Flag(),
+WORKFLOW = Workflow(
+    name='heart_sound',
+    title='Heart-sound classification',
+    notebook=NOTEBOOK,
+    headline_metrics=HEADLINE_METRICS,
+    packages=PACKAGES,
+    predictor="workbench.tasks.heart_sound:HeartSoundPredictor",
+    parameters=dict(
+        data_path=Param("", "dataset folder in the task's layout; empty means synthetic recordings", Text()),
+        task=Param("circor_murmur", "circor_murmur | circor_outcome | physionet2016 | pascal", Choice(*TASKS)),
+        mode=Param("linear_eval", "linear_eval (frozen encoder) | few_shot (label_fraction of the labelled patients) | full", Choice(*MODES)),
+        label_fraction=Param(0.1, "share of labelled training patients used in few_shot mode (stratified)", Real(gt=0, le=1)),
+        pretrained_checkpoint=Param("pretrain", "pretrain (NT-Xent here, cached) | none (from scratch) | a checkpoint path", Choice("pretrain", "none", or_path=True)),
+        pretrain_epochs=Param(20, "contrastive pretraining epochs", Integer(ge=1)),
+        epochs=Param(20, "fine-tuning epochs", Integer(ge=1)),
+        learning_rate=Param(1.0e-2, "head learning rate", Real(gt=0)),
+        backbone_lr_ratio=Param(0.1, "encoder learning rate as a multiple of learning_rate (few_shot, full)", Real(ge=0)),
+        lr_scheduler_type=Param("cosine", "constant | constant_with_warmup | cosine | linear | step", Choice(*SCHEDULES)),
+        warmup_ratio=Param(0.1, "fraction of steps spent warming up", Real(ge=0, lt=1)),
+        batch_size=Param(32, "windows per batch", Integer(ge=1)),
+        segment_seconds=Param(2.0, "window length; windows overlap by half", Real(ge=0.5)),
+        sample_rate=Param(4000, "Hz every recording is resampled to (CirCor's rate)", Integer(ge=1000)),
+        save_every=Param(0, "also keep a checkpoint every N epochs (0: best and last only)", Integer(ge=0)),
+        seed=Param(0, "data, split, initialisation and data order", Integer(ge=0)),
+        output_dir=Param("", "run folder; empty: a new dated folder under runs/heart_sound/", Text()),
+        tracker=Param("none", "none | wandb (offline, into the run folder)", Choice(*TRACKERS)),
+        wandb_project=Param("workbench-heart-sound", "wandb project name", Text(nonempty=True)),
+        watch=Param(False, "log gradient histograms to wandb", Flag()),
+        device=Param("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available, else the CPU)", DeviceName()),
+        dtype=Param("float32", "float32 | float64 (float64 on the CPU checks that every tensor takes the device path)", Choice(*NOTEBOOK_DTYPES)),
+        interactive=Param(True, "show the widget panel and live curves (papermill runs set it False)", Flag()),
+    ),
 )
 
 #: Settings of the pretraining step: each is part of the pretrained encoder's fingerprint.
@@ -749,7 +759,7 @@ def read_folder(data_path, task: str, *, sample_rate: int = 4000) -> tuple[list[
 
 
 def load(data_path: str = "", task: str = "circor_murmur", *, sample_rate: int = 4000, segment_seconds: float = 2.0,
-         overlap: float | None = None, shot_ratio: float = 1.0, test_size: float | None = None,
+         overlap: float | None = None, label_fraction: float = 1.0, test_size: float | None = None,
          val_fraction: float | None = None, seed: int = 0, n_patients: int | None = None,
          seconds: float | None = None) -> HeartSoundData:
     """Read (or simulate) recordings and split them by patient.
@@ -762,7 +772,7 @@ def load(data_path: str = "", task: str = "circor_murmur", *, sample_rate: int =
         ``circor_murmur`` | ``circor_outcome`` | ``physionet2016`` | ``pascal``.
     sample_rate, segment_seconds, overlap
         Target rate; window length and overlap (default ``DEFAULTS["overlap"]``).
-    shot_ratio
+    label_fraction
         Share of the labelled training patients that fine-tuning uses (stratified, at least one per
         class); ``1.0`` for all. The others stay unlabeled (pretraining sees all training patients).
     test_size, val_fraction
@@ -774,8 +784,8 @@ def load(data_path: str = "", task: str = "circor_murmur", *, sample_rate: int =
     overlap = DEFAULTS["overlap"] if overlap is None else overlap
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap={overlap!r} must be in [0, 1).")
-    if not 0 < shot_ratio <= 1:
-        raise ValueError(f"shot_ratio={shot_ratio!r} must be in (0, 1]: the share of labelled training patients used.")
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"label_fraction={label_fraction!r} must be in (0, 1]: the share of labelled training patients used.")
     if data_path:
         recordings, notes = read_folder(data_path, task, sample_rate=sample_rate)
         source = Path(data_path).name
@@ -798,8 +808,8 @@ def load(data_path: str = "", task: str = "circor_murmur", *, sample_rate: int =
     val_p = train_p[splits.few_shot(patient_label[train_p], fraction=val_fraction, seed=seed, min_per_class=0)] \
         if val_fraction > 0 else np.array([], dtype=np.int64)
     fit_p = np.setdiff1d(train_p, val_p)
-    if shot_ratio < 1:
-        fit_p = fit_p[splits.few_shot(patient_label[fit_p], fraction=shot_ratio, seed=seed)]
+    if label_fraction < 1:
+        fit_p = fit_p[splits.few_shot(patient_label[fit_p], fraction=label_fraction, seed=seed)]
 
     rec_patient = np.array([r.patient for r in recordings])
 
@@ -1049,14 +1059,14 @@ def split_metrics(y_true: np.ndarray, proba: np.ndarray, classes, *, prefix: str
 
 
 def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: int = 20, learning_rate: float = 1e-2,
-             encoder_lr_ratio: float = 0.1, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1,
+             backbone_lr_ratio: float = 0.1, lr_scheduler_type: str = "cosine", warmup_ratio: float = 0.1,
              batch_size: int = 32, save_every: int | None = None, seed: int = 0, run=None, callbacks=(),
              progress: bool = True, device="auto", dtype=None):
     """Supervised fine-tuning on random crops of the labelled recordings; returns the History.
 
     ``mode``: ``linear_eval`` freezes the encoder (BatchNorm statistics locked) and trains the
-    head; ``few_shot`` and ``full`` train everything, the encoder at ``encoder_lr_ratio`` x
-    ``learning_rate`` (``few_shot`` differs only in the patients ``load(shot_ratio=...)`` kept).
+    head; ``few_shot`` and ``full`` train everything, the encoder at ``backbone_lr_ratio`` x
+    ``learning_rate`` (``few_shot`` differs only in the patients ``load(label_fraction=...)`` kept).
     Each epoch is scored on the validation recordings (window probabilities averaged per
     recording); the epoch with the best ``val_auroc`` is kept (``checkpoints/best.safetensors``).
     """
@@ -1079,7 +1089,7 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
     return fit(
         model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
         schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy,
-        backbone_lr_ratio=1.0 if mode == "linear_eval" else encoder_lr_ratio, val_data=val,
+        backbone_lr_ratio=1.0 if mode == "linear_eval" else backbone_lr_ratio, val_data=val,
         evaluate=evaluate if has_val else None, monitor="val_auroc" if has_val else "train_loss",
         mode="max" if has_val else "min", restore_best=True, save_every=save_every, run=run,
         callbacks=[*callbacks, EpochLog("finetune")], progress=progress, seed=seed, log_every=100,
@@ -1183,15 +1193,6 @@ def examples(data: HeartSoundData, *, seconds: float = 4.0) -> list[dict]:
     return out
 
 
-def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
-    """Run the workflow's notebook in this process for ``params``; return its evaluation."""
-    from ..execute import run_in_process
-    from ..training import extra_callbacks
-
-    with extra_callbacks(callbacks):
-        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
-    return namespace["result"]
-
 
 # --------------------------------------------------------------------------- prediction on new recordings
 
@@ -1283,7 +1284,3 @@ class HeartSoundPredictor(Predictor):
                                  columns=[f"dim_{i}" for i in range(out.shape[1])])
             return Predictions(frame, report=report, output="embedding", embedding=out, task=__name__)
         return _predictions(out, names, self.classes, report)
-
-
-#: The class :func:`workbench.load_run` makes for a heart-sound run folder.
-PREDICTOR = HeartSoundPredictor

@@ -66,43 +66,53 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, grouped_regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..workflow import Param, Workflow
 from ..predict import MAX_MISSING, AlignmentReport, Predictions, PredictError, Predictor, align_names
 from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
 from ..transfer import unwrap
 
 __all__ = [
+    "WORKFLOW",
     "DEFAULTS", "CATEGORICAL", "NUMERIC", "TARGET", "RegulatoryData", "ConditionEncoder", "RegulatoryModel",
     "simulate", "read_csv", "write_csv", "read_zarr", "write_zarr", "load", "build_model", "pretrain", "pretrained", "load_checkpoint",
-    "prepare", "finetune", "fit_rows", "predict", "baseline", "evaluate", "permutation_importance", "run_workflow",
-    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "LEGACY_KEY_MAP", "save_predictor", "RegulatoryPredictor", "PREDICTOR",
+    "prepare", "finetune", "fit_rows", "predict", "baseline", "evaluate", "permutation_importance",
+    "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK", "LEGACY_KEY_MAP", "save_predictor", "RegulatoryPredictor",
 ]
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "regulatory_lora.ipynb"
 HEADLINE_METRICS = ("test_pearson", "test_spearman", "test_r2", "test_mse", "baseline_test_pearson", "trainable_fraction")
 FINETUNE_METHODS = ("full", "lora")
+PACKAGES = ("peft", "scipy")
 
 #: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
-PARAMETERS = Spec(
-    data_path=Text(),
-    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
-    trust_pickle=Flag(),
-    finetune=Choice(*FINETUNE_METHODS),
-    lora_rank=Integer(ge=1),
-    learning_rate=Real(gt=0),
-    epochs=Integer(ge=1),
-    batch_size=Integer(ge=1),
-    train_fraction=Real(gt=0, lt=1),
-    val_fraction=Real(ge=0, lt=1),
-    pretrain_epochs=Integer(ge=1),
-    seed=Integer(ge=0),
-    output_dir=Text(),
-    tracker=Choice(*TRACKERS),
-    device=DeviceName(),
-    dtype=Choice(*NOTEBOOK_DTYPES),
-    interactive=Flag(),
+WORKFLOW = Workflow(
+    name='regulatory',
+    title='Regulatory expression with LoRA',
+    notebook=NOTEBOOK,
+    headline_metrics=HEADLINE_METRICS,
+    packages=PACKAGES,
+    predictor="workbench.tasks.regulatory:RegulatoryPredictor",
+    parameters=dict(
+        data_path=Param("", "CSV file, one row per sample; empty means simulated data", Text()),
+        pretrained_checkpoint=Param("pretrain", "pretrain (here, on the source conditions) | none (from scratch) | a checkpoint path", Choice("pretrain", "none", or_path=True)),
+        trust_pickle=Param(False, "allow a pickle checkpoint from older code (only for files you trust)", Flag()),
+        finetune=Param("lora", "lora (adapters) | full (every weight)", Choice(*FINETUNE_METHODS)),
+        lora_rank=Param(2, "LoRA rank (finetune lora only)", Integer(ge=1)),
+        learning_rate=Param(1.0e-3, "peak learning rate (cosine schedule)", Real(gt=0)),
+        epochs=Param(30, "fine-tuning epochs", Integer(ge=1)),
+        batch_size=Param(64, "samples per batch", Integer(ge=1)),
+        label_fraction=Param(0.3, "share of the new-condition samples used for fine-tuning", Real(gt=0, lt=1)),
+        val_fraction=Param(0.1, "share of the new-condition samples used for validation (picks the best epoch)", Real(ge=0, lt=1)),
+        pretrain_epochs=Param(15, "epochs of pretraining on the source conditions", Integer(ge=1)),
+        seed=Param(0, "split, pretraining, initialisation and data order", Integer(ge=0)),
+        output_dir=Param("", "run folder; empty: a new dated folder under runs/regulatory/", Text()),
+        tracker=Param("none", "none | wandb (offline unless WANDB_MODE is set)", Choice(*TRACKERS)),
+        device=Param("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available, else the CPU)", DeviceName()),
+        dtype=Param("float32", "float32 | float64 (float64 on the CPU checks that every tensor takes the device path)", Choice(*NOTEBOOK_DTYPES)),
+        interactive=Param(True, "show the widget panel (papermill runs set it False)", Flag()),
+    ),
 )
-PACKAGES = ("peft", "scipy")
 
 CATEGORICAL = ("medium", "drug", "carbon_source")
 #: Values of the optional ``set`` column: ``source`` rows pretrain, ``target`` rows are split for fine-tuning.
@@ -512,7 +522,7 @@ class RegulatoryData:
         return f"<p><b>{self.summary()}</b></p>" + self.to_frame().to_html()
 
 
-def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: float = 0.1, seed: int = 0,
+def load(data_path: str = "", *, label_fraction: float = 0.3, val_fraction: float = 0.1, seed: int = 0,
          simulation_seed: int = 0) -> RegulatoryData:
     """Read (or simulate) the samples and split the new-condition rows.
 
@@ -521,17 +531,17 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
     data_path
         A CSV (:func:`read_csv`), a GET-style ``.zarr`` store (:func:`read_zarr`, condition table
         beside it), or ``""`` to simulate (:func:`simulate`, world ``simulation_seed``).
-    train_fraction, val_fraction
+    label_fraction, val_fraction
         Shares of the new-condition (non-source) rows used to fine-tune and to validate; the
         rest is the test set.
     seed
         The split.
     """
-    for name, value in (("train_fraction", train_fraction), ("val_fraction", val_fraction)):
+    for name, value in (("label_fraction", label_fraction), ("val_fraction", val_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value!r} must be in [0, 1), e.g. 0.3.")
-    if train_fraction <= 0 or train_fraction + val_fraction >= 1:
-        raise ValueError(f"train_fraction={train_fraction} and val_fraction={val_fraction} must be > 0 and sum to "
+    if label_fraction <= 0 or label_fraction + val_fraction >= 1:
+        raise ValueError(f"label_fraction={label_fraction} and val_fraction={val_fraction} must be > 0 and sum to "
                          "less than 1: the rest is the test set.")
     if data_path and Path(data_path).suffix == ".zarr":
         frame, source = read_zarr(data_path), Path(data_path).name
@@ -551,7 +561,7 @@ def load(data_path: str = "", *, train_fraction: float = 0.3, val_fraction: floa
     is_source = _source_rows(frame, source)
     target = np.flatnonzero(~is_source)
     order = np.random.default_rng(seed).permutation(target)
-    n_train = max(1, round(train_fraction * len(order)))
+    n_train = max(1, round(label_fraction * len(order)))
     n_val = round(val_fraction * len(order))
     return RegulatoryData(
         regions=np.concatenate([motifs, access], axis=2), conditions=conditions.reset_index(drop=True),
@@ -922,15 +932,6 @@ def evaluate(model, data: RegulatoryData, *, run=None, pretrained_checkpoint: st
     return Evaluation(table=table, per_condition=ours, predictions=predictions, final=final)
 
 
-def run_workflow(params: Mapping, *, callbacks=()) -> Evaluation:
-    """Run the workflow's notebook in this process for ``params``; return its evaluation."""
-    from ..execute import run_in_process
-    from ..training import extra_callbacks
-
-    with extra_callbacks(callbacks):
-        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
-    return namespace["result"]
-
 
 # --------------------------------------------------------------------------- prediction on new samples
 
@@ -1099,7 +1100,3 @@ def _numbers(frame: pd.DataFrame, column: str, where: str) -> np.ndarray:
         raise PredictError(f"{where}: column {column!r} must be numeric, but row {row} holds "
                            f"{frame[column].iloc[row]!r} ({int(bad.sum())} such row(s)). Fix or drop those rows.")
     return values.to_numpy(np.float32)
-
-
-#: The class :func:`workbench.load_run` makes for a regulatory run folder.
-PREDICTOR = RegulatoryPredictor

@@ -75,15 +75,16 @@ from ..checkpoints import resolve_pretrained, save_weights
 from ..devices import NOTEBOOK_DTYPES, DeviceName, placement_key, to_model, to_numpy
 from ..metrics import MetricsTable, fold_summary, regression_metrics
 from ..params import Choice, Flag, Integer, Real, Spec, Text
+from ..workflow import Param, Workflow
 from ..predict import AlignmentReport, Predictions, PredictError, Predictor
 from ..predict import save_predictor as _save_predictor
 from ..tracking import TRACKERS
 
 __all__ = [
+    "WORKFLOW",
     "DEFAULTS", "SpotData", "Study", "SpatialExpressionModel", "simulate", "read_visium", "write_visium",
     "spot_graph", "select_genes", "load", "build_model", "pretrain", "pretrained", "load_report", "strategy_table",
-    "cv_splits", "cross_validate", "baseline", "evaluate", "run_workflow", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK",
-    "PARAMETERS",
+    "cv_splits", "cross_validate", "baseline", "evaluate", "HEADLINE_METRICS", "PACKAGES", "NOTEBOOK",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,32 +110,40 @@ CV_KINDS = ("loo", "kfold")
 STRATEGIES = ("full", "frozen_backbone", "frozen_decoder")
 
 #: What each notebook parameter accepts, checked before any work (``workbench run``/``sweep`` and the notebook).
-PARAMETERS = Spec(
-    cells_path=Text(),
-    cell_type_key=Text(nonempty=True),
-    spatial_path=Text(),
-    features_key=Text(nonempty=True),
-    slide_key=Text(nonempty=True),
-    genes=Text(),
-    n_bulk_slides=Integer(ge=3),
-    n_spatial_slides=Integer(ge=2),
-    pretrained_checkpoint=Choice("pretrain", "none", or_path=True),
-    strategy=Choice(*STRATEGIES),
-    cv=Choice(*CV_KINDS),
-    folds=Integer(ge=2),
-    held_out=Text(),
-    epochs=Integer(ge=1),
-    learning_rate=Real(gt=0),
-    patience=Integer(ge=0),
-    min_delta=Real(ge=0),
-    pretrain_epochs=Integer(ge=1),
-    seed=Integer(ge=0),
-    sim_seed=Integer(ge=0),
-    output_dir=Text(),
-    tracker=Choice(*TRACKERS),
-    device=DeviceName(),
-    dtype=Choice(*NOTEBOOK_DTYPES),
-    interactive=Flag(),
+WORKFLOW = Workflow(
+    name='spatial_transfer',
+    title='Spatial expression transfer',
+    notebook=NOTEBOOK,
+    headline_metrics=HEADLINE_METRICS,
+    packages=PACKAGES,
+    predictor="workbench.tasks.spatial_transfer:SpatialPredictor",
+    parameters=dict(
+        cells_path=Param("", "single-cell .h5ad the slides are simulated from; empty means scanpy's pbmc68k_reduced", Text()),
+        cell_type_key=Param("bulk_labels", "obs column with cell types (cells_path)", Text(nonempty=True)),
+        spatial_path=Param("", "Visium-style .h5ad for the spatial stage; empty means simulated slides", Text()),
+        features_key=Param("X_features", "obsm key holding the spot features (spatial_path)", Text(nonempty=True)),
+        slide_key=Param("library_id", "obs column naming each spot's slide (spatial_path)", Text(nonempty=True)),
+        genes=Param("", "comma-separated target genes of the spatial stage; empty means all (simulated: gene set B)", Text()),
+        n_bulk_slides=Param(16, "simulated bulk-stage slides (pretraining)", Integer(ge=3)),
+        n_spatial_slides=Param(4, "simulated spatial-stage slides", Integer(ge=2)),
+        pretrained_checkpoint=Param("pretrain", "pretrain (here, on the bulk stage) | none (from scratch) | a checkpoint path", Choice("pretrain", "none", or_path=True)),
+        strategy=Param("frozen_backbone", "full | frozen_backbone | frozen_decoder", Choice(*STRATEGIES)),
+        cv=Param("loo", "loo (leave one slide out) | kfold (folds over spots)", Choice(*CV_KINDS)),
+        folds=Param(5, "number of folds (cv kfold)", Integer(ge=2)),
+        held_out=Param("", "comma-separated slides to leave out in turn (cv loo); empty means every slide", Text()),
+        epochs=Param(150, "most fine-tuning epochs per fold (one step per training slide)", Integer(ge=1)),
+        learning_rate=Param(1.0e-3, "learning rate (constant)", Real(gt=0)),
+        patience=Param(20, "early stopping: epochs without a val_loss improvement of min_delta", Integer(ge=0)),
+        min_delta=Param(1.0e-3, "early stopping: smallest improvement that counts", Real(ge=0)),
+        pretrain_epochs=Param(40, "most epochs of bulk pretraining", Integer(ge=1)),
+        seed=Param(0, "pretraining, initialisation, validation spots and data order", Integer(ge=0)),
+        sim_seed=Param(0, "the simulated world (genes, slides, cells)", Integer(ge=0)),
+        output_dir=Param("", "run folder; empty: a new dated folder under runs/spatial_transfer/", Text()),
+        tracker=Param("none", "none | wandb (offline unless WANDB_MODE is set)", Choice(*TRACKERS)),
+        device=Param("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available, else the CPU)", DeviceName()),
+        dtype=Param("float32", "float32 | float64 (float64 on the CPU checks that every tensor takes the device path)", Choice(*NOTEBOOK_DTYPES)),
+        interactive=Param(True, "show the widget panel (papermill runs set it False)", Flag()),
+    ),
 )
 
 
@@ -855,15 +864,6 @@ def evaluate(result: CVResult, *, run=None, extra: Mapping | None = None) -> CVR
     return result
 
 
-def run_workflow(params: Mapping, *, callbacks=()) -> CVResult:
-    """Run the workflow's notebook in this process for ``params``; return its cross-validation result."""
-    from ..execute import run_in_process
-    from ..training import extra_callbacks
-
-    with extra_callbacks(callbacks):
-        namespace = run_in_process(NOTEBOOK, parameters=dict(params))
-    return namespace["result"]
-
 
 # --------------------------------------------------------------------------- prediction on new slides
 
@@ -988,7 +988,3 @@ class SpatialPredictor(Predictor):
 
         file = self.path / "params.json"
         return json.loads(file.read_text()) if file.is_file() else {}
-
-
-#: The class :func:`workbench.load_run` makes for a spatial run folder.
-PREDICTOR = SpatialPredictor
