@@ -517,15 +517,9 @@ def test_the_loop_imports_no_live_plotting():
     import workbench.training
 
     tree = ast.parse(Path(workbench.training.__file__).read_text())
-    compat = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"]
-    kept = {id(node) for top in compat for node in ast.walk(top)}  # the old name's lazy alias (this session only)
     imported = [node.module or "" if isinstance(node, ast.ImportFrom) else alias.name
-                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in kept
-                for alias in node.names]
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names]
     assert not [m for m in imported if m.split(".")[0] in ("IPython", "matplotlib") or m in ("plots", "live")], imported
     import workbench.live
 
     assert wb.LiveCurves is workbench.live.LiveCurves
-    with pytest.warns(DeprecationWarning, match="workbench.live.LiveCurves"):
-        from workbench.training import LiveCurves
-    assert LiveCurves is workbench.live.LiveCurves

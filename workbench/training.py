@@ -1394,14 +1394,3 @@ def _sum_loss(model, batches, loss_fn, device, dtype=None) -> tuple[float, int]:
         total += loss_fn(model, to_device(batch, device, dtype)).detach().float() * size
         n += size
     return total.item(), n
-
-
-def __getattr__(name):
-    """``workbench.training.LiveCurves``: the old home of :class:`workbench.live.LiveCurves`, kept for a while."""
-    if name == "LiveCurves":
-        warnings.warn("workbench.training.LiveCurves moved to workbench.live.LiveCurves (wb.LiveCurves).",
-                      DeprecationWarning, stacklevel=2)
-        from .live import LiveCurves
-
-        return LiveCurves
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
