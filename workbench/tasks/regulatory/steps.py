@@ -155,8 +155,8 @@ def finetune(model, data: RegulatoryData, *, epochs: int, learning_rate: float, 
     state_fn = None
     if is_lora:
         from ...lora import checkpoint_state as state_fn
-    return fit(model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
-               schedule="cosine", warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress,
+    return fit(model, batches, epochs=epochs, learning_rate=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+               lr_scheduler_type="cosine", warmup_ratio=warmup_ratio, val_data=val, monitor=monitor, progress=progress,
                seed=seed, log_every=100, strategy=None if is_lora else "full", restore_best=True, run=run,
                resume=resume, save_every=save_every, state_fn=state_fn, callbacks=callbacks, device=device, dtype=dtype)
 
