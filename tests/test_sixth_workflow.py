@@ -177,10 +177,11 @@ CELLS = [
              "                        seed=seed, device=device, dtype=dtype)\n"
              "report = wb.load_pretrained(model, source, run=run) if source else 'training from scratch'\nreport"),
     ("code", "if interactive:\n    from IPython.display import display\n    from workbench import widgets\n\n"
-             "    display(widgets.panel(fallback=lab.WORKFLOW.notebook, values={**params, 'output_dir': str(run.path)},\n"
-             "                          train_size=len(data.train)))"),
+             "    display(widgets.panel(fallback=lab.WORKFLOW.notebook, train_size=len(data.train),\n"
+             "                          values={**params, 'output_dir': str(run.path)}))"),
     ("code", "history = lab.finetune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,\n"
-             "                       lr_scheduler_type=lr_scheduler_type, seed=seed, run=run, device=device, dtype=dtype)\n"
+             "                       lr_scheduler_type=lr_scheduler_type, seed=seed, run=run, device=device,\n"
+             "                       dtype=dtype)\n"
              "print(history.summary())"),
     ("code", "result = lab.evaluate(model, data, seed=seed, run=run)\nresult"),
 ]
