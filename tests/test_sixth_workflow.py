@@ -5,8 +5,9 @@ baseline) and its notebook into a temporary folder, and installs it as a distrib
 package and ``sixth_lab-0.1.dist-info/`` with ``METADATA`` and ``entry_points.txt`` (the two files through which
 ``importlib.metadata`` finds an entry point; ``pip install --target`` of the same package with a pyproject.toml
 writes the same entry_points.txt, but costs 20-25 s here). The folder goes on PYTHONPATH for the subprocesses (the
-``workbench`` command and its kernels) and on sys.path for the panel. Nothing in workbench/ knows the package: it is
-found through the entry-point group ``workbench.workflows`` alone.
+``workbench`` command and its kernels: ``workbench run`` and ``workbench sweep``) and on sys.path for what runs in this
+process (``workbench run sixth --help``, ``workbench report``, the panel). Nothing in workbench/ knows the package: it
+is found through the entry-point group ``workbench.workflows`` alone.
 """
 
 import json
@@ -229,6 +230,16 @@ def sixth(tmp_path_factory):
     sys.modules.pop("sixth_lab.steps", None)
 
 
+@pytest.fixture
+def on_path(sixth, monkeypatch):
+    """The package's site folder on sys.path of this process, as if installed here; the registry forgets it after."""
+    from workbench import workflow
+
+    monkeypatch.syspath_prepend(str(sixth["site"]))
+    yield sixth
+    workflow._entry_points.cache_clear()
+
+
 def workbench(*args, env, cwd) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "workbench.cli", *map(str, args)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=900)
@@ -252,51 +263,61 @@ def test_workbench_run_gives_model_and_baseline_metrics_on_the_same_samples(sixt
     assert params["epochs"] == 2 and params["n_samples"] == 160 and params["interactive"] is False
     assert (out / "notebook.ipynb").is_file() and (out / "checkpoints" / "best.safetensors").is_file()
 
-    help_ = workbench("run", "sixth", "--help", env=sixth["env"], cwd=sixth["root"]).stdout  # found by its name
+
+def test_workbench_lists_the_sixth_workflow_and_its_parameters_by_name(on_path, capsys):
+    from workbench.cli import main
+
+    assert main(["workflows"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"^sixth +Interaction points \(a lab's own workflow\)\n +{re.escape(str(on_path['notebook']))}$",
+                     listed, re.MULTILINE)
+    assert main(["run", "sixth", "--help"]) == 0  # found by its name
+    help_ = capsys.readouterr().out
     assert "parameters of the sixth workflow (sixth.ipynb)" in help_
     assert re.search(r'lr_scheduler_type +str += "cosine" +constant \| cosine \| linear \[one of constant, cosine, '
                      r'linear\]', help_)
 
 
-def test_a_two_run_sweep_finishes_and_the_report_names_the_headline_metric(sixth):
+def test_a_two_run_sweep_finishes_and_the_report_names_the_headline_metric(sixth, on_path, capsys):
+    from workbench.cli import main
+
     spec = sixth["root"] / "seeds.yaml"
     spec.write_text(f"name: sixth_seeds\nnotebook: {sixth['notebook']}\noutput_root: {sixth['root'] / 'sweeps'}\n"
                     "parameters: {n_samples: 160, epochs: 2, pretrain_epochs: 1}\nseeds: [0, 1]\n")
     done = workbench("sweep", spec, env=sixth["env"], cwd=sixth["root"])
     assert "sweep sixth_seeds: 2 runs, 0 failed, 2 executed now" in done.stdout
     folder = sixth["root"] / "sweeps" / "sixth_seeds"
-    done = workbench("report", folder, "--html", env=sixth["env"], cwd=sixth["root"])
-    assert "test_macro_f1_mean" in done.stdout  # the workflow's first headline metric heads the summary
+    assert main(["report", str(folder), "--html"]) == 0
+    out = capsys.readouterr().out
+    assert "test_macro_f1_mean" in out.splitlines()[1]  # the workflow's first headline metric heads the summary
+    assert re.search(r"^figure: .*figure\.png \(test_macro_f1 ", out, re.MULTILINE)
     html = (folder / "report.html").read_text()
     assert "test_macro_f1" in html and "baseline_test_macro_f1" in html
 
 
-def test_the_panel_and_the_sweep_checks_come_from_the_declaration(sixth, monkeypatch):
+def test_the_panel_and_the_sweep_checks_come_from_the_declaration(on_path):
     import ipywidgets as w
 
     from workbench import sweeps, widgets, workflow
     from workbench.params import ParameterError
 
-    monkeypatch.syspath_prepend(str(sixth["site"]))
-    try:
-        declared = workflow.get_workflow("sixth")
-        assert "sixth" in workflow.workflows() and workflow.workflow_of(sixth["notebook"]) is declared
-        panel = widgets.panel(sixth["notebook"], train=lambda values, callbacks=(): None, train_size=100)
-        assert panel.workflow is declared and list(panel.fields) == list(declared.parameters)
-        assert list(panel.fields["lr_scheduler_type"].options) == ["constant", "cosine", "linear"]
-        assert isinstance(panel.fields["lr_scheduler_type"], w.Dropdown)
-        assert isinstance(panel.fields["pretrained_checkpoint"], w.Combobox)  # pretrain | none | a path
-        assert list(panel.fields["pretrained_checkpoint"].options) == ["pretrain", "none"]
-        assert type(panel.fields["n_samples"]) is w.IntText and type(panel.fields["val_fraction"]) is w.FloatText
-        assert panel.metric_field.value == "test_macro_f1" and panel.preview_curve is not None
-        with pytest.raises(ValueError, match="the options the sixth workflow declares"):
-            panel.set(lr_scheduler_type="step")
+    sixth = on_path
+    declared = workflow.get_workflow("sixth")
+    assert "sixth" in workflow.workflows() and workflow.workflow_of(sixth["notebook"]) is declared
+    panel = widgets.panel(sixth["notebook"], train=lambda values, callbacks=(): None, train_size=100)
+    assert panel.workflow is declared and list(panel.fields) == list(declared.parameters)
+    assert list(panel.fields["lr_scheduler_type"].options) == ["constant", "cosine", "linear"]
+    assert isinstance(panel.fields["lr_scheduler_type"], w.Dropdown)
+    assert isinstance(panel.fields["pretrained_checkpoint"], w.Combobox)  # pretrain | none | a path
+    assert list(panel.fields["pretrained_checkpoint"].options) == ["pretrain", "none"]
+    assert type(panel.fields["n_samples"]) is w.IntText and type(panel.fields["val_fraction"]) is w.FloatText
+    assert panel.metric_field.value == "test_macro_f1" and panel.preview_curve is not None
+    with pytest.raises(ValueError, match="the options the sixth workflow declares"):
+        panel.set(lr_scheduler_type="step")
 
-        bad = {"name": "bad", "notebook": str(sixth["notebook"]), "output_root": str(sixth["root"] / "bad"),
-               "grid": {"val_fraction": [0.2, 0.6]}, "seeds": [0, 1]}
-        with pytest.raises(ParameterError, match=r"\(sixth workflow\) \(2 of 4 runs .*no run was started") as err:
-            sweeps.load_spec(bad)
-        assert "val_fraction=0.6 is not a number > 0 and < 0.5" in str(err.value)
-        assert not (sixth["root"] / "bad").exists()
-    finally:
-        workflow._entry_points.cache_clear()  # the next test sees the registry without the temporary site
+    bad = {"name": "bad", "notebook": str(sixth["notebook"]), "output_root": str(sixth["root"] / "bad"),
+           "grid": {"val_fraction": [0.2, 0.6]}, "seeds": [0, 1]}
+    with pytest.raises(ParameterError, match=r"\(sixth workflow\) \(2 of 4 runs .*no run was started") as err:
+        sweeps.load_spec(bad)
+    assert "val_fraction=0.6 is not a number > 0 and < 0.5" in str(err.value)
+    assert not (sixth["root"] / "bad").exists()
