@@ -341,7 +341,11 @@ def _entry_points() -> dict:
 
 
 def workflows() -> dict[str, Workflow]:
-    """Every registered workflow by name: workbench's own and those of installed packages (entry points)."""
+    """Every registered workflow by name: workbench's own and those of installed packages (entry points).
+
+    The entry points are read anew, so a package installed since the first look (in this process) is listed too.
+    """
+    _entry_points.cache_clear()
     return {name: get_workflow(name) for name in sorted(_entry_points())}
 
 
