@@ -153,8 +153,8 @@ def finetune(model, data, *, epochs, learning_rate, batch_size, lr_scheduler_typ
     return wb.fit(model, data.batches(data.train, batch_size=batch_size, shuffle=True, seed=seed),
                   val_data=data.batches(data.val, batch_size=256, shuffle=False),
                   evaluate=validation_accuracy_and_macro_f1, monitor="val_macro_f1", mode="max", epochs=epochs,
-                  lr=learning_rate, schedule=lr_scheduler_type, warmup_ratio=0.1, restore_best=True, seed=seed,
-                  run=run, device=device, dtype=dtype, progress=False)
+                  learning_rate=learning_rate, lr_scheduler_type=lr_scheduler_type, warmup_ratio=0.1,
+                  restore_best=True, seed=seed, run=run, device=device, dtype=dtype, progress=False)
 
 
 def evaluate(model, data, *, seed=0, run=None):
