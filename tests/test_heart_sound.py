@@ -14,6 +14,7 @@ import torch
 
 from workbench import audio
 from workbench.tasks import heart_sound as hs
+from workbench.tasks.heart_sound import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "heart_sound_classification.ipynb"
@@ -57,7 +58,7 @@ def test_generator_is_seeded_and_its_labels_follow_the_documented_latents():
     for item in a:
         p = item["latent"]
         assert 60 <= p["bpm"] <= 140
-        unknown = p["snr_db"] < hs._unknown_below(hs.DEFAULTS["sim_snr_db"])
+        unknown = p["snr_db"] < synthetic._unknown_below(hs.DEFAULTS["sim_snr_db"])
         want = "Unknown" if unknown else ("Present" if p["murmur"] else "Absent")
         assert item["label"] == want
     # heart rate in the segmentation: one S1 per beat, beat-to-beat variability around 60 / bpm
@@ -72,7 +73,7 @@ def test_generator_is_seeded_and_its_labels_follow_the_documented_latents():
 def test_murmur_latents_follow_the_circor_2022_counts():
     """Issue 24: murmur share, Unknown share, grade, timing, shape and pitch as counted in CirCor's training set."""
     rng = np.random.default_rng(0)
-    patients = [hs._patient(rng, "circor_murmur", 10.0) for _ in range(6000)]
+    patients = [synthetic._patient(rng, "circor_murmur", 10.0) for _ in range(6000)]
     murmurs = [p for p in patients if p["murmur"]]
     assert abs(len(murmurs) / len(patients) - 179 / 874) < 0.02
     assert abs(np.mean([p["unknown"] for p in patients]) - 68 / 942) < 0.015
