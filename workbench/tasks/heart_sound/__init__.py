@@ -3,18 +3,18 @@
 Tasks
     ``circor_murmur`` (Absent / Present / Unknown, per patient), ``circor_outcome`` (Normal / Abnormal, per patient),
     ``physionet2016`` (normal / abnormal, per record) and ``pascal`` (normal / murmur / extrasystole / artifact, per
-    file) (:mod:`.settings`).
+    file); see ``settings.py``.
 Data
     CirCor DigiScope 2022, PhysioNet/CinC 2016 and PASCAL folders in their real layouts, resampled, band-passed to
-    25-400 Hz, cut into overlapping windows and split by patient (:mod:`.data`); with an empty ``data_path``,
+    25-400 Hz, cut into overlapping windows and split by patient (``data.py``); with an empty ``data_path``,
     synthetic recordings whose ground truth (heart rate, S1/S2, murmurs with CirCor's counts of grade, timing,
-    shape and pitch, noise) is written in :mod:`.synthetic`.
+    shape and pitch, noise) is written in ``synthetic.py``.
 Model
     :class:`ConvEncoder` (four strided ``Conv1d-BatchNorm-ReLU`` blocks, mean and max over time) with a dropout +
-    linear head (:mod:`.model`).
+    linear head (``model.py``).
 Pretraining
     SimCLR-style NT-Xent on two augmented crops of each training patient's recording, without labels, cached by
-    :func:`workbench.protocol.pretrain` and loaded through :func:`workbench.load_pretrained` (:mod:`.steps`).
+    :func:`workbench.protocol.pretrain` and loaded through :func:`workbench.load_pretrained` (``steps.py``).
 Fine-tuning modes
     ``linear_eval``: the encoder is frozen (its BatchNorm statistics locked), the head trains. ``few_shot``: a
     stratified ``label_fraction`` of the labelled training patients, everything trains. ``full``: every labelled

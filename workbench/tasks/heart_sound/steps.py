@@ -39,7 +39,8 @@ package_log = logging.getLogger(__package__)
 def open_log(run) -> Path:
     """Write this workflow's log (what loading did, every epoch) to ``train.log`` in the run folder.
 
-    Every module of the package logs under :data:`package_log`, which this attaches the file to (once per run).
+    Every module of the package logs under the package's logger (``package_log``); the file is attached to it,
+    once per run.
     Under torchrun only rank 0 writes it (as every file of the run folder): other ranks log nowhere.
     """
     path = Path(run.path) / "train.log"
