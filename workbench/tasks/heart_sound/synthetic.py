@@ -272,8 +272,8 @@ def simulate(task: str, *, n_patients: int = 200, seconds: float = 8.0, sample_r
     """Raw synthetic recordings for ``task``: dicts with patient, location, label, signal, segmentation, latent.
 
     CirCor tasks give each patient ``locations`` of AV/PV/TV/MV; the other tasks one recording
-    per patient. The ground truth is in the docstring of ``heart_sound/synthetic.py``; the median SNR is ``DEFAULTS["sim_snr_db"]``.
-    The same seed gives the same data.
+    per patient. The ground truth is in the docstring of ``heart_sound/synthetic.py``; the median SNR is
+    ``DEFAULTS["sim_snr_db"]``. The same seed gives the same data.
     """
     check_task(task)
     rng = np.random.default_rng([seed, 7])
