@@ -36,8 +36,8 @@ from .data import CropBatches, HeartSoundData, Recording, WindowBatches, example
 from .model import ContrastiveModel, ConvEncoder, HeartSoundClassifier, build_model
 from .predictor import HeartSoundPredictor, save_predictor
 from .settings import DEFAULTS, LOCATIONS, MIN_SECONDS, MODES, PRETRAIN_SETTINGS, TASKS
-from .steps import (BANDS, EpochLog, band_power_features, baseline, evaluate, finetune, open_log, package_log,
-                    predict_proba, pretrain, pretrained, split_metrics, strategy_of, train_batches, watch_gradients)
+from .steps import (BANDS, band_power_features, baseline, evaluate, finetune, predict_proba, pretrain, pretrained,
+                    split_metrics, strategy_of, train_batches)
 from .synthetic import simulate, write_layout
 
 __all__ = [
@@ -47,12 +47,9 @@ __all__ = [
     "preprocess", "examples",
     "ConvEncoder", "HeartSoundClassifier", "ContrastiveModel", "build_model",
     "pretrain", "pretrained", "strategy_of", "train_batches", "finetune", "predict_proba", "split_metrics",
-    "baseline", "band_power_features", "evaluate", "open_log", "EpochLog", "watch_gradients",
+    "baseline", "band_power_features", "evaluate",
     "save_predictor", "HeartSoundPredictor",
 ]
-
-#: The workflow's logger (every module of the package logs under it; :func:`open_log` writes it to train.log).
-log = package_log
 
 NOTEBOOK = Path(__file__).resolve().parents[3] / "notebooks" / "heart_sound_classification.ipynb"
 HEADLINE_METRICS = ("test_auroc", "test_auprc", "test_macro_f1", "baseline_test_auroc", "val_auroc")

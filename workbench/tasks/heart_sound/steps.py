@@ -19,54 +19,14 @@ from ... import protocol
 from ...devices import to_model, to_numpy
 from ...metrics import Evaluation, MetricsTable, classification_metrics, confusion_matrix, roc_pr_curves
 from ...metrics import sensitivity_specificity
-from ...training import Callback
 from .data import CropBatches, HeartSoundData, WindowBatches
 from .model import ContrastiveModel
 from .predictor import save_predictor
 from .settings import DEFAULTS, MODES, PRETRAIN_SETTINGS
 
-__all__ = ["open_log", "EpochLog", "pretrain", "pretrained", "strategy_of", "train_batches", "watch_gradients",
-           "predict_proba", "split_metrics", "finetune", "BANDS", "band_power_features", "baseline", "evaluate"]
+__all__ = ["pretrain", "pretrained", "strategy_of", "train_batches", "predict_proba", "split_metrics", "finetune", "BANDS", "band_power_features", "baseline", "evaluate"]
 
 log = logging.getLogger(__name__)
-#: The workflow's logger: every module's log lines reach it, and :func:`open_log` writes it to ``train.log``.
-package_log = logging.getLogger(__package__)
-
-
-# --------------------------------------------------------------------------- logging
-
-
-def open_log(run) -> Path:
-    """Write this workflow's log (what loading did, every epoch) to ``train.log`` in the run folder.
-
-    Every module of the package logs under the package's logger (``package_log``); the file is attached to it,
-    once per run.
-    Under torchrun only rank 0 writes it (as every file of the run folder): other ranks log nowhere.
-    """
-    path = Path(run.path) / "train.log"
-    for handler in [h for h in package_log.handlers if getattr(h, "_workbench_run_log", False)]:
-        package_log.removeHandler(handler)
-        handler.close()
-    if not getattr(run, "writes", True):
-        return path
-    handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler._workbench_run_log = True
-    package_log.addHandler(handler)
-    package_log.setLevel(logging.INFO)
-    package_log.info("run %s: %s", run.path, {k: v for k, v in run.params.items() if k != "versions"})
-    return path
-
-
-class EpochLog(Callback):
-    """One line per epoch in the module's log (``train.log``): losses, metrics and every group's LR."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def on_epoch_end(self, trainer, logs: dict) -> None:
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-        log.info("%s %s", self.label, text)
 
 
 # --------------------------------------------------------------------------- steps
@@ -94,7 +54,7 @@ def _pretraining(data: HeartSoundData, *, seed: int = 0, progress: bool = True, 
                 lr_scheduler_type="cosine", warmup_ratio=0.05, code=__package__,
                 metadata={"recordings": len(signals)},
                 describe={"data": data.source, "data_hash": data.content_hash, "train_recordings": len(data.train_idx)},
-                fit_options={"seed": seed, "callbacks": [EpochLog("pretrain")]}, device=device, dtype=dtype,
+                fit_options={"seed": seed}, device=device, dtype=dtype,
                 progress=progress, cache_root=cache_root)
 
 
@@ -111,10 +71,19 @@ def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cach
 
 
 def pretrained(data: HeartSoundData, pretrained_checkpoint: str, *, seed: int = 0, progress: bool = True,
-               cache_root=None, **overrides):
-    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path."""
-    return protocol.pretrained(pretrained_checkpoint, **_pretraining(data, seed=seed, progress=progress,
-                                                                     cache_root=cache_root, **overrides))
+               cache_root=None, run=None, **overrides):
+    """Resolve the ``pretrained_checkpoint`` parameter: ``"pretrain"`` (here, cached) | ``"none"`` | a path.
+
+    With a ``run``, its ``train.log`` says which weights the encoder starts from (the pretraining's own epochs are
+    in the cache entry's ``run/train.log``).
+    """
+    source = protocol.pretrained(pretrained_checkpoint, **_pretraining(data, seed=seed, progress=progress,
+                                                                       cache_root=cache_root, **overrides))
+    if run is not None:
+        what = ("NT-Xent pretraining (cached) on the training recordings" if pretrained_checkpoint == "pretrain"
+                else "a given checkpoint" if source else "random initialisation (pretrained_checkpoint none)")
+        run.log_text(f"encoder from {what}" + (f": {source}" if source else ""))
+    return source
 
 
 def strategy_of(mode: str) -> str:
@@ -129,16 +98,6 @@ def train_batches(data: HeartSoundData, *, batch_size: int, seed: int = 0) -> Cr
     labelled = data.labelled_idx
     return CropBatches([data.recordings[i].signal for i in labelled], data.y[labelled], size=data.window,
                        crops=DEFAULTS["crops_per_recording"], batch_size=batch_size, seed=seed)
-
-
-def watch_gradients(run, model, *, log_freq: int = 50) -> bool:
-    """Log gradient histograms of ``model`` to the run's wandb run (``watch`` parameter); False without wandb."""
-    tracker = getattr(run, "_wandb", None)
-    if tracker is None:
-        log.info("watch=True but no wandb run is open (tracker='none' or wandb missing): no gradient histograms")
-        return False
-    tracker.watch(model, log="gradients", log_freq=log_freq)
-    return True
 
 
 def predict_proba(model, batches: WindowBatches) -> np.ndarray:
@@ -190,14 +149,17 @@ def finetune(model, data: HeartSoundData, *, mode: str = "linear_eval", epochs: 
         scores = split_metrics(truth, proba, data.classes)
         return {f"val_{k}": scores[k] for k in ("auroc", "macro_f1", "accuracy")}
 
-    log.info("fine-tuning (%s) on %d recordings of %d patients", mode, len(labelled), len(set(data.patients[labelled])))
+    line = f"fine-tuning ({mode}) on {len(labelled)} recordings of {len(set(data.patients[labelled]))} patients"
+    log.info(line)
+    if run is not None:
+        run.log_text(line)
     return fit(
-        model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
-        schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy,
+        model, batches, epochs=epochs, learning_rate=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+        lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy,
         backbone_lr_ratio=1.0 if mode == "linear_eval" else backbone_lr_ratio, val_data=val,
         evaluate=evaluate if has_val else None, monitor="val_auroc" if has_val else "train_loss",
         mode="max" if has_val else "min", restore_best=True, save_every=save_every, run=run,
-        callbacks=[*callbacks, EpochLog("finetune")], progress=progress, seed=seed, log_every=100,
+        callbacks=callbacks, progress=progress, seed=seed, log_every=100,
         device=device, dtype=dtype,
     )
 
