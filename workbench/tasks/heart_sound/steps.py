@@ -226,8 +226,10 @@ def evaluate(model, data: HeartSoundData, *, run=None, seed: int = 0) -> Evaluat
     truth = np.array(data.classes)[data.y[data.test_idx]]
     pred = np.array(data.classes)[test_proba.argmax(1)]
     curves = roc_pr_curves(truth, test_proba, labels=data.classes)
-    log.info("test: %s", {k: round(v, 4) for k, v in final.items() if k.startswith(("test_", "baseline_test_"))})
+    line = f"test: { {k: round(v, 4) for k, v in final.items() if k.startswith(('test_', 'baseline_test_'))} }"
+    log.info(line)
     if run is not None:
+        run.log_text(line)
         final = run.finish(final)
     return Evaluation(MetricsTable(rows), confusion_matrix(truth, pred, labels=data.classes), final, curves=curves)
 
