@@ -226,10 +226,10 @@ def evaluate(model, data: HeartSoundData, *, run=None, seed: int = 0) -> Evaluat
     truth = np.array(data.classes)[data.y[data.test_idx]]
     pred = np.array(data.classes)[test_proba.argmax(1)]
     curves = roc_pr_curves(truth, test_proba, labels=data.classes)
-    line = f"test: { {k: round(v, 4) for k, v in final.items() if k.startswith(('test_', 'baseline_test_'))} }"
-    log.info(line)
+    test = {k: round(v, 4) for k, v in final.items() if k.startswith(("test_", "baseline_test_"))}
+    log.info("test: %s", test)
     if run is not None:
-        run.log_text(line)
+        run.log_text(f"test: {test}")
         final = run.finish(final)
     return Evaluation(MetricsTable(rows), confusion_matrix(truth, pred, labels=data.classes), final, curves=curves)
 
