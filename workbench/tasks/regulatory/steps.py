@@ -34,15 +34,6 @@ WORKFLOW_NAME = "regulatory"
 # --------------------------------------------------------------------------- pretraining
 
 
-def _code_modules() -> tuple[str, ...]:
-    """Every module of this package: the pretraining cache key covers the whole package's source, not one file."""
-    import importlib
-    import pkgutil
-
-    package = importlib.import_module(__package__)
-    return (__package__, *(f"{__package__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)))
-
-
 def _check_source_rows(data: RegulatoryData) -> None:
     if len(data.source_idx) == 0:
         raise ValueError(f"{data.source} has no source rows (set=source) to pretrain on. Add them, or use "
@@ -59,7 +50,7 @@ def _pretraining(data: RegulatoryData, *, seed: int, progress: bool, cache_root,
         model=lambda: build_model(data, numeric_rows=data.source_idx, **cfg),
         batches=lambda: data.batches(data.source_idx, batch_size=cfg["pretrain_batch_size"], shuffle=True, seed=seed),
         epochs=cfg["pretrain_epochs"], learning_rate=cfg["pretrain_lr"], weight_decay=cfg["weight_decay"],
-        lr_scheduler_type="cosine", warmup_ratio=0.05, seed=seed, code=_code_modules(),
+        lr_scheduler_type="cosine", warmup_ratio=0.05, seed=seed, code=__package__,  # the whole package's source
         metadata={"vocab": data.vocab, "samples": len(data.source_idx)},
         describe={"data": data.source, "data_hash": data.content_hash, "source_rows": len(data.source_idx)},
         device=device, dtype=dtype, progress=progress, cache_root=cache_root)
