@@ -27,18 +27,17 @@ from ...params import Choice, Flag, Integer, Real, Text
 from ...schedules import SCHEDULES
 from ...workflow import Param, Workflow
 from ...workflow import set_threads  # noqa: F401 - the notebook calls <task>.set_threads()
-from .data import (
-    CLIENT, PAD, TARGET, TIME, TIME_GAP, UNKNOWN, EventBatches, EventData, coles_loader, load, read_table,
-)
+from .data import EventBatches, EventData, coles_loader, load, read_table
+from .layout import CLIENT, PAD, TARGET, TIME, TIME_GAP, UNKNOWN
 from .model import (
     ACTIVATIONS, CLASS_WEIGHTS, DEFAULTS, ENCODER_TYPES, SequenceClassifier, build_coles, build_encoder, build_model,
-    checkpoint_widths, coles_loss, embedding_sizes,
+    checkpoint_widths, coles_loss, embedding_sizes, get_embeddings, predict_proba,
 )
 from .predictor import ARCHITECTURE, EventSequencePredictor, save_predictor
 from .simulate import simulate, write_tables
 from .steps import (
-    PRETRAIN_SETTINGS, baseline, baseline_features, evaluate, finetune, get_embeddings, linear_probe,
-    load_checkpoint, lr_frame, predict_proba, pretrain, pretrained, save_embeddings,
+    PRETRAIN_SETTINGS, baseline, baseline_features, evaluate, finetune, linear_probe, load_checkpoint, lr_frame,
+    pretrain, pretrained, save_embeddings,
 )
 
 __all__ = [

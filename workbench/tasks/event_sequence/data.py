@@ -30,13 +30,12 @@ from ... import splits
 from ...batches import IndexBatches
 from ...cache import fingerprint
 from ...distributed import shard_indices
+from .layout import CLIENT, PAD, TARGET, TIME, TIME_GAP, UNKNOWN  # noqa: F401 - PAD: part of the layout
+from .simulate import simulate
 
 __all__ = ["CLIENT", "TIME", "TARGET", "TIME_GAP", "PAD", "UNKNOWN", "EventData", "EventBatches", "coles_loader",
            "read_table", "load"]
 
-CLIENT, TIME, TARGET = "client_id", "event_time", "target"
-TIME_GAP = "time_gap"  # derived numeric field: log1p(days since the previous event)
-PAD, UNKNOWN = 0, 1  # category indices: 0 pads (ptls embeddings use padding_idx=0), 1 is "unknown"
 
 
 def read_table(path: str | os.PathLike, *, what: str = "data_path") -> pd.DataFrame:
@@ -202,8 +201,6 @@ def load(data_path: str = "", labels_path: str = "", *, categorical_fields="even
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len={max_seq_len!r} must be >= 1: the number of latest events kept per client.")
     if not data_path:
-        from .simulate import simulate
-
         events, labels = simulate(n_clients=n_clients, seed=0)
         source = f"simulated ({n_clients} clients)"
     else:

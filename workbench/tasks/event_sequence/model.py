@@ -13,14 +13,17 @@ import functools
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import TIME_GAP
+from ...devices import to_model, to_numpy
+from .data import TIME_GAP, EventBatches, EventData
 
 __all__ = ["DEFAULTS", "ENCODER_TYPES", "ACTIVATIONS", "CLASS_WEIGHTS", "SequenceClassifier", "build_encoder",
-           "build_model", "build_coles", "coles_loss", "checkpoint_widths", "embedding_sizes"]
+           "build_model", "build_coles", "coles_loss", "checkpoint_widths", "embedding_sizes", "predict_proba",
+           "get_embeddings"]
 
 ENCODER_TYPES = ("gru", "lstm", "transformer")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -178,6 +181,42 @@ def coles_loss(module, batch):
     x, y = batch
     embeddings, y = module.shared_step(x, y)
     return module._loss(embeddings.float(), y)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _forward_batches(model, data: EventData, idx, *, max_tokens: int | None = None):
+    """Yield ``(positions, output)`` over ``idx`` in length-bucketed batches (eval mode, no gradients)."""
+    batches = EventBatches(data, idx, batch_size=512, max_tokens=max_tokens or DEFAULTS["eval_tokens"])
+    model.eval()
+    with torch.no_grad():
+        for pos, (x, _) in zip(batches.positions(), batches):
+            yield pos, model(to_model(x, model))
+
+
+def predict_proba(model, data: EventData, idx=None) -> np.ndarray:
+    idx = data.test_idx if idx is None else np.asarray(idx)
+    out = np.zeros((len(idx), len(data.classes)), dtype=np.float32)
+    for pos, logits in _forward_batches(model, data, idx):
+        out[pos] = to_numpy(F.softmax(logits.float(), dim=1))
+    return out
+
+
+def get_embeddings(model, data: EventData, idx=None, *, max_tokens: int | None = None):
+    """``(embeddings, client_ids, labels)`` of clients ``idx`` (default: all) from the encoder.
+
+    ``model`` is a :class:`SequenceClassifier`, a ptls ``CoLESModule`` or a ptls seq encoder;
+    batches hold at most ``max_tokens`` padded events, so long clients do not blow up memory.
+    """
+    idx = np.arange(len(data.sequences)) if idx is None else np.asarray(idx)
+    encoder = getattr(model, "encoder", None) or getattr(model, "seq_encoder", None) or model
+    out = None
+    for pos, emb in _forward_batches(encoder, data, idx, max_tokens=max_tokens):
+        if out is None:
+            out = np.zeros((len(idx), emb.shape[1]), dtype=np.float32)
+        out[pos] = to_numpy(emb.float())
+    return out, data.client_ids[idx], data.labels[idx]
 
 
 # --------------------------------------------------------------------------- what a checkpoint fixes

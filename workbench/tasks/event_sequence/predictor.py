@@ -15,8 +15,7 @@ from ...predict import (
 )
 from ...predict import save_predictor as _save_predictor
 from .data import CLIENT, TARGET, TIME, TIME_GAP, UNKNOWN, EventData, _days, _encode_categories, read_table
-from .model import DEFAULTS, build_model, embedding_sizes
-from .steps import get_embeddings, predict_proba
+from .model import DEFAULTS, build_model, embedding_sizes, get_embeddings, predict_proba
 
 __all__ = ["ARCHITECTURE", "EventSequencePredictor", "save_predictor"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import CLIENT, TARGET, TIME
+from .layout import CLIENT, TARGET, TIME
 
 __all__ = ["simulate", "write_tables"]
 

@@ -25,18 +25,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ... import protocol
-from ...devices import to_model, to_numpy
 from ...metrics import Evaluation, classification_metrics, validation_accuracy_and_macro_f1
 from .data import TIME, TIME_GAP, EventBatches, EventData, coles_loader
-from .model import DEFAULTS, SequenceClassifier, build_coles, build_encoder, coles_loss
+from .model import DEFAULTS, SequenceClassifier, build_coles, build_encoder, coles_loss, get_embeddings, predict_proba
 
-__all__ = ["PRETRAIN_SETTINGS", "pretrain", "pretrained", "load_checkpoint", "finetune", "lr_frame", "predict_proba",
-           "get_embeddings", "save_embeddings", "baseline_features", "baseline", "linear_probe", "evaluate"]
+__all__ = ["PRETRAIN_SETTINGS", "pretrain", "pretrained", "load_checkpoint", "finetune", "lr_frame", "save_embeddings",
+           "baseline_features", "baseline", "linear_probe", "evaluate"]
 
 #: The :data:`DEFAULTS` that shape the pretrained encoder (part of its cache key and its checkpoint's metadata).
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
@@ -149,39 +146,6 @@ def lr_frame(history, *, freeze_epochs: int, steps_per_epoch: int, schedule: str
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-def _forward_batches(model, data: EventData, idx, *, max_tokens: int | None = None):
-    """Yield ``(positions, output)`` over ``idx`` in length-bucketed batches (eval mode, no gradients)."""
-    batches = EventBatches(data, idx, batch_size=512, max_tokens=max_tokens or DEFAULTS["eval_tokens"])
-    model.eval()
-    with torch.no_grad():
-        for pos, (x, _) in zip(batches.positions(), batches):
-            yield pos, model(to_model(x, model))
-
-
-def predict_proba(model, data: EventData, idx=None) -> np.ndarray:
-    idx = data.test_idx if idx is None else np.asarray(idx)
-    out = np.zeros((len(idx), len(data.classes)), dtype=np.float32)
-    for pos, logits in _forward_batches(model, data, idx):
-        out[pos] = to_numpy(F.softmax(logits.float(), dim=1))
-    return out
-
-
-def get_embeddings(model, data: EventData, idx=None, *, max_tokens: int | None = None):
-    """``(embeddings, client_ids, labels)`` of clients ``idx`` (default: all) from the encoder.
-
-    ``model`` is a :class:`SequenceClassifier`, a ptls ``CoLESModule`` or a ptls seq encoder;
-    batches hold at most ``max_tokens`` padded events, so long clients do not blow up memory.
-    """
-    idx = np.arange(len(data.sequences)) if idx is None else np.asarray(idx)
-    encoder = getattr(model, "encoder", None) or getattr(model, "seq_encoder", None) or model
-    out = None
-    for pos, emb in _forward_batches(encoder, data, idx, max_tokens=max_tokens):
-        if out is None:
-            out = np.zeros((len(idx), emb.shape[1]), dtype=np.float32)
-        out[pos] = to_numpy(emb.float())
-    return out, data.client_ids[idx], data.labels[idx]
 
 
 def save_embeddings(path, embeddings, client_ids, labels) -> Path:
