@@ -120,8 +120,9 @@ def finetune(model: SequenceClassifier, data: EventData, *, epochs: int, learnin
     batches = data.batches(data.labelled_idx, batch_size=batch_size, shuffle=True, seed=seed)
     val = EventBatches(data, data.val_idx, batch_size=256, max_tokens=DEFAULTS["eval_tokens"]) if has_val else None
     return fit(
-        model, batches, epochs=epochs, lr=learning_rate, optimizer=optimizer, weight_decay=DEFAULTS["weight_decay"],
-        schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy="full",
+        model, batches, epochs=epochs, learning_rate=learning_rate, optimizer=optimizer,
+        weight_decay=DEFAULTS["weight_decay"],
+        lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy="full",
         freeze_epochs=freeze_epochs, backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip or None,
         amp=None if amp == "none" else amp,
         val_data=val, evaluate=validation_accuracy_and_macro_f1 if has_val else None,
