@@ -3,7 +3,8 @@
 Pretraining
     CoLES (ptls's ``CoLESModule`` as a plain ``nn.Module``; sub-sequences cut by ptls's ``SampleSlices``) over every
     training client without labels, trained by :func:`workbench.fit` (never by Lightning) and cached by
-    :func:`workbench.protocol.pretrain` (key: the data's content, the clients, every setting, this package's code).
+    :func:`workbench.protocol.pretrain` (key: the data's content, the clients, every setting, every module of this
+    package: :func:`workbench.cache.code_version` hashes a package's folder).
     Its checkpoint has ptls's layout (``_seq_encoder.*``), so it loads like a checkpoint that ptls wrote: through
     :func:`workbench.load_pretrained`, whose prefix detection maps ``_seq_encoder.`` to ``encoder.``.
 Fine-tuning
@@ -19,8 +20,6 @@ Baseline
 
 from __future__ import annotations
 
-import pkgutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,12 +37,6 @@ __all__ = ["PRETRAIN_SETTINGS", "pretrain", "pretrained", "load_checkpoint", "fi
 #: The :data:`DEFAULTS` that shape the pretrained encoder (part of its cache key and its checkpoint's metadata).
 PRETRAIN_SETTINGS = ("embedding_dim", "transformer_heads", "transformer_layers", "weight_decay", "pretrain_epochs",
                      "pretrain_lr", "pretrain_batch_size", "split_count", "cnt_min", "cnt_max", "margin", "neg_count")
-
-
-def _code() -> tuple[str, ...]:
-    """This package and every module in it: a pretraining cache key covers the whole package's source."""
-    package = sys.modules[__package__]
-    return (__package__, *(f"{__package__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)))
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -68,7 +61,7 @@ def pretrain(data: EventData, *, encoder_type: str = "gru", hidden_size: int = 6
     return protocol.pretrain(
         "event_sequence", "coles", reads=(data.content_hash, data.train_idx), settings=settings, model=model,
         batches=batches, epochs=cfg["pretrain_epochs"], learning_rate=cfg["pretrain_lr"], seed=seed,
-        weight_decay=cfg["weight_decay"], lr_scheduler_type="cosine", warmup_ratio=0.05, code=_code(),
+        weight_decay=cfg["weight_decay"], lr_scheduler_type="cosine", warmup_ratio=0.05, code=__package__,
         metadata={"vocab": data.vocab, "clients": len(data.train_idx)},
         describe={"data": data.source, "data_hash": data.content_hash, "train_clients": len(data.train_idx)},
         fit_options={"loss_fn": coles_loss, "optimizer": "adam", "callbacks": run_callbacks}, device=device,
