@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ...batches import IndexBatches
 from ...devices import to_model, to_numpy
 from .data import SpotData
 
@@ -44,12 +45,19 @@ class SlideBatch(NamedTuple):
     n_items: int
 
 
-class SlideBatches:
-    """One batch per slide: a :class:`SlideBatch` ``(features, edges, scaled targets, loss mask, n_items)``."""
+class SlideBatches(IndexBatches):
+    """One batch per slide: a :class:`SlideBatch` ``(features, edges, scaled targets, loss mask, n_items)``.
+
+    An :class:`workbench.batches.IndexBatches` over slides (one slide per batch; in order, or shuffled by its seeded
+    ``generator``), so under ``torchrun`` it shards by slide as the core's batches do: every rank draws the same
+    slide order and keeps its share (padded by repeating the order's start, as ``DistributedSampler`` does), and
+    ``n_items`` (the slide's supervised spots) keeps the logged losses means over spots across ranks.
+    """
 
     def __init__(self, data: SpotData, scaler: Scaler, slides: Sequence[str], mask: np.ndarray, *,
                  shuffle: bool = False, seed: int = 0):
         self.slides = [s for s in slides if mask[data.positions(s)].any()]
+        super().__init__(len(self.slides), batch_size=1, shuffle=shuffle, seed=seed)
         self.items = {}
         for s in self.slides:
             idx = data.positions(s)
@@ -58,16 +66,10 @@ class SlideBatches:
             self.items[s] = SlideBatch(torch.from_numpy(x.astype(np.float32)), data.graph(s),
                                        torch.from_numpy(y.astype(np.float32)), torch.from_numpy(mask[idx]),
                                        int(mask[idx].sum()))
-        self.shuffle = shuffle
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
-        return len(self.slides)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.slides), generator=self.generator).tolist() if self.shuffle else range(len(self.slides))
-        for i in order:
-            yield self.items[self.slides[i]]
+    def take(self, idx: np.ndarray) -> SlideBatch:
+        """The batch of the one slide at position ``idx[0]`` of :attr:`slides`."""
+        return self.items[self.slides[int(idx[0])]]
 
 
 def predict(model, data: SpotData, scaler: Scaler, slides: Sequence[str]) -> np.ndarray:
