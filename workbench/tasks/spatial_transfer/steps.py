@@ -187,7 +187,6 @@ def cv_splits(data: SpotData, *, cv: str = "loo", folds: int = 5, held_out="", s
     return [(name, *by_name[name]) for name in names]
 
 
-
 @dataclass
 class CVResult:
     """Per-fold metrics of the model and of ridge regression, their summary, and each fold's predictions.
