@@ -12,6 +12,7 @@ import yaml
 from workbench import widgets
 from workbench.execute import notebook_parameters
 from workbench.sweeps import load_spec, run_sweep
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "cell_type_annotation.ipynb"
@@ -220,7 +221,7 @@ def test_train_button_runs_in_a_folder_of_its_own(make_panel, tmp_path):
 
     def train(values, *, callbacks=()):
         calls.append((dict(values), list(callbacks)))
-        return cell_type.WORKFLOW.run(values, callbacks=callbacks)
+        return run_workflow(cell_type.WORKFLOW, values, callbacks=callbacks)
 
     panel = make_panel(values=TINY, train=train)
     panel.train_button.click()
