@@ -66,12 +66,12 @@ from pathlib import Path
 from ...params import Choice, Integer, Text
 from ...workflow import Param, Workflow
 from .batches import Scaler, SlideBatch, SlideBatches, predict
-from .data import SpotData, Study, load, read_visium, select_genes, spot_graph, write_visium
+from .data import SpotData, Study, read_visium, select_genes, spot_graph, write_visium
 from .defaults import CV_KINDS, DEFAULTS, PRETRAIN_SETTINGS, STRATEGIES
 from .model import SpatialExpressionModel, SpotGNN, build_model
 from .predictor import SpatialPredictor, save_predictor
 from .simulate import simulate
-from .steps import (CVResult, _fit, baseline,  # noqa: F401 - _fit: the tests fit one model directly
+from .steps import (CVResult, _fit, baseline, load,  # noqa: F401 - _fit: the tests fit one model directly
                     cross_validate, cv_splits, evaluate, load_report, pretrain, pretrained,
                     report_table, strategy_table)
 

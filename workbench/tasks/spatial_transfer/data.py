@@ -13,9 +13,8 @@ import pandas as pd
 import torch
 
 from ...cache import content_hash, fingerprint
-from .defaults import DEFAULTS
 
-__all__ = ["spot_graph", "SpotData", "Study", "select_genes", "read_visium", "write_visium", "load"]
+__all__ = ["spot_graph", "SpotData", "Study", "select_genes", "read_visium", "write_visium"]
 
 log = logging.getLogger(__package__)
 
@@ -242,21 +241,3 @@ def write_visium(data: SpotData, path: str | os.PathLike, *, features_key: str =
     adata.obsm[features_key] = data.features
     adata.write_h5ad(path)
     return Path(path)
-
-
-def load(spatial_path: str = "", *, cells_path: str = "", cell_type_key: str = "bulk_labels",
-         features_key: str = "X_features", slide_key: str = "library_id", genes="", n_bulk_slides: int = 16,
-         n_spatial_slides: int = 4, sim_seed: int = 0, **overrides) -> Study:
-    """The study: simulated stages, or the simulated bulk stage and a Visium-style spatial file."""
-    from .simulate import simulate
-
-    study = simulate(cells_path, cell_type_key=cell_type_key, n_bulk_slides=n_bulk_slides,
-                     n_spatial_slides=n_spatial_slides, seed=sim_seed, **overrides)
-    if spatial_path:
-        cfg = {**DEFAULTS, **overrides}
-        study.spatial = read_visium(spatial_path, features_key=features_key, slide_key=slide_key, genes=genes,
-                                    neighbours=cfg["neighbours"], radius=cfg["radius"])
-    else:
-        study.spatial = select_genes(study.spatial, genes)
-    return study
-

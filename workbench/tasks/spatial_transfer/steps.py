@@ -1,4 +1,5 @@
-"""The spatial workflow's steps: bulk pretraining (through :mod:`workbench.protocol`), loading, cross-validation.
+"""The spatial workflow's steps: the study (:func:`load`), bulk pretraining (through :mod:`workbench.protocol`),
+loading the checkpoint, cross-validation.
 
 Per fold the spatial model is fit with the best epoch restored, ridge regression (:func:`workbench.protocol.
 fit_baseline`) is fit on exactly the model's training spots, and both test predictions are scored by
@@ -21,15 +22,31 @@ import torch
 from ... import protocol
 from ...metrics import MetricsTable, fold_summary
 from .batches import Scaler, SlideBatches, predict
-from .data import SpotData, Study
+from .data import SpotData, Study, read_visium, select_genes
 from .defaults import CV_KINDS, DEFAULTS, PRETRAIN_SETTINGS, STRATEGIES
 from .model import build_model
+from .simulate import simulate
 
-__all__ = ["pretrain", "pretrained", "load_report", "report_table", "strategy_table", "cv_splits", "CVResult",
+__all__ = ["load", "pretrain", "pretrained", "load_report", "report_table", "strategy_table", "cv_splits", "CVResult",
            "baseline", "cross_validate", "evaluate"]
 
 #: Every module of this package: the pretraining cache key covers their source (a sub-module's edit rebuilds).
 CODE = (__package__, *(f"{__package__}.{m.name}" for m in pkgutil.iter_modules([str(Path(__file__).parent)])))
+
+
+def load(spatial_path: str = "", *, cells_path: str = "", cell_type_key: str = "bulk_labels",
+         features_key: str = "X_features", slide_key: str = "library_id", genes="", n_bulk_slides: int = 16,
+         n_spatial_slides: int = 4, sim_seed: int = 0, **overrides) -> Study:
+    """The study: simulated stages, or the simulated bulk stage and a Visium-style spatial file."""
+    study = simulate(cells_path, cell_type_key=cell_type_key, n_bulk_slides=n_bulk_slides,
+                     n_spatial_slides=n_spatial_slides, seed=sim_seed, **overrides)
+    if spatial_path:
+        cfg = {**DEFAULTS, **overrides}
+        study.spatial = read_visium(spatial_path, features_key=features_key, slide_key=slide_key, genes=genes,
+                                    neighbours=cfg["neighbours"], radius=cfg["radius"])
+    else:
+        study.spatial = select_genes(study.spatial, genes)
+    return study
 
 
 def _batches(data: SpotData, train_idx, val_idx, *, seed: int = 0):
