@@ -69,8 +69,9 @@ def _fit(model, data: SpotData, train_idx, val_idx, *, epochs, lr, patience, min
     from ...training import fit
 
     scaler, batches, val = _batches(data, train_idx, val_idx, seed=seed)
-    history = fit(model, batches, epochs=epochs, lr=lr, weight_decay=DEFAULTS["weight_decay"], schedule="constant",
-                  strategy=strategy, val_data=val, monitor="val_loss" if val is not None else "train_loss",
+    history = fit(model, batches, epochs=epochs, learning_rate=lr, weight_decay=DEFAULTS["weight_decay"],
+                  lr_scheduler_type="constant", strategy=strategy, val_data=val,
+                  monitor="val_loss" if val is not None else "train_loss",
                   patience=patience or None, min_delta=min_delta, restore_best=True, run=run, callbacks=callbacks,
                   progress=progress, seed=seed, log_every=1000, device=device, dtype=dtype)
     return history, scaler
