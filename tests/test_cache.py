@@ -72,6 +72,20 @@ def test_code_version_follows_the_source_file(tmp_path, monkeypatch):
     assert code_version("pretrain_code") != first and "torch" in first
 
 
+def test_code_version_of_a_package_follows_every_module_in_it(tmp_path, monkeypatch):
+    """Issue 22: a task split into a package; its key named the package, whose __init__.py is one file of many."""
+    from workbench.cache import code_version
+
+    package = tmp_path / "split_task"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .steps import OBJECTIVE\n")
+    (package / "steps.py").write_text("OBJECTIVE = 'masked'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = code_version("split_task")
+    (package / "steps.py").write_text("OBJECTIVE = 'contrastive'\n")
+    assert code_version("split_task") != first
+
+
 def test_arrays_nested_in_containers_are_hashed_by_content_and_numpy_scalars_keep_their_type():
     """Issue 21.8: numpy's str elides arrays over 1,000 elements, and json's default=str made np.int64(1) "1"."""
     a = np.arange(2000)

@@ -92,7 +92,8 @@ def code_version(module_name: str) -> dict:
 
     The core is every module of the ``workbench`` package (``workbench/*.py``: the training
     loop, checkpoints, batches, ... that a build runs); the module is the task's own source
-    file. Put it into a fingerprint so that an edit to the pretraining code (a new objective, a
+    file, or for a package (a task split into modules) every ``.py`` file under its folder.
+    Put it into a fingerprint so that an edit to the pretraining code (a new objective, a
     fix in the training loop) builds the entry anew instead of reusing what the old code made.
     """
     import importlib
@@ -100,7 +101,12 @@ def code_version(module_name: str) -> dict:
     import torch
 
     module = importlib.import_module(module_name)
-    source = Path(module.__file__).read_bytes()
+    if hasattr(module, "__path__"):  # a package (a task split into modules): every module in its folder
+        folder = Path(module.__file__).parent
+        source = b"".join(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0"
+                          for path in sorted(folder.rglob("*.py")))
+    else:
+        source = Path(module.__file__).read_bytes()
     package = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):  # the core a build runs: training, checkpoints, ...
         package.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
