@@ -9,7 +9,6 @@ fit_baseline`) is fit on exactly the model's training spots, and both test predi
 from __future__ import annotations
 
 import math
-import pkgutil
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,10 +28,6 @@ from .simulate import simulate
 
 __all__ = ["load", "pretrain", "pretrained", "load_report", "report_table", "strategy_table", "cv_splits", "CVResult",
            "baseline", "cross_validate", "evaluate"]
-
-#: Every module of this package: the pretraining cache key covers their source (a sub-module's edit rebuilds).
-CODE = (__package__, *(f"{__package__}.{m.name}" for m in pkgutil.iter_modules([str(Path(__file__).parent)])))
-
 
 def load(spatial_path: str = "", *, cells_path: str = "", cell_type_key: str = "bulk_labels",
          features_key: str = "X_features", slide_key: str = "library_id", genes="", n_bulk_slides: int = 16,
@@ -94,7 +89,7 @@ def _pretraining(study: Study, *, seed: int = 0, progress: bool = True, cache_ro
         settings={k: cfg[k] for k in PRETRAIN_SETTINGS},
         model=lambda: build_model(bulk, layers=cfg["bulk_layers"], **cfg), batches=lambda: batches,
         epochs=cfg["pretrain_epochs"], learning_rate=cfg["pretrain_lr"], weight_decay=DEFAULTS["weight_decay"],
-        lr_scheduler_type="constant", warmup_ratio=0.0, seed=seed, code=CODE,
+        lr_scheduler_type="constant", warmup_ratio=0.0, seed=seed, code=__package__,
         metadata={"stage": "bulk", "genes": bulk.genes},
         describe={"data": bulk.source, "data_hash": bulk.content_hash, "slides": len(bulk.slide_names)},
         fit_options=dict(strategy="full", val_data=val_batches, monitor="val_loss",
@@ -107,7 +102,8 @@ def pretrain(study: Study, *, seed: int = 0, progress: bool = True, cache_root=N
     """Train the bulk model (gene set A, ``bulk_layers`` layers); return ``pretrained.safetensors`` (cached).
 
     The last two bulk slides validate (early stopping). Cached by :func:`workbench.protocol.pretrain`: the key covers
-    the bulk data's content, ``seed``, every setting in :data:`PRETRAIN_SETTINGS` and this package's source.
+    the bulk data's content, ``seed``, every setting in :data:`PRETRAIN_SETTINGS` and the source of every module of
+    this package (:func:`workbench.cache.code_version` of the package).
     """
     return protocol.pretrain(**_pretraining(study, seed=seed, progress=progress, cache_root=cache_root,
                                             device=device, dtype=dtype, **overrides))
