@@ -180,7 +180,6 @@ LONG_FOR_NOW = {
     "workbench/training.py": "the fit-settings / LiveCurves change",
     "workbench/tasks/cell_type.py": "the tasks-as-packages change",
     "workbench/tasks/regulatory.py": "the tasks-as-packages change",
-    "workbench/tasks/spatial_transfer.py": "the tasks-as-packages change",
 }
 
 
