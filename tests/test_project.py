@@ -179,8 +179,6 @@ WHY_LONG = "Why this module is long:"
 LONG_FOR_NOW = {
     "workbench/training.py": "the fit-settings / LiveCurves change",
     "workbench/tasks/cell_type.py": "the tasks-as-packages change",
-    "workbench/tasks/event_sequence.py": "the tasks-as-packages change",
-    "workbench/tasks/spatial_transfer.py": "the tasks-as-packages change",
 }
 
 
