@@ -111,6 +111,26 @@ def test_code_version_follows_the_workbench_core(tmp_path, monkeypatch):
     assert cache.code_version("workbench.tasks.cell_type") != first
 
 
+def test_code_version_of_a_task_package_covers_every_module_in_it(tmp_path, monkeypatch):
+    """Issue 22: a task split into a package (data.py, model.py, steps.py, ...) keys its cache by all of them; an edit
+    to the pretraining objective in a sub-module must rebuild the entry, not only an edit to ``__init__.py``."""
+    from workbench import cache
+
+    package = tmp_path / "my_task_pkg"
+    (package / "formats").mkdir(parents=True)
+    (package / "__init__.py").write_text("from .steps import objective\n")
+    (package / "steps.py").write_text("def objective():\n    return 1\n")
+    (package / "formats" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = cache.code_version("my_task_pkg")
+    assert cache.code_version("my_task_pkg") == first
+    (package / "steps.py").write_text("def objective():\n    return 2  # a new objective\n")
+    second = cache.code_version("my_task_pkg")
+    assert second != first
+    (package / "formats" / "reader.py").write_text("READER = 1\n")  # a sub-package's module counts too
+    assert cache.code_version("my_task_pkg") != second
+
+
 def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
     """Issue 21.2: what a run draws after cached() must not depend on whether the entry was built or found."""
     import random
