@@ -228,6 +228,20 @@ def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_p
     assert len(list((cache / "pretrain").glob("*/pretrained.safetensors"))) == 4
 
 
+def test_pretrain_epochs_reaches_pretraining_and_its_cache_key(tmp_path, monkeypatch):
+    """Issue 22: cell type exposes pretrain_epochs like every workflow that pretrains; the notebook's value must be
+    the number of epochs pretraining runs, and part of the key (another value never reuses the entry)."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    for n, pretrain_epochs in enumerate((1, 2)):
+        namespace = cell_type_notebook(pretrained_checkpoint="pretrain", pretrain_epochs=pretrain_epochs,
+                                       output_dir=str(tmp_path / f"run{n}"))
+        source = Path(namespace["source"])
+        assert json.loads(source.with_suffix(".json").read_text())["pretrain_epochs"] == pretrain_epochs
+        epochs = [json.loads(line)["epoch"] for line in (source.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(pretrain_epochs))  # the pretraining run itself: that many epochs
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*/pretrained.safetensors"))) == 2
+
+
 def executed_figures(path) -> tuple[int, int]:
     """(image/png outputs, figures shown only as text) in an executed notebook; no cell shows two figures."""
     cells = json.loads(Path(path).read_text())["cells"]
