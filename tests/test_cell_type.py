@@ -313,7 +313,7 @@ def test_bring_your_own_h5ad_through_the_cli(tmp_path):
     path = write_h5ad(tmp_path / "mine.h5ad", n_classes=4)
     out = tmp_path / "run"
     proc = _run(["run", str(NOTEBOOK), "-p", "data_path", str(path), "-p", "label_key", "celltype",
-                 "-p", "epochs", "3", "-p", "batch_size", "64", "-o", str(out)])
+                 "-p", "epochs", "3", "-p", "batch_size", "64", "-p", "pretrain_epochs", "5", "-o", str(out)])
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["test_accuracy"] > 0.5  # 4 separable types
@@ -341,7 +341,7 @@ def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeyp
 
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "seed": 1}
+    params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "pretrain_epochs": 2, "seed": 1}
     in_process = cell_type.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache_papermill")}
     proc = _run(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))],

@@ -15,7 +15,7 @@ from workbench.tasks import event_sequence, heart_sound, regulatory
 
 
 def _cell_type(tmp):
-    return {"epochs": 2, "pretrained_checkpoint": "pretrain"}, {"label_fraction": 0.5}
+    return {"epochs": 2, "pretrained_checkpoint": "pretrain", "pretrain_epochs": 2}, {"label_fraction": 0.5}
 
 
 def _heart_sound(tmp):
