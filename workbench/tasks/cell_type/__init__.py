@@ -1,6 +1,6 @@
 """Cell-type annotation: an expression encoder pretrained on unlabeled cells, fine-tuned on labels.
 
-Data (:mod:`.data`)
+Data (``data.py``)
     Any AnnData (``.h5ad``) with a categorical ``obs`` column of cell types; features are ``adata.raw.X`` when
     present, else ``adata.X``; integer counts there are log-normalised (10,000 per cell, ``log1p``) with a warning.
     An empty ``data_path`` means scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs x 765 genes, 10 types in
@@ -8,22 +8,22 @@ Data (:mod:`.data`)
     (``"auto"``: files above :data:`BACKED_AUTO_BYTES`); either way batches come through
     :class:`workbench.streaming.StreamingBatches` and the splits use ``obs`` alone, so an atlas of millions of cells
     never has its X in memory.
-Model (:mod:`.model`)
+Model (``model.py``)
     :class:`ExpressionEncoder`: an MLP (Linear -> LayerNorm -> GELU -> Dropout per layer) over all genes, with a
     linear head (:class:`CellTypeClassifier`).
-Pretraining (:mod:`.steps`)
+Pretraining (``steps.py``)
     Masked-expression reconstruction (:class:`MaskedExpressionModel`): a random subset of each cell's genes is zeroed
     and the encoder + a small decoder reconstruct the masked values, on the training cells without labels, through
-    the core's cached pretraining (:func:`workbench.protocol.pretrain`; the key holds the data's content, the exact
+    the core's cached pretraining (``workbench.protocol.pretrain``; the key holds the data's content, the exact
     training cells, every setting and the source of this package). The checkpoint's sidecar lists the genes, and
     :func:`load_checkpoint` meets them by name, the path a user's own checkpoint takes.
-Baseline (:mod:`.steps`)
-    Logistic regression (:func:`workbench.protocol.fit_baseline`, unscaled) on the same features and labelled cells
-    (the model behind CellTypist), scored by the same function as the model (:func:`workbench.protocol.evaluate`).
+Baseline (``steps.py``)
+    Logistic regression (``workbench.protocol.fit_baseline``, unscaled) on the same features and labelled cells
+    (the model behind CellTypist), scored by the same function as the model (``workbench.protocol.evaluate``).
     It is fitted on at most :data:`BASELINE_MAX_CELLS` labelled cells (a seeded random subset above that: a row cap,
     not a streaming solver, so small data sets keep the exact lbfgs fit); ``baseline_n_train`` then says how many.
 
-Prediction from a run folder: :class:`CellTypePredictor` (:mod:`.predictor`).
+Prediction from a run folder: :class:`CellTypePredictor` (``predictor.py``).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class MaskedExpressionModel(nn.Module):
 
 
 def build_model(data, **overrides) -> CellTypeClassifier:
-    """The classifier for ``data`` (its genes and classes), with :data:`DEFAULTS` updated by ``overrides``."""
+    """The classifier for ``data`` (its genes and classes), with ``DEFAULTS`` updated by ``overrides``."""
     cfg = {**DEFAULTS, **overrides}
     return CellTypeClassifier(
         data.n_genes, len(data.classes), hidden=tuple(cfg["hidden"]), dropout=cfg["dropout"],

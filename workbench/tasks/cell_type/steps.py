@@ -38,7 +38,7 @@ PREDICT_CHUNK = 16_384
 
 
 def _pretraining(data: CellData, *, seed: int, progress: bool, cache_root, device, dtype, **overrides) -> dict:
-    """The arguments of :func:`workbench.protocol.pretrain` for masked-expression pretraining on ``data``."""
+    """The arguments of ``workbench.protocol.pretrain`` for masked-expression pretraining on ``data``."""
     cfg = {**DEFAULTS, **overrides}
     settings = {k: cfg[k] for k in PRETRAIN_SETTINGS}
     return dict(
@@ -60,9 +60,9 @@ def pretrain(data: CellData, *, seed: int = 0, progress: bool = True, cache_root
              **overrides) -> Path:
     """Masked-expression pretraining on the training cells (no labels); returns the checkpoint.
 
-    :func:`workbench.protocol.pretrain` with :class:`MaskedExpressionModel` on all training cells (labelled or
+    ``workbench.protocol.pretrain`` with :class:`MaskedExpressionModel` on all training cells (labelled or
     not; never the test cells). Cached: the key covers the data's content, the exact training cells, ``seed``,
-    every setting in :data:`PRETRAIN_SETTINGS` (``overrides`` of :data:`DEFAULTS`, e.g. ``pretrain_epochs``), the
+    every setting in :data:`PRETRAIN_SETTINGS` (``overrides`` of ``DEFAULTS``, e.g. ``pretrain_epochs``), the
     placement and the source of this package and of the core. An interrupted pretraining resumes from its own
     ``last.pt``.
 
@@ -178,7 +178,7 @@ def baseline_cells(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_M
 def baseline(data: CellData, *, seed: int = 0, max_cells: int = BASELINE_MAX_CELLS) -> np.ndarray:
     """Logistic regression on the same features and labelled cells; its class probabilities of the test cells.
 
-    :func:`workbench.protocol.fit_baseline` (lbfgs, ``scale=False``: the log-normalised expression
+    ``workbench.protocol.fit_baseline`` (lbfgs, ``scale=False``: the log-normalised expression
     the model reads, unscaled) on :func:`baseline_cells`: at most ``max_cells`` labelled cells (a row cap, so the
     fit stays the exact lbfgs one on small data). The test cells are predicted in chunks of :data:`PREDICT_CHUNK`
     rows, so memory stays bounded on an atlas. Columns follow ``data.classes`` (a class the fit did not see gets 0).
@@ -207,7 +207,7 @@ def predict_proba(model, data: CellData, idx, *, batch_size: int = 256) -> np.nd
 def evaluate(model, data: CellData, *, run=None, seed: int = 0) -> Evaluation:
     """Score the model and logistic regression on the test cells with one function; write final_metrics.json.
 
-    :func:`workbench.protocol.evaluate` on both sets of class probabilities. With a ``run``, its folder also gets
+    ``workbench.protocol.evaluate`` on both sets of class probabilities. With a ``run``, its folder also gets
     what predicting on new cells needs (``predictor.json``, see :func:`save_predictor`) and the test cells'
     predictions (``test_predictions.csv``). ``n_train`` and ``baseline_n_train`` count the cells each was fit on:
     the labelled cells, unless there are more than :data:`BASELINE_MAX_CELLS` (then the baseline's random subset).
