@@ -34,9 +34,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(WB) run notebooks/cell_type_annotation.ipynb -o runs/demo
 
-# Two pytest workers (pytest-xdist), each taking whole test files (tests of a file share fixtures and run in order).
-# Most tests wait on subprocesses (kernels, torchrun, Dask), so two workers keep both cores busy.
+# The import contracts first (pyproject.toml's [tool.importlinter]: layers, independent workflows, no circles; under
+# a second), then two pytest workers (pytest-xdist), each taking whole test files (tests of a file share fixtures and
+# run in order). Most tests wait on subprocesses (kernels, torchrun, Dask), so two workers keep both cores busy.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Real-browser tests of `make lab`'s path, the sweep report and the docs site; `make test` skips them

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from workbench.tasks import cell_type
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "cell_type_annotation.ipynb"
@@ -342,7 +343,7 @@ def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeyp
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
     params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "pretrain_epochs": 2, "seed": 1}
-    in_process = cell_type.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = run_workflow(cell_type.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process")})
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache_papermill")}
     proc = _run(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))],
                  "-o", str(tmp_path / "papermill")], env=env)

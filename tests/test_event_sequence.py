@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("ptls")
 
 from workbench.tasks import event_sequence as es  # noqa: E402
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "event_sequence_classification.ipynb"
@@ -379,7 +380,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     assert len(list((out / "checkpoints").glob("top-epoch*.safetensors"))) == 2
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = es.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process"), "interactive": False})
+    in_process = run_workflow(es.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process"), "interactive": False})
     assert in_process.final == final
 
 

@@ -14,6 +14,7 @@ import torch
 
 from workbench import audio
 from workbench.tasks import heart_sound as hs
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "heart_sound_classification.ipynb"
@@ -305,7 +306,7 @@ def test_notebook_under_papermill_writes_the_run_folder_and_equals_the_in_proces
     assert max(per_cell) == 1 and sum(per_cell) == 6
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = hs.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = run_workflow(hs.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 
@@ -314,7 +315,7 @@ def test_wandb_logs_offline_into_the_run_folder(physionet, tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    result = hs.WORKFLOW.run({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
+    result = run_workflow(hs.WORKFLOW, {**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
                               "watch": True, "output_dir": str(out)})
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and result.final["test_auroc"] == json.loads((out / "final_metrics.json").read_text())["test_auroc"]
@@ -326,7 +327,7 @@ def test_without_wandb_one_notice_and_training_goes_on(physionet, tmp_path, monk
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hs.WORKFLOW.run({**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
+        run_workflow(hs.WORKFLOW, {**TINY, "data_path": str(physionet), "pretrained_checkpoint": "none", "tracker": "wandb",
                          "output_dir": str(out)})
     notices = [str(w.message) for w in caught if "wandb" in str(w.message)]
     assert len(notices) == 1 and "not installed" in notices[0] and len(notices[0].splitlines()) == 1

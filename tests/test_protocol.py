@@ -12,6 +12,7 @@ import math
 import pytest
 
 from workbench.tasks import event_sequence, heart_sound, regulatory
+from workbench.execute import run_workflow
 
 
 def _cell_type(tmp):
@@ -56,17 +57,20 @@ def runs(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(name)
     params, other = WORKFLOWS[name](tmp)
 
+    results = []
+
     def run(folder, cache, **changes):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WORKBENCH_CACHE", str(tmp / cache))
             patch.setenv("TORCH_NUM_THREADS", "1")
-            module.WORKFLOW.run({**params, **changes, "interactive": False, "output_dir": str(tmp / folder)})
+            results.append(run_workflow(module.WORKFLOW, {**params, **changes, "interactive": False,
+                                                "output_dir": str(tmp / folder)}))
         return json.loads((tmp / folder / "final_metrics.json").read_text())
 
     alone = run("alone", "cache_alone")
     run("other", "cache_shared", **other)
     after = run("after", "cache_shared")
-    return name, alone, after
+    return name, alone, after, results[0]
 
 
 def _same(a, b) -> bool:
@@ -77,12 +81,27 @@ def _same(a, b) -> bool:
 
 def test_a_run_after_another_sharing_its_cache_gives_what_it_gives_alone(runs):
     """Issue 21.2: regulatory pretraining baked the split's statistics into an entry whose key left the split out."""
-    name, alone, after = runs
+    name, alone, after, _ = runs
     differ = {k: (alone[k], after.get(k)) for k in alone if not _same(alone[k], after.get(k))}
     assert not differ and alone.keys() == after.keys(), (name, differ)
 
 
 def test_model_and_baseline_are_fit_on_as_many_samples(runs):
     """Issue 21.3: event sequences' baseline and probe and spatial ridge also fit the model's validation samples."""
-    name, alone, _ = runs
+    name, alone, _, _ = runs
     assert alone["n_train"] > 0 and alone["n_train"] == alone["baseline_n_train"], name
+
+
+def test_every_workflow_result_has_three_faces(runs):
+    """Issue 22: the result a notebook ends with shows as a table, turns into a frame, and is the final metrics."""
+    import pandas as pd
+
+    name, alone, _, result = runs
+    html = result._repr_html_()
+    assert isinstance(html, str) and "<table" in html, name
+    frame = result.to_frame()
+    assert isinstance(frame, pd.DataFrame) and not frame.empty, name
+    as_dict = result.to_dict()
+    assert json.loads(json.dumps(as_dict, default=float)).keys() <= alone.keys() | {"run"}, name
+    assert all(_same(float(as_dict[k]), float(alone[k])) for k in alone if isinstance(alone[k], (int, float))
+               and k in as_dict), name

@@ -13,6 +13,7 @@ import torch
 
 from workbench.checkpoints import load_state, read_state_dict
 from workbench.tasks import regulatory
+from workbench.execute import run_workflow
 
 pytest.importorskip("peft")
 
@@ -224,7 +225,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tiny_csv, t
     assert merge_error <= 1e-5
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = regulatory.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = run_workflow(regulatory.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("torch_geometric")
 
 from workbench.tasks import spatial_transfer as st  # noqa: E402
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "spatial_transfer.ipynb"
@@ -232,7 +233,7 @@ def test_notebook_tiny_run_under_papermill_equals_the_in_process_run(tmp_path, m
     assert {p.name for p in (out / "figures").iterdir()} == {"folds_mean_pearson.png", "cv_summary.png"}
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    in_process = st.WORKFLOW.run({**params, "output_dir": str(tmp_path / "in_process")})
+    in_process = run_workflow(st.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process")})
     assert in_process.final == final
 
 

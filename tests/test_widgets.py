@@ -12,10 +12,11 @@ import yaml
 from workbench import widgets
 from workbench.execute import notebook_parameters
 from workbench.sweeps import load_spec, run_sweep
+from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "cell_type_annotation.ipynb"
-SCHEDULES = ["constant", "constant_with_warmup", "cosine", "linear", "step"]
+SCHEDULES = ["constant", "constant_with_warmup", "cosine", "linear", "step", "plateau"]
 TINY = {"epochs": 1, "pretrained_checkpoint": "none", "batch_size": 64}
 
 
@@ -74,8 +75,8 @@ def test_values_and_set_are_typed_and_checked(make_panel):
         panel.set(lr=1e-3)
     with pytest.raises(ValueError, match=r"epochs='many'.*cannot be converted to int"):
         panel.set(epochs="many")
-    with pytest.raises(ValueError, match="lr_scheduler_type='plateau' is not one of"):
-        make_panel(values={"lr_scheduler_type": "plateau"})
+    with pytest.raises(ValueError, match="lr_scheduler_type='onecycle' is not one of"):
+        make_panel(values={"lr_scheduler_type": "onecycle"})
 
 
 def test_parse_options_takes_the_leading_word():
@@ -220,7 +221,7 @@ def test_train_button_runs_in_a_folder_of_its_own(make_panel, tmp_path):
 
     def train(values, *, callbacks=()):
         calls.append((dict(values), list(callbacks)))
-        return cell_type.WORKFLOW.run(values, callbacks=callbacks)
+        return run_workflow(cell_type.WORKFLOW, values, callbacks=callbacks)
 
     panel = make_panel(values=TINY, train=train)
     panel.train_button.click()

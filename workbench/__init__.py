@@ -47,6 +47,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoints",
     "run_notebook": "execute",
     "run_in_process": "execute",
+    "run_workflow": "execute",
     "run_sweep": "sweeps",
     "load_run": "predict",
     "AlignmentReport": "predict",

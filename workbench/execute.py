@@ -24,6 +24,11 @@ A run folder holds one run (see :mod:`workbench.tracking`): before a kernel star
 :func:`run_in_process` runs the same notebook's code cells in this Python process, with the
 same parameters: the widget panel's Train button and the tests use it, so the notebook is the
 one definition of a workflow's steps.
+
+Why this module is long: everything that decides how one notebook run goes is here, so that ``workbench run``, every
+sweep run, the panel and the tests execute a notebook the same way: the parameters cell read and coerced, the run
+folder checked, the kernel spec, papermill's failures (errors, timeouts, dead kernels) turned into ``status.json``,
+and the in-process runner.
 """
 
 from __future__ import annotations
@@ -669,3 +674,24 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def run_workflow(workflow, params: dict, *, callbacks=()):
+    """Run a workflow's notebook in this process for ``params``; return the notebook's ``result``.
+
+    ``workflow`` is a :class:`workbench.workflow.Workflow`, a registered name, or a notebook's path. The notebook's
+    own cells run (:func:`run_in_process`), so the widget panel's Train button and a papermill run follow the same
+    steps. ``callbacks`` join every ``fit`` of the run (the panel's live curves).
+    """
+    from .training import extra_callbacks
+    from .workflow import Workflow, get_workflow
+
+    if isinstance(workflow, Workflow):
+        notebook = workflow.notebook
+    elif isinstance(workflow, str) and not workflow.endswith(".ipynb"):
+        notebook = get_workflow(workflow).notebook
+    else:
+        notebook = Path(workflow)
+    with extra_callbacks(callbacks):
+        namespace = run_in_process(notebook, parameters=dict(params))
+    return namespace.get("result")

@@ -11,6 +11,10 @@ cross-validation       fold_summary: mean ± std over folds of each metric
 =====================  =========================================================================
 
 scikit-learn and scipy are imported inside the functions, so ``import workbench.metrics`` is cheap.
+
+Why this module is long: it is a catalogue of short, independent scores (classification, regression, the confusion
+matrix, per-group and per-fold summaries, a classifier beside its baseline) that share the input checks at the top,
+so that every score a workflow reports has one import path.
 """
 
 from __future__ import annotations

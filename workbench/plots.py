@@ -9,6 +9,10 @@ confusion matrix, a sweep summary, predictions, a metrics table) and returns a
 
 The figure is closed in pyplot before it is returned, so it is displayed once (as the cell's
 value) rather than twice, and loops that make many figures do not pile them up in memory.
+
+Why this module is long: every figure of the workbench lives here by design, apart from the computing (like scanpy's
+``pl``); each function is short and independent, and one module keeps their look (sizes, colours, closing the
+figure) the same.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ Inputs are aligned to what the model was trained on, and :class:`AlignmentReport
 features matched by name and reordered, missing ones filled (and refused above a stated share),
 extra ones ignored, unknown categories mapped to the unknown index, other sample rates
 resampled. Each count is in the report; nothing is dropped silently.
+
+Why this module is long: its parts are read together when a workflow adds its own predictor: the alignment of new
+inputs and its report, the predictions object and its writers, the :class:`Predictor` base class, and
+``predictor.json``, which ``save_predictor`` writes and :func:`load_run` reads back.
 """
 
 from __future__ import annotations

@@ -46,14 +46,18 @@ One driver per sweep folder
 
 At the end the sweep folder holds ``results.csv`` (one row per run), ``summary.csv`` (mean and
 std per setting, over seeds), ``spec.json`` (the spec it ran) and ``comparison.png``: the figure
-the grid calls for (:mod:`workbench.report`: the metric against a numeric grid parameter, else
+the grid calls for (:mod:`workbench.sweep_plots`: the metric against a numeric grid parameter, else
 grouped points). ``plot(result, x=..., hue=..., metric=...)`` draws it from Python.
+
+Why this module is long: the spec, the run ids, the two executors (a local process pool and Dask) and the collection
+of results must agree on one folder layout and on when a run counts as done, failed or stale; the longest parts, the
+executors' signal handling (Ctrl-C, SIGTERM) and the one-driver lock, stay beside the loop they protect. The result
+object and the folder reader are in :mod:`workbench.sweep_results`, the figure in :mod:`workbench.sweep_plots`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import itertools
 import json
 import math
@@ -65,9 +69,10 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from .report import plot
+from .sweep_plots import plot, save_figure
+from .sweep_results import SweepResult, save_spec
 
 __all__ = ["SweepSpec", "SweepResult", "SweepLockedError", "StaleRunsWarning", "load_spec", "run_sweep", "collect",
            "summarize", "run_id", "available_cpus", "plot", "THREAD_ENV_VARS"]
@@ -325,92 +330,6 @@ def _check_name(name: str) -> None:
             f"name={name!r} cannot be a sweep name: the sweep's runs go into the folder <output_root>/<name>, "
             f"so the name must be one folder name. Accepted: {NAME_CHARACTERS} (not empty, not '.' or '..', "
             "no path separators), e.g. name: lr_schedule. To put the sweep elsewhere, set output_root.")
-
-
-# --------------------------------------------------------------------------------------------
-# the result
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SweepResult:
-    """Outcome of :func:`run_sweep`.
-
-    Attributes
-    ----------
-    name
-        The sweep's name.
-    path
-        The sweep folder (holds ``results.csv``, ``summary.csv``, ``comparison.png`` and the runs).
-    results
-        One row per run: ``run_id``, ``status`` (ok / failed), ``error``, ``failed_cell``,
-        ``seconds``, each parameter, each final metric.
-    summary
-        One row per setting (grid values without the seed): ``setting``, the grid parameters,
-        ``n``, ``n_failed``, and ``<metric>_mean`` / ``<metric>_std`` for each numeric final metric.
-    n_failed
-        Number of failed runs.
-    n_executed
-        Runs executed by this call; the others were complete already and were skipped.
-    metric
-        The metric of the comparison figure (None when no run reported a numeric metric).
-    n_stale
-        Finished (ok) runs made by an earlier version of the notebook, or by one that recorded no
-        version; their results are in ``results``. ``run_sweep(..., rerun_stale=True)`` runs them again.
-    """
-
-    name: str
-    path: Path
-    results: Any
-    summary: Any
-    n_failed: int
-    n_executed: int
-    metric: str | None = None
-    n_stale: int = 0
-
-    @property
-    def n_runs(self) -> int:
-        return len(self.results)
-
-    def to_frame(self):
-        """The per-run results table (a copy)."""
-        return self.results.copy()
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict: counts, paths, and both tables as lists of records (NaN -> None)."""
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "n_runs": self.n_runs,
-            "n_failed": self.n_failed,
-            "n_executed": self.n_executed,
-            "n_stale": self.n_stale,
-            "metric": self.metric,
-            "results": _records(self.results),
-            "summary": _records(self.summary),
-        }
-
-    def _repr_html_(self) -> str:
-        stale = f", {self.n_stale} made by an earlier notebook" if self.n_stale else ""
-        head = (f"<b>sweep {html.escape(self.name)}</b>: {self.n_runs} runs, {self.n_failed} failed{stale}, "
-                f"{self.n_executed} executed now; <code>{html.escape(str(self.path))}</code>")
-        parts = [head, self.summary.to_html(index=False, na_rep="")]
-        failed = self.results[self.results["status"] != "ok"]
-        if len(failed):
-            parts.append("<b>failed runs</b>" + failed[["run_id", "error"]].to_html(index=False))
-        return "<br>".join(parts)
-
-    def __repr__(self) -> str:
-        return f"SweepResult(name={self.name!r}, n_runs={self.n_runs}, n_failed={self.n_failed}, path='{self.path}')"
-
-
-def _records(frame) -> list[dict]:
-    import pandas as pd
-
-    def plain(value):
-        return None if not isinstance(value, (str, list, dict)) and pd.isna(value) else value
-
-    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,12 +779,10 @@ def collect(spec: str | os.PathLike | dict | SweepSpec, *, n_executed: int = 0,
     result = SweepResult(name=spec.name, path=spec.path, results=results, summary=summary,
                          n_failed=int((results["status"] == "failed").sum()), n_executed=n_executed, metric=metric,
                          n_stale=n_stale)
-    from .report import save_figure, save_spec
-
     save_spec(spec)  # so that `workbench report DIR` can show the spec from the folder alone
     if metric is not None and (results["status"] == "ok").any():
         try:
-            save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.report)
+            save_figure(result, spec.path / "comparison.png")  # the figure the grid calls for (workbench.sweep_plots)
         except Exception as err:  # noqa: BLE001 - the tables are written; a figure must not cost the sweep
             warnings.warn(f"sweep {spec.name}: no comparison figure ({type(err).__name__}: {err}); "
                           f"results.csv and summary.csv are written. Try `workbench report {spec.path} --x NAME`.",

@@ -44,6 +44,11 @@ Inputs that have names (genes) meet the checkpoint's by name, not by position, w
 ``load_pretrained(..., feature_names=FeatureNames(...))`` is given the data's names and the
 checkpoint's JSON sidecar lists its own: the tensors along that axis are reordered, and names
 on one side only are counted in the report.
+
+Why this module is long: loading, freezing and per-group learning rates share rules that must agree: the same
+unwrapping of training wrappers, the same idea of the model's head, and the load report that tells a strategy which
+tensors it must not freeze. Split apart, each part would need the others' private helpers; together, each rule is
+written once.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the names papermill injects, the names a sweep grid varies and the keys of a run
     from workbench import widgets
     from workbench.tasks import cell_type
 
-    widgets.panel("cell_type_annotation.ipynb", values=params, train=cell_type.WORKFLOW.run)
+    widgets.panel("cell_type_annotation.ipynb", values=params)  # Train runs the notebook's cells in this process
 
 One widget per parameter: ``int`` -> IntText, ``float`` -> FloatText, ``bool`` -> Checkbox, a
 ``str`` whose help comment lists options (``# constant | cosine | linear``) -> Dropdown of those
@@ -30,6 +30,10 @@ Everything also works without a browser: ``panel.set(...)``, ``panel.train()`` a
 ``panel.export_sweep()`` do what the widgets do, and button callbacks can be fired with
 ``button.click()``. Results never live only in the widgets: a panel run writes its run folder, and
 an export writes its YAML file.
+
+Why this module is long: most of it is one class, :class:`ParameterPanel`, whose widgets, tabs and button callbacks
+share the panel's state (the current values, the output areas, the run counter); split apart, the pieces would pass
+that state around. The functions that build it and the live curves in an Output widget are short.
 """
 
 from __future__ import annotations
@@ -549,12 +553,9 @@ class ParameterPanel:
 
     def _run_notebook(self, values: dict, *, callbacks=()):
         """The default training function: this panel's notebook, run in this process; its ``result``."""
-        from .execute import run_in_process
-        from .training import extra_callbacks
+        from .execute import run_workflow
 
-        with extra_callbacks(callbacks):
-            namespace = run_in_process(self.notebook, parameters=values)
-        return namespace.get("result")
+        return run_workflow(self.notebook, values, callbacks=callbacks)
 
     def _on_train(self, button) -> None:
         button.disabled = True

@@ -16,6 +16,8 @@ Everything else derives from the declaration, so it cannot drift:
 - ``workbench run NOTEBOOK --help`` (:meth:`Workflow.help`);
 - the run's ``params.json`` (the checked values, in declared order).
 
+Running one in this process (the panel's Train button, tests) is :func:`workbench.execute.run_workflow`.
+
 The notebook names its workflow in its metadata (``{"workbench": {"workflow": "cell_type"}}``); :func:`workflow_of`
 reads it.
 
@@ -318,20 +320,6 @@ class Workflow:
                   packages=self.packages, **run_options)
         print(f"run folder: {run.path}")
         return params, run
-
-    def run(self, params: Mapping, *, callbacks=()):
-        """Run the workflow's notebook in this process for ``params``; return its ``result``.
-
-        The notebook's own cells run (:func:`workbench.execute.run_in_process`), so the widget panel's Train button
-        and a papermill run follow the same steps. ``callbacks`` join every ``fit`` of the run (the panel's live
-        curves).
-        """
-        from .execute import run_in_process
-        from .training import extra_callbacks
-
-        with extra_callbacks(callbacks):
-            namespace = run_in_process(self.notebook, parameters=dict(params))
-        return namespace["result"]
 
 
 # ------------------------------------------------------------------- the registry
