@@ -76,7 +76,8 @@ def run_fit(data, *, hidden_size: int, batch_size: int, seed: int):
     module = make_module(data, hidden_size=hidden_size, seed=seed)
     loader = make_loader(data, batch_size=batch_size, seed=seed)
     clock, events = FitClock(), []
-    wb.fit(module, loader, loss_fn=counting_loss(events), epochs=1, lr=1e-3, optimizer="adam", schedule="constant",
+    wb.fit(module, loader, loss_fn=counting_loss(events), epochs=1, learning_rate=1e-3, optimizer="adam",
+           lr_scheduler_type="constant",
            callbacks=[clock], progress=False, log_every=50)
     return clock.seconds, sum(events), module
 

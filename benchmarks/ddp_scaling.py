@@ -46,8 +46,9 @@ def worker(args) -> None:
                                        batch_size=args.global_batch // int(os.environ.get("WORLD_SIZE", 1)))
 
     timer = EpochTimer()
-    history = wb.fit(make_model(0), data, loss_fn=loss_fn, epochs=args.epochs, lr=1e-3, weight_decay=0.01,
-                     schedule="cosine", warmup_ratio=0.05, grad_clip=1.0, seed=0, callbacks=[timer], progress=False)
+    history = wb.fit(make_model(0), data, loss_fn=loss_fn, epochs=args.epochs, learning_rate=1e-3, weight_decay=0.01,
+                     lr_scheduler_type="cosine", warmup_ratio=0.05, grad_clip=1.0, seed=0,
+                     callbacks=[timer], progress=False)
     if ctx.is_main:
         Path(args.out).write_text(json.dumps({"epoch_s": timer.times, "train_loss": history.rows[-1]["train_loss"],
                                               "distributed": ctx.enabled, "threads": torch.get_num_threads()}))

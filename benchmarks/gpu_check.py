@@ -139,7 +139,7 @@ def check_loop_parity(device: str, *, samples: int, epochs: int, repeats: int) -
     def run_fit():
         timer = SyncedTimer()
         history = wb.fit(make_model(0), Batches(x, y, batch_size=128, seed=0), loss_fn=loss_fn, epochs=epochs,
-                         lr=CFG["lr"], weight_decay=CFG["weight_decay"], schedule="cosine",
+                         learning_rate=CFG["lr"], weight_decay=CFG["weight_decay"], lr_scheduler_type="cosine",
                          warmup_ratio=CFG["warmup_ratio"], grad_clip=CFG["grad_clip"], callbacks=[timer],
                          progress=False, log_every=50, device=dev, amp="bf16")
         return timer.times, [r["train_loss"] for r in history.rows]
@@ -274,7 +274,7 @@ def check_fp16_resume(device: str) -> dict:
                 scale["value"] = trainer.scaler.get_scale()
 
         run = wb.Run(folder, params={}, resume=resume)
-        wb.fit(model, Batches(x, y, batch_size=128, seed=0), loss_fn=loss_fn, epochs=2, lr=1e-3, amp="fp16",
+        wb.fit(model, Batches(x, y, batch_size=128, seed=0), loss_fn=loss_fn, epochs=2, learning_rate=1e-3, amp="fp16",
                device=device, deterministic=True, seed=0, run=run, resume=resume, progress=False,
                callbacks=[*callbacks, Scale()])
         return model, scale.get("value")
@@ -305,7 +305,8 @@ def ddp_worker(out: str) -> None:
     x, y = make_data(4096)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), shuffle=True, batch_size=128)
     model = make_model(0)
-    history = wb.fit(model, data, loss_fn=loss_fn, epochs=2, lr=1e-3, seed=0, progress=False, device="cuda:0")
+    history = wb.fit(model, data, loss_fn=loss_fn, epochs=2, learning_rate=1e-3, seed=0, progress=False,
+                     device="cuda:0")
     Path(f"{out}.{ctx.rank}").write_text(json.dumps({
         "rank": ctx.rank, "device": str(next(model.parameters()).device), "backend": torch.distributed.get_backend(),
         "rows": [{k: r[k] for k in ("epoch", "train_loss")} for r in history.rows]}))

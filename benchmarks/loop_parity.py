@@ -125,8 +125,8 @@ def run_fit(x, y, *, epochs, seed, batch_size=128, **techniques):
     model = make_model(seed)
     timer = EpochTimer()
     history = wb.fit(
-        model, Batches(x, y, batch_size=batch_size, seed=seed), loss_fn=loss_fn, epochs=epochs, lr=CFG["lr"],
-        weight_decay=CFG["weight_decay"], schedule="cosine", warmup_ratio=CFG["warmup_ratio"],
+        model, Batches(x, y, batch_size=batch_size, seed=seed), loss_fn=loss_fn, epochs=epochs, learning_rate=CFG["lr"],
+        weight_decay=CFG["weight_decay"], lr_scheduler_type="cosine", warmup_ratio=CFG["warmup_ratio"],
         grad_clip=CFG["grad_clip"], callbacks=[timer], progress=False, log_every=50, **techniques,
     )
     return timer.clock, [r["train_loss"] for r in history.rows], model
@@ -267,8 +267,8 @@ def run_lockstep(x, y, *, epochs, seed, batch_size=128, **techniques):
     timer = LockstepTimer(data)
     model = make_model(seed)
     history = wb.fit(
-        model, data, loss_fn=loss_fn, epochs=epochs, lr=CFG["lr"],
-        weight_decay=CFG["weight_decay"], schedule="cosine", warmup_ratio=CFG["warmup_ratio"],
+        model, data, loss_fn=loss_fn, epochs=epochs, learning_rate=CFG["lr"],
+        weight_decay=CFG["weight_decay"], lr_scheduler_type="cosine", warmup_ratio=CFG["warmup_ratio"],
         grad_clip=CFG["grad_clip"], callbacks=[timer], progress=False, log_every=50, **techniques,
     )
     while data.result is None:  # the bare loop returns after its last epoch

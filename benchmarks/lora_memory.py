@@ -66,7 +66,8 @@ def child(method: str, args) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    fit(model, batches, epochs=1, lr=1e-3, strategy=None if method == "lora" else "full", callbacks=[measure],
+    fit(model, batches, epochs=1, learning_rate=1e-3, strategy=None if method == "lora" else "full",
+        callbacks=[measure],
         progress=False)
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {

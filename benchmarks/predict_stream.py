@@ -66,7 +66,7 @@ def make_run(path: Path, folder: Path, *, train_cells: int, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = cell_type.build_model(data)
     batches = data.batches(np.arange(train_cells), batch_size=256, shuffle=True, seed=seed)
-    fit(model, batches, epochs=1, lr=1e-3, run=run, progress=False, restore_best=True)
+    fit(model, batches, epochs=1, learning_rate=1e-3, run=run, progress=False, restore_best=True)
     cell_type.save_predictor(run, model, data)
     return folder
 

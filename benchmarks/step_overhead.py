@@ -57,8 +57,8 @@ def main():
     y = (x[:, 0] > 0).long()
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
     timer = CpuTimer()
-    wb.fit(model, Batches(x, y), epochs=12, lr=1e-3, loss_fn=loss_fn, callbacks=[timer], progress=False,
-           grad_clip=1.0, schedule="cosine")
+    wb.fit(model, Batches(x, y), epochs=12, learning_rate=1e-3, loss_fn=loss_fn, callbacks=[timer], progress=False,
+           grad_clip=1.0, lr_scheduler_type="cosine")
     print(statistics.median(timer.times[1:]) / STEPS * 1e6)
 
 

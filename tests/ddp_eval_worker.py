@@ -45,7 +45,8 @@ def case_macro_f1(ctx, out: Path) -> None:
     val_set = dataset(9, seed=2)
     val = torch.utils.data.DataLoader(val_set, batch_size=4)
     train = torch.utils.data.DataLoader(dataset(64), batch_size=8, shuffle=True)
-    history = wb.fit(model, train, val_data=val, evaluate=predictions, epochs=1, lr=0.0, seed=0, progress=False)
+    history = wb.fit(model, train, val_data=val, evaluate=predictions, epochs=1, learning_rate=0.0, seed=0,
+                     progress=False)
     record = {"rows": history.rows}
     if ctx.is_main:  # the same model, the whole validation set, in this process alone
         with torch.no_grad():
@@ -62,7 +63,7 @@ def case_batchnorm(ctx, out: Path) -> None:
     val = [(torch.randn(20, 10, generator=gv) + 1.5, torch.randint(0, 3, (20,), generator=gv)) for _ in range(2)]
     torch.manual_seed(0)
     model = TinyNet()
-    history = wb.fit(model, PerRank(train), val_data=val, epochs=2, lr=0.01, seed=0, progress=False)
+    history = wb.fit(model, PerRank(train), val_data=val, epochs=2, learning_rate=0.01, seed=0, progress=False)
     record = {"rows": history.rows, "state": {k: v.tolist() for k, v in model.state_dict().items()}}
     if ctx.is_main:
         model.eval()
@@ -87,7 +88,8 @@ def case_restore_best(ctx, out: Path) -> None:
     snapshots = Snapshots()
     train = torch.utils.data.DataLoader(dataset(64), batch_size=8, shuffle=True)
     history = wb.fit(model, train, evaluate=lambda m, d: {"val_score": next(scores)}, monitor="val_score",
-                     mode="max", epochs=3, lr=0.05, restore_best=True, callbacks=[snapshots], seed=0, progress=False)
+                     mode="max", epochs=3, learning_rate=0.05, restore_best=True, callbacks=[snapshots], seed=0,
+                     progress=False)
     record = {"best_epoch": history.best_epoch, "epochs": snapshots.states,
               "final": {k: v.tolist() for k, v in model.state_dict().items()}}
     (out / f"restore_best_rank{ctx.rank}.json").write_text(json.dumps(record))

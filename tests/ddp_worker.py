@@ -50,7 +50,8 @@ def dataset(n: int = N_SAMPLES, seed: int = 0):
     return torch.utils.data.TensorDataset(x, y)
 
 
-FIT = dict(lr=0.05, weight_decay=0.01, schedule="cosine", warmup_ratio=0.2, grad_clip=1.0, seed=0, progress=False)
+FIT = dict(learning_rate=0.05, weight_decay=0.01, lr_scheduler_type="cosine", warmup_ratio=0.2, grad_clip=1.0, seed=0,
+           progress=False)
 
 
 class KillAt:

@@ -34,8 +34,9 @@ def main(run_dir, out, epochs, freeze_epochs, kill_after, resume, accumulate=1, 
     run = wb.Run(run_dir, resume=resume)
     callbacks = [KillAfter(kill_after)] if kill_after >= 0 else []
     history = wb.fit(
-        model, toy_loader(shuffle=True), val_data=toy_loader(64, seed=1, shuffle=False), epochs=epochs, lr=0.05,
-        weight_decay=0.01, schedule="cosine", warmup_ratio=0.2, freeze_epochs=freeze_epochs, backbone_lr_ratio=0.5,
+        model, toy_loader(shuffle=True), val_data=toy_loader(64, seed=1, shuffle=False), epochs=epochs,
+        learning_rate=0.05, weight_decay=0.01, lr_scheduler_type="cosine", warmup_ratio=0.2,
+        freeze_epochs=freeze_epochs, backbone_lr_ratio=0.5,
         grad_clip=1.0, callbacks=callbacks, run=run, resume=resume, progress=False, accumulate=accumulate, ema=ema,
     )
     wb.save_weights(model, Path(out) / "final.safetensors")

@@ -94,7 +94,7 @@ def test_fit_casts_the_model_and_every_batch_it_moves_and_hands_evaluate_moved_b
         dtypes = {b[0].dtype for b in batches}
         return {"val_float64": float(dtypes == {torch.float64}), "n_batches": len(batches)}
 
-    history = wb.fit(model, data, val_data=data, loss_fn=loss_fn, evaluate=evaluate, epochs=1, lr=0.1,
+    history = wb.fit(model, data, val_data=data, loss_fn=loss_fn, evaluate=evaluate, epochs=1, learning_rate=0.1,
                      dtype="float64", accumulate=2, progress=False)
     assert model.weight.dtype == torch.float64 and set(seen) == {torch.float64}
     assert history.rows[0]["val_float64"] == 1.0 and history.rows[0]["n_batches"] == 4
@@ -104,9 +104,10 @@ def test_dtype_is_a_setting_a_resume_must_match(tmp_path):
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
     loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
     run = wb.Run(tmp_path / "r", params={})
-    wb.fit(nn.Linear(4, 2), data, loss_fn=loss_fn, epochs=1, lr=0.1, run=run, progress=False, dtype="float64")
+    wb.fit(nn.Linear(4, 2), data, loss_fn=loss_fn, epochs=1, learning_rate=0.1, run=run, progress=False,
+           dtype="float64")
     with pytest.raises(ValueError, match="dtype: 'float64' saved, None now"):
-        wb.fit(nn.Linear(4, 2), data, loss_fn=loss_fn, epochs=1, lr=0.1, progress=False,
+        wb.fit(nn.Linear(4, 2), data, loss_fn=loss_fn, epochs=1, learning_rate=0.1, progress=False,
                run=wb.Run(tmp_path / "r", params={}, resume=True), resume=True)
 
 
@@ -271,7 +272,7 @@ def test_deterministic_fit_sets_torch_flags_and_the_cublas_workspace(monkeypatch
     try:
         data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
         wb.fit(nn.Linear(4, 2), data, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), epochs=1,
-               lr=0.1, deterministic=True, progress=False)
+               learning_rate=0.1, deterministic=True, progress=False)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
@@ -328,7 +329,8 @@ def test_fit_with_prefetch_trains_exactly_as_without(tmp_path):
     for prefetch in (0, 3):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
-        history = wb.fit(model, TensorBatches((x, y), batch_size=8, shuffle=True, seed=1), epochs=2, lr=0.05, seed=0,
+        history = wb.fit(model, TensorBatches((x, y), batch_size=8, shuffle=True, seed=1), epochs=2,
+                         learning_rate=0.05, seed=0,
                          loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), prefetch=prefetch,
                          progress=False)
         histories.append(([r["train_loss"] for r in history.rows], [p.detach().clone() for p in model.parameters()]))

@@ -155,7 +155,7 @@ def test_distributed_true_without_a_launcher_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
-        wb.fit(PlainNet(), [], epochs=1, lr=0.1, distributed=True, progress=False)
+        wb.fit(PlainNet(), [], epochs=1, learning_rate=0.1, distributed=True, progress=False)
 
 
 def test_fit_calls_set_epoch_so_each_epoch_has_its_own_order():
@@ -168,7 +168,7 @@ def test_fit_calls_set_epoch_so_each_epoch_has_its_own_order():
             seen.append(batch[0][:, 0].clone())
         return model.loss(batch)
 
-    wb.fit(PlainNet(), torch.utils.data.DataLoader(data, batch_size=64, sampler=sampler), epochs=2, lr=0.01,
+    wb.fit(PlainNet(), torch.utils.data.DataLoader(data, batch_size=64, sampler=sampler), epochs=2, learning_rate=0.01,
            loss_fn=loss_fn, progress=False)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)

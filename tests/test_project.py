@@ -68,7 +68,7 @@ def test_cell_type_notebook_uses_exactly_the_agreed_parameter_names():
     names = list(notebook_parameters(ROOT / "notebooks" / "cell_type_annotation.ipynb"))
     assert [n for n in names if n in CELL_TYPE_PARAMETERS] == CELL_TYPE_PARAMETERS  # in the agreed order
     # added since: backed (streaming from .h5ad), find_lr (LR range test), device and dtype (the one device path),
-    # pretrain_epochs (issue 22: every workflow that pretrains exposes the same pretraining settings)
+    # pretrain_epochs (every workflow that pretrains exposes the same pretraining settings)
     assert set(names) - set(CELL_TYPE_PARAMETERS) == {"interactive", "backed", "find_lr", "device", "dtype",
                                                       "pretrain_epochs"}
 

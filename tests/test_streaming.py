@@ -117,7 +117,7 @@ def test_fit_resumed_after_a_kill_sees_the_same_batches_as_an_uninterrupted_run(
             if trainer.epoch == 1:
                 raise KeyboardInterrupt
 
-    kwargs = dict(epochs=4, lr=0.05, schedule="cosine", progress=False)
+    kwargs = dict(epochs=4, learning_rate=0.05, lr_scheduler_type="cosine", progress=False)
     torch.manual_seed(0)
     reference = TinyNet()
     wb.fit(reference, loader(), run=wb.Run(tmp_path / "ref"), **kwargs)

@@ -88,7 +88,7 @@ def test_fit_after_lr_find_is_the_fit_without_it():
         loader = toy_loader()
         if with_finder:
             wb.lr_find(model, loader, num_steps=20)
-        wb.fit(model, loader, epochs=1, lr=0.05, progress=False)
+        wb.fit(model, loader, epochs=1, learning_rate=0.05, progress=False)
         return _state(model)
 
     _assert_equal_states(train(False), train(True))
@@ -131,8 +131,9 @@ def test_suggestion_rules_on_a_known_curve():
 def _accumulated(batch_size, accumulate, **kwargs):
     torch.manual_seed(0)
     model = PlainMLP()
-    history = wb.fit(model, toy_loader(250, batch_size=batch_size, shuffle=True), epochs=2, lr=0.01,
-                     schedule="cosine", warmup_ratio=0.2, weight_decay=0.01, grad_clip=0.5, accumulate=accumulate,
+    history = wb.fit(model, toy_loader(250, batch_size=batch_size, shuffle=True), epochs=2, learning_rate=0.01,
+                     lr_scheduler_type="cosine", warmup_ratio=0.2, weight_decay=0.01, grad_clip=0.5,
+                     accumulate=accumulate,
                      progress=False, **kwargs)
     return model, history
 
@@ -152,9 +153,9 @@ def test_accumulate_k_with_batch_b_over_k_gives_the_weights_of_batch_b():
 
 def test_accumulate_is_checked_and_recorded_for_resume(tmp_path):
     with pytest.raises(ValueError, match="accumulate must be an integer >= 1"):
-        wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, accumulate=0, progress=False)
+        wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, accumulate=0, progress=False)
     run = wb.Run(tmp_path / "r")
-    wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, accumulate=3, run=run, progress=False)
+    wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, accumulate=3, run=run, progress=False)
     settings = load_state(run.checkpoints / "last.pt")["settings"]
     assert settings["accumulate"] == 3 and settings["steps_per_epoch"] == 3  # ceil(8 batches / 3)
 
@@ -213,12 +214,12 @@ def test_layer_decay_composes_with_freezing_and_the_preview():
         def on_epoch_end(self, trainer, logs):
             seen.append(torch.equal(model.blocks[0].weight, first))
 
-    history = wb.fit(model, toy_loader(), epochs=2, lr=0.1, layer_decay=0.5, backbone_lr_ratio=0.5,
+    history = wb.fit(model, toy_loader(), epochs=2, learning_rate=0.1, layer_decay=0.5, backbone_lr_ratio=0.5,
                      freeze_epochs=1, callbacks=[Watch()], progress=False)
     assert seen == [True, False]
     row = history.rows[-1]
     assert row["lr_layer0"] == pytest.approx(0.1 * 0.5 * 0.5**3) and row["lr_head"] == pytest.approx(0.1)
-    curve = wb.lr_curve("cosine", lr=0.1, total_steps=10,
+    curve = wb.lr_curve("cosine", learning_rate=0.1, total_steps=10,
                         groups=lr_ratios(param_groups(model, lr=0.1, layer_decay=0.5), lr=0.1))
     assert list(curve.columns) == ["layer0", "layer1", "layer2", "head"]
     assert len(wb.plots.plot_lr_schedule(curve).axes[0].lines) == 4  # one line per group
@@ -237,7 +238,7 @@ def test_ema_shadow_is_the_moving_average_of_every_step(tmp_path):
     record = lambda opt, args, kwargs: steps.append(_state(model))  # noqa: E731
     handle = register_optimizer_step_post_hook(record)
     try:
-        history = wb.fit(model, toy_loader(), epochs=2, lr=0.1, optimizer="sgd", ema=decay,
+        history = wb.fit(model, toy_loader(), epochs=2, learning_rate=0.1, optimizer="sgd", ema=decay,
                          run=wb.Run(tmp_path / "r"), progress=False)
     finally:
         handle.remove()
@@ -255,7 +256,8 @@ def test_ema_eval_validates_and_checkpoints_the_shadow(tmp_path):
     torch.manual_seed(0)
     model = PlainMLP()
     val = toy_loader(64, seed=3, shuffle=False)
-    history = wb.fit(model, toy_loader(), val_data=val, epochs=3, lr=0.1, ema=0.8, ema_eval=True, save_every=1,
+    history = wb.fit(model, toy_loader(), val_data=val, epochs=3, learning_rate=0.1, ema=0.8, ema_eval=True,
+                     save_every=1,
                      run=wb.Run(tmp_path / "r"), progress=False)
     _assert_equal_states(_state(model), history.ema_weights)  # fit returns with the EMA weights
     model.eval()
@@ -267,7 +269,7 @@ def test_ema_eval_validates_and_checkpoints_the_shadow(tmp_path):
     last = load_state(tmp_path / "r" / "checkpoints" / "last.pt")
     assert not torch.equal(last["model"]["head.weight"], last["ema"]["shadow"]["head.weight"])
     with pytest.raises(ValueError, match="ema_eval=True evaluates the EMA weights, but ema is None"):
-        wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, ema_eval=True, progress=False)
+        wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, ema_eval=True, progress=False)
 
 
 def test_cell_type_notebook_trains_at_the_lr_find_suggestion(tmp_path):
@@ -291,15 +293,17 @@ def test_a_last_pt_from_before_these_settings_still_resumes(tmp_path):
     from workbench.checkpoints import save_state
 
     run = wb.Run(tmp_path / "r")
-    wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, run=run, progress=False)
+    wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, run=run, progress=False)
     path = run.checkpoints / "last.pt"
     state = load_state(path)
     for key in ("accumulate", "layer_decay", "ema", "ema_eval"):
         del state["settings"][key]
     save_state(state, path)
-    history = wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, run=wb.Run(tmp_path / "r", resume=True), resume=True,
+    history = wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, run=wb.Run(tmp_path / "r", resume=True),
+                     resume=True,
                      progress=False)  # accepted: the finished run's history comes back
     assert [r["epoch"] for r in history.rows] == [0]
     with pytest.raises(ValueError, match="accumulate: 1 saved, 2 now"):
-        wb.fit(PlainMLP(), toy_loader(), epochs=1, lr=0.1, accumulate=2, run=wb.Run(tmp_path / "r", resume=True),
+        wb.fit(PlainMLP(), toy_loader(), epochs=1, learning_rate=0.1, accumulate=2,
+               run=wb.Run(tmp_path / "r", resume=True),
                resume=True, progress=False)

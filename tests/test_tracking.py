@@ -30,7 +30,9 @@ def test_wandb_offline_logs_every_group_lr_without_network(tmp_path, monkeypatch
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run = wb.Run(tmp_path / "w", params={"lr": 0.05}, tracker="wandb")
-    wb.fit(TinyNet(), toy_loader(), epochs=2, lr=0.05, backbone_lr_ratio=0.1, run=run, progress=False)
+    model = TinyNet()
+    assert run.watch(model, log_freq=1) is True  # gradient histograms go to the (offline) wandb run
+    wb.fit(model, toy_loader(), epochs=2, learning_rate=0.05, backbone_lr_ratio=0.1, run=run, progress=False)
     run.finish({"final": 1.0})
     rows = run.metrics()
     assert rows[0]["lr_backbone"] == pytest.approx(0.1 * rows[0]["lr_head"])
@@ -42,7 +44,7 @@ def test_a_folder_holding_another_run_is_refused_and_left_intact(tmp_path):
     """Issue 17 A2: a second run into a used folder appended to metrics.jsonl and kept stale files."""
     folder = tmp_path / "r"
     run = wb.Run(folder, params={"seed": 0, "epochs": 4})
-    wb.fit(TinyNet(), toy_loader(), epochs=2, lr=0.05, run=run, progress=False)
+    wb.fit(TinyNet(), toy_loader(), epochs=2, learning_rate=0.05, run=run, progress=False)
     run.finish({"acc": 0.5})
     before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(wb.tracking.RunFolderError) as info:
@@ -57,11 +59,11 @@ def test_a_folder_holding_another_run_is_refused_and_left_intact(tmp_path):
 def test_the_same_run_again_starts_clean_and_overwrite_replaces(tmp_path):
     folder = tmp_path / "r"
     run = wb.Run(folder, params={"seed": 0})
-    wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, run=run, save_every=1, progress=False)
+    wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.05, run=run, save_every=1, progress=False)
     (folder / "figures" / "old.png").write_bytes(b"png")
     again = wb.Run(folder, params={"seed": 0})
     assert again.state == "restarted"
-    wb.fit(TinyNet(), toy_loader(), epochs=2, lr=0.05, run=again, progress=False)
+    wb.fit(TinyNet(), toy_loader(), epochs=2, learning_rate=0.05, run=again, progress=False)
     assert [r["epoch"] for r in again.metrics()] == [0, 1]
     assert not (folder / "figures" / "old.png").exists()
     assert not (folder / "checkpoints" / "epoch003.safetensors").exists()
@@ -106,3 +108,17 @@ def test_only_rank_0_touches_the_run_folder(tmp_path, monkeypatch):
     assert run1.state == "not written on this rank" and not (tmp_path / "never").exists()
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     assert other.writes is False
+
+
+def test_watch_without_wandb_says_so_once_and_returns_false(tmp_path):
+    run = wb.Run(tmp_path / "r")
+    with pytest.warns(RuntimeWarning, match="no tracker can watch"):
+        assert run.watch(TinyNet()) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.watch(TinyNet(), log_freq=10) is False  # said once
+    assert (tmp_path / "r" / "train.log").read_text().count("no tracker can watch") == 1
+    with pytest.raises(ValueError, match="log='grads' is not one of"):
+        run.watch(TinyNet(), log="grads")

@@ -68,7 +68,8 @@ def _interrupted_run(path, *, epochs=4, **kwargs):
     model = TinyNet()
     run = wb.Run(path, params={"case": "resume"})
     with pytest.raises(KeyboardInterrupt):
-        wb.fit(model, toy_loader(), epochs=epochs, lr=0.05, schedule="cosine", run=run, callbacks=[StopAfter(1)],
+        wb.fit(model, toy_loader(), epochs=epochs, learning_rate=0.05, lr_scheduler_type="cosine", run=run,
+               callbacks=[StopAfter(1)],
                progress=False, **kwargs)
     return model
 
@@ -77,10 +78,10 @@ def test_a_resume_that_diverges_would_be_caught(tmp_path):
     """The bitwise check is sharp: a real resume on other data gives different weights than the reference."""
     torch.manual_seed(0)
     ref = TinyNet()
-    wb.fit(ref, toy_loader(), epochs=4, lr=0.05, schedule="cosine", progress=False)
+    wb.fit(ref, toy_loader(), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine", progress=False)
     _interrupted_run(tmp_path / "run")
     resumed = TinyNet()
-    history = wb.fit(resumed, toy_loader(seed=1), epochs=4, lr=0.05, schedule="cosine",
+    history = wb.fit(resumed, toy_loader(seed=1), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine",
                      run=wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True), resume=True, progress=False)
     assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]  # it did resume (epochs 0-1 came from last.pt)
     assert not torch.equal(ref.head.weight, resumed.head.weight)
@@ -91,7 +92,8 @@ def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
     _interrupted_run(tmp_path / "run")
     run = wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True)
     with pytest.raises(ValueError) as info:
-        wb.fit(TinyNet(), toy_loader(batch_size=16), epochs=8, lr=0.05, schedule="cosine", run=run, resume=True,
+        wb.fit(TinyNet(), toy_loader(batch_size=16), epochs=8, learning_rate=0.05, lr_scheduler_type="cosine",
+               run=run, resume=True,
                progress=False)
     text = str(info.value)
     assert "epochs: 4 saved, 8 now" in text and "batch_size: 32 saved, 16 now" in text
@@ -100,7 +102,8 @@ def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
 
 def test_resume_of_an_early_stopped_run_returns_its_history_without_training(tmp_path):
     """Issue 17 B4: should_stop was not saved, so a run stopped by patience trained again on resume."""
-    kwargs = dict(val_data=toy_loader(64, seed=3), epochs=30, lr=0.5, optimizer="sgd", patience=2, min_delta=10.0,
+    kwargs = dict(val_data=toy_loader(64, seed=3), epochs=30, learning_rate=0.5, optimizer="sgd", patience=2,
+                  min_delta=10.0,
                   progress=False)
     torch.manual_seed(0)
     model = TinyNet()
@@ -116,7 +119,8 @@ def test_resume_of_an_early_stopped_run_returns_its_history_without_training(tmp
 def test_resume_needs_a_run_opened_for_resume(tmp_path):
     _interrupted_run(tmp_path / "run")
     with pytest.raises(ValueError, match="resume=True"):
-        wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, schedule="cosine", run=wb.Run(tmp_path / "run", params={"case": "resume"}),
+        wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine",
+               run=wb.Run(tmp_path / "run", params={"case": "resume"}),
                resume=True, progress=False)
 
 
@@ -125,15 +129,15 @@ def test_fit_keeps_the_callers_freezing_by_default(tmp_path):
     model = TinyNet()
     model.encoder[0].weight.requires_grad_(False)
     frozen = model.encoder[0].weight.detach().clone()
-    wb.fit(model, toy_loader(), epochs=1, lr=0.1, progress=False)
+    wb.fit(model, toy_loader(), epochs=1, learning_rate=0.1, progress=False)
     assert not model.encoder[0].weight.requires_grad
     assert torch.equal(model.encoder[0].weight, frozen)
     assert not torch.equal(model.encoder[0].bias, TinyNet().encoder[0].bias)  # the rest trained
     # freeze_epochs then brings the caller's freezing back, not "full"
-    wb.fit(model, toy_loader(), epochs=2, freeze_epochs=1, lr=0.1, progress=False)
+    wb.fit(model, toy_loader(), epochs=2, freeze_epochs=1, learning_rate=0.1, progress=False)
     assert not model.encoder[0].weight.requires_grad and model.encoder[0].bias.requires_grad
     # an explicit strategy still applies
-    wb.fit(model, toy_loader(), epochs=1, lr=0.1, strategy="full", progress=False)
+    wb.fit(model, toy_loader(), epochs=1, learning_rate=0.1, strategy="full", progress=False)
     assert model.encoder[0].weight.requires_grad
 
 
@@ -155,7 +159,7 @@ def test_epoch_losses_are_means_over_samples_not_over_batches():
         xb, yb = batch
         return ((m["net"](xb).squeeze(1) - yb) ** 2).mean() + 0 * m["head"].weight.sum()
 
-    history = wb.fit(holder, data, val_data=data, epochs=1, lr=0.0, loss_fn=loss_fn, progress=False)
+    history = wb.fit(holder, data, val_data=data, epochs=1, learning_rate=0.0, loss_fn=loss_fn, progress=False)
     assert history.rows[0]["val_loss"] == pytest.approx(1 / 33)
     assert history.rows[0]["train_loss"] == pytest.approx(1 / 33)
 
@@ -170,7 +174,8 @@ def test_nan_loss_stops_with_message_and_keeps_best_checkpoint(tmp_path):
                 trainer.model.head.weight.fill_(float("nan"))
 
     with pytest.warns(UserWarning, match="loss became nan"):
-        history = wb.fit(model, toy_loader(), epochs=5, lr=0.01, run=run, callbacks=[PoisonAfterFirstEpoch()], progress=False, log_every=2)
+        history = wb.fit(model, toy_loader(), epochs=5, learning_rate=0.01, run=run,
+                         callbacks=[PoisonAfterFirstEpoch()], progress=False, log_every=2)
     assert len(history.rows) == 1 and "best checkpoint" in history.stop_reason and "grad_clip" in history.stop_reason
     best = read_state_dict(run.checkpoints / "best.safetensors")
     assert torch.isfinite(best["head.weight"]).all()
@@ -179,7 +184,8 @@ def test_nan_loss_stops_with_message_and_keeps_best_checkpoint(tmp_path):
 def test_early_stopping_top_k_every_n_and_history_faces(tmp_path):
     run = wb.Run(tmp_path, params={"lr": 0.01})
     history = wb.fit(
-        TinyNet(), toy_loader(), val_data=toy_loader(64, seed=3), epochs=30, lr=0.5, optimizer="sgd", patience=2,
+        TinyNet(), toy_loader(), val_data=toy_loader(64, seed=3), epochs=30, learning_rate=0.5, optimizer="sgd",
+        patience=2,
         min_delta=10.0, save_top_k=2, save_every=1, run=run, progress=False,
     )
     assert len(history.rows) == 3 and history.stop_reason.startswith("early stopping on val_loss")
@@ -199,29 +205,30 @@ def test_evaluate_metrics_monitor_and_unknown_monitor_message():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in data)
         return {"val_accuracy": correct / 64}
 
-    history = wb.fit(TinyNet(), toy_loader(), val_data=toy_loader(64, seed=2), evaluate=evaluate, epochs=2, lr=0.05,
+    history = wb.fit(TinyNet(), toy_loader(), val_data=toy_loader(64, seed=2), evaluate=evaluate, epochs=2,
+                     learning_rate=0.05,
                      monitor="val_accuracy", mode="max", patience=5, progress=False)
     assert 0 <= history.rows[-1]["val_accuracy"] <= 1
     with pytest.raises(KeyError, match="val_f1.*not among"):
-        wb.fit(TinyNet(), toy_loader(), epochs=1, lr=0.05, monitor="val_f1", patience=1, progress=False)
+        wb.fit(TinyNet(), toy_loader(), epochs=1, learning_rate=0.05, monitor="val_f1", patience=1, progress=False)
 
 
 def test_bf16_autocast_on_cpu_trains():
     torch.manual_seed(0)
-    history = wb.fit(TinyNet(), toy_loader(), epochs=3, lr=0.05, amp="bf16", progress=False)
+    history = wb.fit(TinyNet(), toy_loader(), epochs=3, learning_rate=0.05, amp="bf16", progress=False)
     assert history.rows[-1]["train_loss"] < history.rows[0]["train_loss"]
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        wb.fit(TinyNet(), toy_loader(), epochs=1, lr=0.05, amp="fp16", device="cpu", progress=False)
+        wb.fit(TinyNet(), toy_loader(), epochs=1, learning_rate=0.05, amp="fp16", device="cpu", progress=False)
 
 
 def test_dict_batches_and_loss_fn():
     x = torch.randn(64, 10)
     batches = [{"x": x[i:i + 16], "y": (x[i:i + 16, 0] > 0).long()} for i in range(0, 64, 16)]
     loss_fn = lambda model, b: torch.nn.functional.cross_entropy(model(b["x"]), b["y"])  # noqa: E731
-    history = wb.fit(TinyNet(), batches, epochs=2, lr=0.05, loss_fn=loss_fn, progress=False)
+    history = wb.fit(TinyNet(), batches, epochs=2, learning_rate=0.05, loss_fn=loss_fn, progress=False)
     assert history.rows[-1]["step"] == 8
     with pytest.raises(TypeError, match="loss_fn=lambda model, batch"):
-        wb.fit(torch.nn.Linear(10, 2), batches, epochs=1, lr=0.1, progress=False)
+        wb.fit(torch.nn.Linear(10, 2), batches, epochs=1, learning_rate=0.1, progress=False)
 
 
 def test_a_tie_in_the_monitored_metric_goes_to_the_later_epoch(tmp_path):
@@ -232,7 +239,8 @@ def test_a_tie_in_the_monitored_metric_goes_to_the_later_epoch(tmp_path):
         return {"val_score": next(scores)}
 
     run = wb.Run(tmp_path)
-    history = wb.fit(TinyNet(), toy_loader(), evaluate=evaluate, epochs=4, lr=0.05, monitor="val_score", mode="max",
+    history = wb.fit(TinyNet(), toy_loader(), evaluate=evaluate, epochs=4, learning_rate=0.05, monitor="val_score",
+                     mode="max",
                      run=run, progress=False)
     assert history.best_epoch == 2
     assert json.loads((run.checkpoints / "best.json").read_text())["epoch"] == 2
@@ -244,7 +252,8 @@ def test_best_checkpoint_of_a_peft_model_restores(tmp_path):
 
     torch.manual_seed(0)
     model = peft.get_peft_model(TinyNet(), peft.LoraConfig(r=2, target_modules=["0"], lora_alpha=2))
-    history = wb.fit(model, toy_loader(), val_data=toy_loader(64, seed=3), epochs=3, lr=0.05, run=wb.Run(tmp_path),
+    history = wb.fit(model, toy_loader(), val_data=toy_loader(64, seed=3), epochs=3, learning_rate=0.05,
+                     run=wb.Run(tmp_path),
                      restore_best=True, progress=False)
     saved = read_state_dict(tmp_path / "checkpoints" / "best.safetensors")
     assert not any(k.startswith("base_model.") for k in saved) and history.best_epoch is not None
@@ -266,7 +275,7 @@ def test_restore_best_without_a_run_returns_the_best_epochs_weights():
     val = toy_loader(128, seed=6, shuffle=False)
     torch.manual_seed(0)
     model = TinyNet(n_hidden=64)
-    history = wb.fit(model, train, val_data=val, epochs=8, lr=0.05, restore_best=True, progress=False)
+    history = wb.fit(model, train, val_data=val, epochs=8, learning_rate=0.05, restore_best=True, progress=False)
     best = history.best_epoch
     assert best < len(history.rows) - 1  # the memorised noise makes later epochs worse: the case that matters
     values = [r["val_loss"] for r in history.rows]
@@ -285,7 +294,8 @@ def test_restore_best_in_memory_breaks_a_tie_like_the_history(tmp_path):
 
     torch.manual_seed(0)
     model = TinyNet()
-    history = wb.fit(model, toy_loader(), epochs=4, lr=0.05, evaluate=lambda m, d: {"val_score": next(scores)},
+    history = wb.fit(model, toy_loader(), epochs=4, learning_rate=0.05,
+                     evaluate=lambda m, d: {"val_score": next(scores)},
                      monitor="val_score", mode="max", restore_best=True, callbacks=[Keep()], progress=False)
     assert history.best_epoch == 2
     assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
@@ -307,7 +317,8 @@ def test_resume_with_another_monitor_or_mode_is_refused_naming_them(tmp_path):
                            (dict(save_top_k=2), ["save_top_k: 1 saved, 2 now"])]:
         kwargs = dict(val_data=val, evaluate=accuracy, patience=3) | changed
         with pytest.raises(ValueError) as info:
-            wb.fit(TinyNet(), toy_loader(), epochs=6, lr=0.05, schedule="cosine", run=run, resume=True,
+            wb.fit(TinyNet(), toy_loader(), epochs=6, learning_rate=0.05, lr_scheduler_type="cosine", run=run,
+                   resume=True,
                    progress=False, **kwargs)
         assert all(text in str(info.value) for text in named), str(info.value)
 
@@ -323,7 +334,7 @@ def test_a_last_pt_without_the_callback_settings_still_resumes(tmp_path):
     for key in ("monitor", "mode", "patience", "min_delta", "save_top_k"):
         del state["settings"][key]
     save_state(state, last)
-    history = wb.fit(TinyNet(), toy_loader(), epochs=4, lr=0.05, schedule="cosine", val_data=val,
+    history = wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine", val_data=val,
                      run=wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True), resume=True, progress=False)
     assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]
 
@@ -346,7 +357,169 @@ def test_epoch_loss_is_weighted_by_the_items_a_batch_supervises():
         pred = m["head"](batch["x"]).squeeze(1)
         return ((pred - batch["y"])[batch["mask"]] ** 2).mean()
 
-    history = wb.fit(model, slides, val_data=slides, epochs=1, lr=0.0, loss_fn=loss_fn, progress=False)
+    history = wb.fit(model, slides, val_data=slides, epochs=1, learning_rate=0.0, loss_fn=loss_fn, progress=False)
     squared = torch.cat([(s["y"][s["mask"]]) ** 2 for s in slides])
     assert history.rows[0]["val_loss"] == pytest.approx(squared.mean().item(), rel=1e-6)
     assert history.rows[0]["train_loss"] == pytest.approx(squared.mean().item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- FitSettings (issue 22)
+
+
+def test_fit_settings_round_trip_and_every_field_is_declared(tmp_path):
+    """Each setting is one declared field (help, resume flag); to_dict/from_dict and fit_settings.json round-trip."""
+    from dataclasses import fields
+
+    from workbench.training import SETTINGS, FitSettings
+
+    for f in fields(FitSettings):
+        assert f.metadata["help"] and "\n" not in f.metadata["help"] and isinstance(f.metadata["resume"], bool), f.name
+        assert f".. {f.name}" not in FitSettings.__doc__ and f"    {f.name}\n" in FitSettings.__doc__  # the docs list it
+    assert SETTINGS == FitSettings.resume_bound() + ("batch_size", "steps_per_epoch", "world_size")
+    assert "learning_rate" in SETTINGS and "lr_scheduler_type" in SETTINGS and "lr" not in SETTINGS
+    assert "log_every" not in SETTINGS and "restore_best" not in SETTINGS
+    s = FitSettings(epochs=3, learning_rate=0.05, lr_scheduler_type="cosine", strategy=["encoder.0"],
+                    dtype=torch.float64, patience=2, ema=0.9)
+    assert s.strategy == ("encoder.0",) and s.dtype == "float64"
+    assert FitSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    with pytest.raises(ValueError, match="optimizer='lion' is not one of"):
+        FitSettings(epochs=1, learning_rate=0.1, optimizer="lion")
+    run = wb.Run(tmp_path / "r")
+    wb.fit(TinyNet(), toy_loader(), s, strategy="full", dtype=None, run=run, progress=False)
+    recorded = json.loads((tmp_path / "r" / "fit_settings.json").read_text())
+    # what the run trained with: the keywords beside the settings applied, the default monitor resolved
+    assert FitSettings.from_dict(recorded) == FitSettings(**{**s.to_dict(), "strategy": "full", "dtype": None,
+                                                             "monitor": "train_loss"})
+    assert recorded["steps_per_epoch"] == 8 and recorded["batch_size"] == 32 and recorded["monitor"] == "train_loss"
+
+
+def test_every_resume_bound_field_is_compared_and_named(tmp_path):
+    """The resume check reads the dataclass: another value of any field marked ``resume`` is refused, naming it."""
+    from workbench.training import FitSettings, _check_settings, _settings
+
+    other = dict(epochs=5, learning_rate=0.1, optimizer="sgd", weight_decay=0.1, lr_scheduler_type="linear",
+                 warmup_ratio=0.1, min_lr_ratio=0.1, strategy="full", freeze_epochs=1, backbone_lr_ratio=0.5,
+                 layer_decay=0.5, grad_clip=1.0, amp="bf16", accumulate=2, ema=0.9, ema_eval=True, monitor="val_acc",
+                 mode="max",
+                 patience=3, min_delta=0.1, save_top_k=2, dtype="float64", seed=1)
+    assert set(other) == set(FitSettings.resume_bound()), "give each resume-bound field another value here"
+    base = FitSettings(epochs=4, learning_rate=0.05)
+
+    def plain(s):
+        return _settings(s, monitor=s.monitor or "train_loss", dtype=wb.devices.resolve_dtype(s.dtype), batch_size=32,
+                         steps_per_epoch=8, world_size=1)
+
+    saved = plain(base)
+    for name, value in other.items():
+        changed = FitSettings(**{**base.to_dict(), name: value, **({"ema": 0.9} if name == "ema_eval" else {})})
+        with pytest.raises(ValueError, match=f"{name}: "):
+            _check_settings(saved, plain(changed), "last.pt")
+    _check_settings(saved, plain(FitSettings(epochs=4, learning_rate=0.05, log_every=2, save_every=1,
+                                             restore_best=True, deterministic=True)), "last.pt")  # not bound
+
+
+def test_a_resume_with_another_learning_rate_or_schedule_is_refused_naming_it(tmp_path):
+    """A real resume: learning_rate 0.05 saved, 0.1 asked; lr_scheduler_type cosine saved, linear asked."""
+    _interrupted_run(tmp_path / "run")
+    run = wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True)
+    with pytest.raises(ValueError) as info:
+        wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.1, lr_scheduler_type="linear", run=run, resume=True,
+               progress=False)
+    text = str(info.value)
+    assert "learning_rate: 0.05 saved, 0.1 now" in text and "lr_scheduler_type: 'cosine' saved, 'linear' now" in text
+    history = wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine", log_every=3,
+                     run=run, resume=True, progress=False)  # log_every is not resume-bound
+    assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]
+
+
+def test_a_last_pt_that_stored_the_old_names_lr_and_schedule_still_resumes(tmp_path):
+    """last.pt files written before the rename hold ``lr`` and ``schedule``: they read as the new names."""
+    from workbench.checkpoints import load_state, save_state
+
+    _interrupted_run(tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_state(last)
+    state["settings"]["lr"] = state["settings"].pop("learning_rate")
+    state["settings"]["schedule"] = state["settings"].pop("lr_scheduler_type")
+    save_state(state, last)
+    run = wb.Run(tmp_path / "run", params={"case": "resume"}, resume=True)
+    with pytest.raises(ValueError, match="learning_rate: 0.05 saved, 0.1 now"):
+        wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.1, lr_scheduler_type="cosine", run=run, resume=True,
+               progress=False)
+    history = wb.fit(TinyNet(), toy_loader(), epochs=4, learning_rate=0.05, lr_scheduler_type="cosine", run=run,
+                     resume=True, progress=False)
+    assert [r["epoch"] for r in history.rows] == [0, 1, 2, 3]
+
+
+def test_the_old_keywords_lr_and_schedule_warn_and_train_bitwise_the_same():
+    def train(**kwargs):
+        torch.manual_seed(0)
+        model = TinyNet()
+        history = wb.fit(model, toy_loader(), epochs=2, warmup_ratio=0.2, progress=False, **kwargs)
+        return model, history
+
+    new, new_history = train(learning_rate=0.05, lr_scheduler_type="cosine")
+    with pytest.warns(DeprecationWarning) as caught:
+        old, old_history = train(lr=0.05, schedule="cosine")
+    said = " ".join(str(w.message) for w in caught)
+    assert "now called learning_rate" in said and "now called lr_scheduler_type" in said
+    assert all(w.filename == __file__ for w in caught)  # the warning points at the caller's line
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())
+    assert new_history.lr_trace == old_history.lr_trace
+    from workbench.training import FitSettings
+
+    settings = FitSettings(epochs=2, learning_rate=0.05, lr_scheduler_type="cosine", warmup_ratio=0.2)
+    torch.manual_seed(0)
+    given = TinyNet()
+    wb.fit(given, toy_loader(), settings, progress=False)
+    assert all(torch.equal(v, given.state_dict()[k]) for k, v in new.state_dict().items())
+
+
+def test_fit_keyword_mistakes_raise_type_errors_naming_the_fix():
+    with pytest.raises(TypeError, match="'learnin_rate'. Did you mean 'learning_rate'"):
+        wb.fit(TinyNet(), toy_loader(), epochs=1, learnin_rate=0.1, progress=False)
+    with pytest.raises(TypeError, match="'schedul'. Did you mean 'lr_scheduler_type'"):
+        wb.fit(TinyNet(), toy_loader(), epochs=1, learning_rate=0.1, schedul="cosine", progress=False)
+    with pytest.raises(TypeError, match="both lr= and learning_rate="):
+        wb.fit(TinyNet(), toy_loader(), epochs=1, lr=0.1, learning_rate=0.1, progress=False)
+    with pytest.raises(TypeError, match="needs learning_rate="):
+        wb.fit(TinyNet(), toy_loader(), epochs=1, progress=False)
+
+
+def test_fit_with_a_run_writes_train_log_one_line_per_epoch(tmp_path):
+    """Every workflow's run gets train.log (it was heart_sound's own): settings, schedule, epochs, task lines."""
+    run = wb.Run(tmp_path / "r", params={"case": "log"})
+    run.log_text("loaded encoder: 4 of 4 tensors")
+    wb.fit(TinyNet(), toy_loader(), val_data=toy_loader(64, seed=3), epochs=3, learning_rate=0.05,
+           backbone_lr_ratio=0.1, run=run, progress=False)
+    lines = (tmp_path / "r" / "train.log").read_text().splitlines()
+    assert "loaded encoder: 4 of 4 tensors" in lines[0]
+    assert any("fit settings: " in line and '"learning_rate": 0.05' in line for line in lines)
+    assert any("lr schedule: constant" in line for line in lines)
+    epochs = [line for line in lines if " epoch=" in line]
+    assert len(epochs) == 3 and all(f"epoch={i} " in line for i, line in enumerate(epochs))
+    assert all("train_loss=" in line and "val_loss=" in line and "lr_head=0.05" in line and "lr_backbone=0.005" in line
+               for line in epochs)
+
+
+def test_the_loop_imports_no_live_plotting():
+    """LiveCurves lives in workbench.live: training a model imports neither IPython nor matplotlib."""
+    code = ("import sys, workbench as wb; from tests.helpers import TinyNet, toy_loader; "
+            "wb.fit(TinyNet(), toy_loader(), epochs=1, learning_rate=0.1, progress=False); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'matplotlib') "
+            "or m in ('workbench.live', 'workbench.plots')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    import ast
+
+    import workbench.training
+
+    tree = ast.parse(Path(workbench.training.__file__).read_text())
+    imported = [node.module or "" if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names]
+    assert not [m for m in imported if m.split(".")[0] in ("IPython", "matplotlib") or m in ("plots", "live")], imported
+    import workbench.live
+
+    assert wb.LiveCurves is workbench.live.LiveCurves

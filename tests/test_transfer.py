@@ -98,7 +98,8 @@ def test_a_named_strategy_never_freezes_a_tensor_the_checkpoint_did_not_load(tmp
     assert not model.encoder[1].__dict__.get("_workbench_eval_hook")  # its statistics train with its scale
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = wb.fit(model, toy_loader(n_in=12), epochs=1, lr=0.05, strategy="frozen_backbone", progress=False)
+    history = wb.fit(model, toy_loader(n_in=12), epochs=1, learning_rate=0.05, strategy="frozen_backbone",
+                     progress=False)
     after = model.state_dict()
     assert not torch.equal(before["encoder.0.weight"], after["encoder.0.weight"])
     assert torch.equal(before["encoder.0.bias"], after["encoder.0.bias"])  # loaded: frozen as asked
@@ -118,7 +119,8 @@ def test_frozen_backbone_training_leaves_frozen_tensors_and_bn_stats_bitwise_unc
     torch.manual_seed(0)
     model = TinyNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    wb.fit(model, toy_loader(), epochs=2, lr=0.05, weight_decay=0.1, strategy="frozen_backbone", progress=False)
+    wb.fit(model, toy_loader(), epochs=2, learning_rate=0.05, weight_decay=0.1, strategy="frozen_backbone",
+           progress=False)
     after = model.state_dict()
     for key in before:
         if key.startswith("encoder."):
@@ -140,7 +142,7 @@ def test_freeze_epochs_then_unfreeze_trains_the_backbone():
         def on_epoch_end(self, trainer, logs):
             seen.append(torch.equal(trainer.model.encoder[0].weight, w0))
 
-    wb.fit(model, toy_loader(), epochs=3, lr=0.05, freeze_epochs=1, callbacks=[Probe()], progress=False)
+    wb.fit(model, toy_loader(), epochs=3, learning_rate=0.05, freeze_epochs=1, callbacks=[Probe()], progress=False)
     assert seen == [True, False, False]
 
 

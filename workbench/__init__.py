@@ -6,7 +6,7 @@ The top-level namespace re-exports the pieces a workflow notebook uses::
     run = wb.Run("runs/x", params=wb.params_of(globals()))
     report = wb.load_pretrained(model, "pretrained.safetensors", run=run)
     wb.apply_strategy(model, "frozen_backbone")
-    history = wb.fit(model, loader, epochs=10, lr=1e-3, schedule="cosine", run=run)
+    history = wb.fit(model, loader, epochs=10, learning_rate=1e-3, lr_scheduler_type="cosine", run=run)
     predictions = wb.load_run(run.path).predict("new_cells.h5ad")   # a finished run on new data
 
 Heavy modules (torch, scanpy, papermill) are imported on first use, so ``import workbench``
@@ -39,7 +39,8 @@ _EXPORTS = {
     "EarlyStopping": "training",
     "ModelCheckpoint": "training",
     "GradualUnfreeze": "training",
-    "LiveCurves": "training",
+    "FitSettings": "training",
+    "LiveCurves": "live",
     "build_scheduler": "schedules",
     "lr_curve": "schedules",
     "save_weights": "checkpoints",
@@ -60,7 +61,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"cache", "checkpoints", "distributed", "ema", "lr_range", "transfer", "schedules", "training", "tracking",
                "devices", "metrics", "splits", "plots", "execute", "sweeps", "report", "widgets", "tasks", "cli",
-               "predict", "workflow", "protocol"}
+               "predict", "workflow", "protocol", "live"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

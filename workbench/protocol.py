@@ -65,9 +65,9 @@ def pretrain(workflow: str, objective: str, *, reads: Sequence, settings: Mappin
         torch.manual_seed(seed)
         net = model()
         run = Run(folder / "run", params=settings, resume=True)
-        fit(net, batches(), epochs=epochs, lr=learning_rate, weight_decay=weight_decay, schedule=lr_scheduler_type,
-            warmup_ratio=warmup_ratio, run=run, resume=True, progress=progress, log_every=100, device=device,
-            dtype=dtype, **dict(fit_options or {}))
+        fit(net, batches(), epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,
+            lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, run=run, resume=True, progress=progress,
+            log_every=100, device=device, dtype=dtype, **dict(fit_options or {}))
         meta = {"task": workflow, "objective": objective, "fingerprint": key, **dict(metadata or {}), **settings}
         save_weights(net, folder / "pretrained.safetensors", metadata=meta)
 

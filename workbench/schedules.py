@@ -18,6 +18,7 @@ any training happens.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,10 +142,11 @@ def describe(scheduler) -> str:
 def lr_curve(
     name: str = "constant",
     *,
-    lr: float,
+    learning_rate: float | None = None,
     total_steps: int,
     groups: Sequence[str] | dict[str, float] | None = None,
     freeze_steps: int = 0,
+    lr: float | None = None,
     **kwargs,
 ):
     """The planned learning rate at every step, per parameter group, before training.
@@ -152,16 +154,18 @@ def lr_curve(
     Parameters
     ----------
     name, total_steps, kwargs
-        As for :func:`build_scheduler`.
-    lr
-        Base learning rate.
+        As for :func:`build_scheduler` (``name`` is fit's ``lr_scheduler_type``).
+    learning_rate
+        Base learning rate (fit's ``learning_rate``).
     groups
-        Group names (all at ``lr``) or ``{group: lr multiplier}``, e.g.
+        Group names (all at ``learning_rate``) or ``{group: lr multiplier}``, e.g.
         ``{"backbone": 0.1, "head": 1.0}`` for a backbone at a tenth of the head's rate.
     freeze_steps
         Steps during which the backbone is frozen (``fit(freeze_epochs=...)``): groups whose
         name starts with ``backbone`` are NaN there (nothing is learned, whatever the schedule
         says), and ``attrs["freeze_steps"]`` records it for the plot.
+    lr
+        The old name of ``learning_rate`` (accepted with a DeprecationWarning).
 
     Returns
     -------
@@ -171,6 +175,15 @@ def lr_curve(
     """
     import pandas as pd
 
+    if lr is not None:
+        if learning_rate is not None:
+            raise TypeError("lr_curve() got both lr= and learning_rate=; lr is the old name: pass learning_rate only.")
+        warnings.warn("lr_curve(lr=...) is deprecated: the setting is now called learning_rate (fit's and the "
+                      "notebooks' name). Pass learning_rate=...", DeprecationWarning, stacklevel=2)
+        learning_rate = lr
+    if learning_rate is None:
+        raise TypeError("lr_curve() needs learning_rate= (the base learning rate).")
+    lr = learning_rate
     if groups is None:
         groups = {"lr": 1.0}
     elif not isinstance(groups, dict):

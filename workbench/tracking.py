@@ -6,6 +6,10 @@ Every run writes a self-describing folder::
         params.json          all parameters after defaults, plus package versions
         metrics.jsonl        one JSON object per epoch (always written, tracker or not)
         final_metrics.json   flat {name: number}
+        train.log            what happened, as text: fit's settings, schedule, freezing, one line per epoch
+                             (losses, metrics, every group's LR), and the lines a workflow adds (Run.log_text)
+        fit_settings.json    the settings the run's (last) fit trained with (workbench.FitSettings, plus the
+                             derived batch_size, steps_per_epoch, world_size, device)
         load_report.json     what the pretrained checkpoint filled
         checkpoints/         best.safetensors, last.pt (resume state)
         predictor.json       what predicting on new data needs (workbench.load_run, ``workbench predict``)
@@ -14,7 +18,9 @@ Every run writes a self-describing folder::
 
 ``tracker="wandb"`` mirrors metrics to Weights & Biases, in offline mode unless the user set
 ``WANDB_MODE`` (so nothing leaves the machine by default); when wandb is not installed a
-message says so and training continues with the local files.
+message says so and training continues with the local files. ``Run.watch(model)`` asks the
+trackers to log gradient histograms (``wandb.watch``); with no tracker that can, it says so once
+and returns False.
 
 A folder holds exactly one run. ``Run(folder, params=...)`` on a folder that already holds a run:
 
@@ -57,7 +63,7 @@ CORE_PACKAGES = ("workbench", "torch", "numpy", "scikit-learn", "papermill", "wa
 NOT_COMPARED = ("output_dir", "interactive", "versions")
 #: What a run writes into its folder; only these are removed when a run starts again.
 RUN_ARTIFACTS = ("params.json", "metrics.jsonl", "final_metrics.json", "load_report.json", "status.json",
-                 "train.log", "checkpoints", "figures", "pretrain", "wandb", ".wandb-cache",
+                 "train.log", "fit_settings.json", "checkpoints", "figures", "pretrain", "wandb", ".wandb-cache",
                  "predictor.json", "predictor.safetensors", "test_predictions.csv")  # the last: workbench.predict
 
 
@@ -245,6 +251,7 @@ class Run:
         self.resume = resume
         self.checkpoints = self.path / "checkpoints"
         self._wandb = None
+        self._said_no_watch = False
         self.writes = process_rank() == 0  # under torchrun, rank 0 alone writes the run folder
         if not self.writes:
             self.state = "not written on this rank"
@@ -298,6 +305,42 @@ class Run:
             fh.write(json.dumps(row, default=_json_default) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    def log_text(self, text: str) -> None:
+        """Append ``text`` to ``train.log`` in the run folder, one timestamped line per line of text.
+
+        :func:`workbench.fit` writes its settings, schedule, freezing and one line per epoch there; a
+        workflow adds its own lines (what loading did, a pretraining step) the same way.
+        """
+        if not self.writes:
+            return
+        stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+        lines = "".join(f"{stamp} {line}\n" for line in str(text).splitlines() or [""])
+        with open(self.path / "train.log", "a") as fh:
+            fh.write(lines)
+
+    def watch(self, model, *, log: str = "gradients", log_freq: int = 50) -> bool:
+        """Ask the trackers to watch ``model``: gradient (``log="gradients"``), parameter (``"parameters"``) or
+        both (``"all"``) histograms every ``log_freq`` steps, through ``wandb.watch``.
+
+        Returns True when a tracker watches it. Without one (``tracker="none"``, or wandb not installed)
+        it says so once per run (a warning and a ``train.log`` line) and returns False; on ranks other
+        than 0 it does nothing and returns False.
+        """
+        if log not in ("gradients", "parameters", "all"):
+            raise ValueError(f"log={log!r} is not one of 'gradients', 'parameters', 'all'.")
+        if not self.writes:
+            return False
+        if self._wandb is None:
+            if not self._said_no_watch:
+                self._said_no_watch = True
+                message = ("Run.watch: no tracker can watch the model (tracker='none', or wandb not installed), so "
+                           "no gradient histograms are logged. Open the run with tracker='wandb' to get them.")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                self.log_text(message)
+            return False
+        self._wandb.watch(model, log=log, log_freq=log_freq)
+        return True
 
     def rewrite_metrics(self, rows) -> None:
         """Replace metrics.jsonl with ``rows`` (used on resume; wandb is not rewound)."""

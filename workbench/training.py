@@ -44,12 +44,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import math
 import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,8 @@ __all__ = [
     "EarlyStopping",
     "ModelCheckpoint",
     "GradualUnfreeze",
-    "LiveCurves",
     "History",
+    "FitSettings",
     "fit",
     "move_to",
     "early_stop_decision",
@@ -81,18 +82,125 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
-#: The settings that shape training; ``last.pt`` records them and a resume must match them all.
-SETTINGS = ("epochs", "schedule", "warmup_ratio", "min_lr_ratio", "optimizer", "lr", "weight_decay", "batch_size",
-            "steps_per_epoch", "strategy", "freeze_epochs", "backbone_lr_ratio", "grad_clip", "amp", "seed",
-            "world_size", "accumulate", "layer_decay", "ema", "ema_eval",
-            # the callbacks' settings: their saved state (best value, wait, top-k) is only meaningful under them
-            "monitor", "mode", "patience", "min_delta", "save_top_k", "dtype")
+
+def _setting(default=None, *, help: str, resume: bool, required: bool = False):
+    """A :class:`FitSettings` field: its default, a one-line help and whether a resume must match it."""
+    meta = {"help": help, "resume": resume}
+    return field(metadata=meta) if required else field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings of one :func:`fit` call, declared once.
+
+    ``fit(model, data, epochs=3, learning_rate=1e-3)`` builds one from its keywords;
+    ``fit(model, data, settings)`` takes one, and keywords given beside it replace its fields
+    (``dataclasses.replace``). Each field's metadata holds its one-line ``help`` and ``resume``:
+    whether a resume (``fit(..., resume=True)``) must use the value ``last.pt`` saved. The
+    resume check, the run's ``fit_settings.json`` and this page read the fields, so a setting
+    is added in one place. The values are plain (JSON-able): ``to_dict`` / ``from_dict`` round-trip.
+
+    The names are the notebooks' (``learning_rate``, ``lr_scheduler_type``); see :func:`fit` for
+    what the settings do together.
+    """
+
+    epochs: int = _setting(help="Number of epochs (>= 1).", resume=True, required=True)
+    learning_rate: float = _setting(help="Base (head) learning rate.", resume=True, required=True)
+    optimizer: str = _setting("adamw", help="adamw | adam | sgd.", resume=True)
+    weight_decay: float = _setting(0.0, help="Weight decay (none for biases, norms and frozen tensors).", resume=True)
+    lr_scheduler_type: str = _setting("constant", help="LR schedule, one of workbench.schedules.SCHEDULES.",
+                                      resume=True)
+    warmup_ratio: float = _setting(0.0, help="Share of the steps spent warming up the LR.", resume=True)
+    min_lr_ratio: float = _setting(0.0, help="Lowest LR of a decaying schedule, as a share of the base LR.",
+                                   resume=True)
+    strategy: str | tuple[str, ...] | None = _setting(
+        None, help="Freezing strategy (workbench.apply_strategy); None keeps the caller's requires_grad.", resume=True)
+    freeze_epochs: int = _setting(0, help="Epochs with the backbone frozen before strategy applies.", resume=True)
+    backbone_lr_ratio: float = _setting(1.0, help="Backbone LR as a multiple of learning_rate.", resume=True)
+    layer_decay: float | None = _setting(None, help="Layer-wise LR decay of the backbone (e.g. 0.75).", resume=True)
+    grad_clip: float | None = _setting(None, help="Clip the global gradient norm to this value.", resume=True)
+    amp: str | None = _setting(None, help="Mixed precision: None, 'bf16' or 'fp16' (CUDA).", resume=True)
+    accumulate: int = _setting(1, help="Batches per optimizer step (gradient accumulation).", resume=True)
+    ema: float | None = _setting(None, help="Decay of an exponential moving average of the weights (e.g. 0.999).",
+                                 resume=True)
+    ema_eval: bool = _setting(False, help="Validate, checkpoint and return the EMA weights.", resume=True)
+    monitor: str | None = _setting(None, help="Metric that picks the best epoch (None: val_loss, else train_loss).",
+                                   resume=True)
+    mode: str = _setting("min", help="'min' or 'max': which way monitor improves.", resume=True)
+    patience: int | None = _setting(None, help="Epochs without improvement before early stopping (None: never).",
+                                    resume=True)
+    min_delta: float = _setting(0.0, help="Smallest change of monitor that counts as an improvement.", resume=True)
+    save_top_k: int = _setting(1, help="Checkpoints of the k best epochs kept in the run folder.", resume=True)
+    save_every: int | None = _setting(None, help="Also checkpoint every N epochs.", resume=False)
+    restore_best: bool = _setting(False, help="Load the best epoch's weights back at the end.", resume=False)
+    log_every: int = _setting(50, help="Steps between reads of the running loss (the hot loop's only host syncs).",
+                              resume=False)
+    dtype: str | None = _setting(None, help="Cast the model and every batch's floating tensors to it ('float64').",
+                                 resume=True)
+    deterministic: bool = _setting(False, help="Ask torch for deterministic kernels (GPU reproducibility).",
+                                   resume=False)
+    seed: int | None = _setting(None, help="Seeds torch before training (and the DDP sampler).", resume=True)
+
+    def __post_init__(self):
+        if isinstance(self.strategy, (list, tuple)):  # plain and hashable: a list of prefixes becomes a tuple
+            object.__setattr__(self, "strategy", tuple(self.strategy))
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+        _check_args(epochs=self.epochs, optimizer=self.optimizer, accumulate=self.accumulate, ema=self.ema,
+                    ema_eval=self.ema_eval)
+
+    def to_dict(self) -> dict:
+        """The fields as plain values (a strategy's prefixes as a list)."""
+        out = asdict(self)
+        if isinstance(out["strategy"], tuple):
+            out["strategy"] = list(out["strategy"])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FitSettings:
+        """The settings ``values`` holds (:meth:`to_dict`, or a run's ``fit_settings.json``: its derived
+        ``batch_size``, ``steps_per_epoch``, ``world_size`` and ``device`` are left out)."""
+        return cls(**{k: v for k, v in values.items() if k not in _DERIVED})
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{field: one-line help}``."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def resume_bound(cls) -> tuple[str, ...]:
+        """The fields a resume must match."""
+        return tuple(f.name for f in fields(cls) if f.metadata["resume"])
+
+
+def _fields_doc() -> str:
+    lines = ["", "    Parameters", "    ----------"]
+    for f in fields(FitSettings):
+        default = "required" if f.default is MISSING else f"default ``{f.default!r}``"
+        bound = "; a resume must match it" if f.metadata["resume"] else ""
+        lines += [f"    {f.name}", f"        {f.metadata['help']} ({default}{bound})"]
+    return "\n".join(lines) + "\n"
+
+
+FitSettings.__doc__ += _fields_doc()
+
+#: What fit's ``fit_settings.json`` and ``last.pt`` record beside the fields: they follow from the data and the run.
+_DERIVED = ("batch_size", "steps_per_epoch", "world_size", "device")
+
+#: The settings that shape training; ``last.pt`` records them and a resume must match them all: the
+#: :class:`FitSettings` fields with ``resume`` in their metadata, plus what follows from the data and the
+#: processes (batch size, steps per epoch, world size). Derived from the dataclass.
+SETTINGS = FitSettings.resume_bound() + ("batch_size", "steps_per_epoch", "world_size")
 
 #: What a setting added after a ``last.pt`` was written meant before it existed (so the old state still resumes).
 #: ``monitor`` has no fixed default: before it was recorded it was ``val_loss`` when the run validated, else
 #: ``train_loss`` (read from the saved history, see :func:`_saved_setting`).
 _SETTING_DEFAULTS = {"accumulate": 1, "layer_decay": None, "ema": None, "ema_eval": False,
                      "mode": "min", "patience": None, "min_delta": 0.0, "save_top_k": 1, "dtype": None}
+
+#: Settings renamed to the notebooks' names: ``fit`` still takes the old keywords (with a DeprecationWarning) and a
+#: ``last.pt`` that stored the old name still resumes.
+RENAMED = {"lr": "learning_rate", "schedule": "lr_scheduler_type"}
 
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("workbench_extra_callbacks", default=())
 
@@ -347,46 +455,6 @@ class GradualUnfreeze(Callback):
             self.current = wanted
 
 
-class LiveCurves(Callback):
-    """Redraw the training curves in the notebook after every epoch; one figure per cell.
-
-    Parameters
-    ----------
-    enabled
-        False makes it inert (headless runs), so a notebook can always pass it.
-
-    The cell ends with ``curves.final(fig)``: the live figure is replaced by the final one (the
-    best epoch marked), and nothing is shown twice; when nothing was drawn live, ``final``
-    returns ``fig`` for the cell to show.
-    """
-
-    def __init__(self, *, enabled: bool = True):
-        self.enabled = enabled
-        self.handle = None
-
-    def on_epoch_end(self, trainer, logs):
-        if not self.enabled or not trainer.is_main:
-            return
-        from .plots import plot_history
-
-        self._show(plot_history(trainer.history))
-
-    def _show(self, fig) -> None:
-        from IPython.display import display
-
-        if self.handle is None:
-            self.handle = display(fig, display_id=True)
-        else:
-            self.handle.update(fig)
-
-    def final(self, fig):
-        """Show ``fig`` in place of the live curves; return it when there were none."""
-        if self.handle is None:
-            return fig
-        self.handle.update(fig)
-        return None
-
-
 # --------------------------------------------------------------------------- loop
 
 
@@ -571,10 +639,13 @@ class Trainer:
         self.history.stop_reason = reason
 
     def log_line(self, text: str) -> None:
+        """A message of the loop: shown (unless quiet) and written to the run's ``train.log``."""
         if not self._quiet:
             from tqdm.auto import tqdm
 
             tqdm.write(text)
+        if self.run is not None:
+            self.run.log_text(text)
 
     def where(self) -> str:
         return f"epoch {self.epoch}, step {self.global_step}"
@@ -824,6 +895,7 @@ class Trainer:
                 cb.on_validation_end(self, logs)
         if self.run is not None:
             self.run.log(logs)
+            self.run.log_text(_epoch_line(logs))
         self.save_state(train_data)
         for cb in self.callbacks:
             cb.on_epoch_end(self, logs)
@@ -886,48 +958,27 @@ def _autocast(amp, device: torch.device):
 def fit(
     model: nn.Module,
     train_data: Iterable,
+    settings: FitSettings | None = None,
     *,
-    epochs: int,
-    lr: float,
     val_data: Iterable | None = None,
     loss_fn: Callable | None = None,
     evaluate: Callable | None = None,
-    optimizer: str = "adamw",
-    weight_decay: float = 0.0,
-    schedule: str = "constant",
-    warmup_ratio: float = 0.0,
-    min_lr_ratio: float = 0.0,
-    strategy: str | Sequence[str] | None = None,
-    freeze_epochs: int = 0,
-    backbone_lr_ratio: float = 1.0,
-    grad_clip: float | None = None,
-    amp: str | None = None,
-    accumulate: int = 1,
-    layer_decay: float | None = None,
-    ema: float | None = None,
-    ema_eval: bool = False,
-    monitor: str | None = None,
-    mode: str = "min",
-    patience: int | None = None,
-    min_delta: float = 0.0,
-    save_top_k: int = 1,
-    save_every: int | None = None,
-    restore_best: bool = False,
     state_fn: Callable[[nn.Module], dict] | None = None,
     callbacks: Sequence[Callback] = (),
     run=None,
     resume: bool = False,
-    log_every: int = 50,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    deterministic: bool = False,
     prefetch: int | None = None,
     pin_memory: bool | None = None,
-    seed: int | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    **kwargs,
 ) -> History:
     """Train ``model`` on ``train_data`` and return its :class:`History`.
+
+    ``fit(model, loader, epochs=10, learning_rate=1e-3, lr_scheduler_type="cosine", run=run)``: the
+    training settings are the fields of :class:`FitSettings`, given as keywords or as one object
+    (``fit(model, loader, settings)``; keywords beside it replace its fields).
 
     Parameters
     ----------
@@ -935,8 +986,8 @@ def fit(
         Any ``nn.Module``.
     train_data
         An iterable of batches with a length (a ``DataLoader``); any batch structure.
-    epochs, lr
-        Number of epochs; base (head) learning rate.
+    settings
+        A :class:`FitSettings`; None builds one from ``**kwargs``.
     val_data
         Batches for validation; ``val_loss`` is their mean loss.
     loss_fn
@@ -945,45 +996,6 @@ def fit(
         ``evaluate(model, val_data) -> {name: number}``, run in eval mode without gradients
         after every epoch (e.g. ``val_accuracy``); merged with ``val_loss``. For a metric that is
         not a mean over samples (macro-F1, AUROC) return :class:`PerSample` instead: exact under DDP.
-    optimizer, weight_decay
-        ``adamw`` | ``adam`` | ``sgd``. Biases, normalisation weights and frozen tensors get no
-        weight decay.
-    schedule, warmup_ratio, min_lr_ratio
-        See :mod:`workbench.schedules`.
-    strategy, freeze_epochs
-        Freezing strategy (see :func:`workbench.apply_strategy`). None (the default) keeps
-        ``requires_grad`` as the caller set it (by hand, or by peft for LoRA). With
-        ``freeze_epochs=N`` the backbone is frozen for the first N epochs, then ``strategy``
-        applies (None: the caller's freezing comes back).
-    backbone_lr_ratio
-        Backbone learning rate = ``lr * backbone_lr_ratio``.
-    grad_clip
-        Clip the global gradient norm to this value (the accumulated gradient, with ``accumulate``).
-    amp
-        ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
-    accumulate
-        Batches per optimizer step (gradient accumulation, as Lightning's
-        ``accumulate_grad_batches``): the gradient is that of one batch ``accumulate`` times as
-        large (micro-batch losses weighted by their samples). ``global_step``, the schedule,
-        ``log_every`` and the LR trace count optimizer steps; an epoch's last step takes the
-        batches that are left. Under DDP only the last micro-batch of a step synchronises.
-    layer_decay
-        Layer-wise LR decay of the backbone (e.g. 0.75): see
-        :func:`workbench.transfer.param_groups`; multiplies with ``backbone_lr_ratio``.
-    ema, ema_eval
-        Keep an exponential moving average of the weights with this decay (e.g. 0.999; see
-        :mod:`workbench.ema`). It is saved in ``last.pt`` (a resume continues it) and exported
-        as ``checkpoints/ema.safetensors`` every epoch; ``History.ema_weights`` holds it at the
-        end. With ``ema_eval=True`` validation, the best/top-k checkpoints, early stopping and
-        ``restore_best`` use the EMA weights, and the model holds them when ``fit`` returns.
-    monitor, mode, patience, min_delta
-        Metric that picks the best epoch (default ``val_loss`` with validation data, else
-        ``train_loss``); ``patience`` enables early stopping.
-    save_top_k, save_every, restore_best
-        Checkpoints in ``run``'s folder: ``best.safetensors``, the top-k, every N epochs.
-        ``restore_best`` loads the best epoch's weights back at the end (from ``best.safetensors``,
-        or, without ``run``, from a CPU copy taken whenever ``monitor`` improved; a tie goes to
-        the later epoch, as in :attr:`History.best_epoch`).
     state_fn
         What the checkpoints (best, top-k, every N epochs, ``last.pt``) hold of the model:
         ``state_fn(model) -> {name: tensor}``, named as in the unwrapped model; default every
@@ -993,92 +1005,162 @@ def fit(
     callbacks
         Extra :class:`Callback` objects (besides those of an enclosing :func:`extra_callbacks`).
     run
-        A :class:`workbench.Run`: metrics.jsonl per epoch, checkpoints, resume state.
+        A :class:`workbench.Run`: ``metrics.jsonl`` per epoch, checkpoints, resume state, ``train.log``
+        (the settings, the schedule and freezing, one line per epoch with losses, metrics and every
+        group's LR) and ``fit_settings.json`` (the last fit's settings: :meth:`FitSettings.to_dict` with
+        ``monitor`` and ``dtype`` as resolved, plus the derived ``batch_size``, ``steps_per_epoch``,
+        ``world_size`` and ``device``; :meth:`FitSettings.from_dict` reads it back).
     resume
         Continue from ``run``'s ``checkpoints/last.pt`` when it exists (open the run with
-        ``Run(..., resume=True)``). Every setting in :data:`SETTINGS` must equal the saved one
-        (``monitor``, ``mode``, ``patience``, ``min_delta`` and ``save_top_k`` too: the callbacks'
-        saved best value, wait and top-k were kept under them).
-    log_every
-        Steps between reads of the running loss (the only host syncs in the hot loop).
+        ``Run(..., resume=True)``). Every setting in :data:`SETTINGS` (the :class:`FitSettings` fields
+        whose metadata says ``resume``, and batch size, steps per epoch, world size) must equal the
+        saved one (``monitor``, ``mode``, ``patience``, ``min_delta`` and ``save_top_k`` too: the
+        callbacks' saved best value, wait and top-k were kept under them).
     device
         ``"auto"`` or None (default): ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available, else
         the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under DDP every rank trains on ``cuda:LOCAL_RANK``).
         See :func:`workbench.devices.resolve_device`. The model is moved there, and every batch (training,
         validation, the batches ``evaluate`` receives) through :func:`workbench.devices.to_device`.
-    dtype
-        None (default) keeps the model's dtype; ``"float32"``, ``"float64"``, ...: the model's floating tensors
-        are cast to it, and so is every floating tensor of every batch the loop moves. ``"float64"`` on the CPU
-        is the check that every tensor takes the device path (one that does not meets the model as float32).
-    deterministic
-        Ask torch for deterministic kernels (:func:`workbench.devices.set_deterministic`: cuDNN flags,
-        ``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``); the setting stays on for the
-        process. The CPU loop is bit for bit reproducible without it; on a GPU a resume equals an
-        uninterrupted run only with it (and raises where an operation has no deterministic kernel).
     prefetch, pin_memory
         Build the next ``prefetch`` training batches in a background thread while the model trains
         (:class:`workbench.batches.Prefetch`), in pinned memory with ``pin_memory``. None (default): 2 batches,
         pinned, on a CUDA device when ``train_data`` is not a ``DataLoader`` (a DataLoader has its own
         ``num_workers`` and ``pin_memory``); nothing on the CPU. 0 turns it off. The batches and their order
         are the same either way.
-    seed
-        Seeds torch before training; also the seed of the DistributedSampler under DDP (default 0).
+    progress
+        Show a progress bar and the loop's messages.
     distributed
         None: train with DDP when a process group is initialised or torchrun started this
         process with ``WORLD_SIZE`` > 1 (see :mod:`workbench.distributed`); True: the same, but
         refuse to run in one process; False: train in this process alone. Under DDP ``batch_size``
         is per process, rank 0 alone writes ``run`` (the ``run`` and ``resume`` of other ranks are
         not used), and every rank returns the same history.
+    **kwargs
+        :class:`FitSettings` fields. ``lr`` and ``schedule`` are the old names of ``learning_rate`` and
+        ``lr_scheduler_type`` (accepted with a DeprecationWarning); any other name raises TypeError.
+
+    Notes
+    -----
+    What the settings do together:
+
+    - ``optimizer``, ``weight_decay``: biases, normalisation weights and frozen tensors get no weight decay.
+    - ``lr_scheduler_type``, ``warmup_ratio``, ``min_lr_ratio``: see :mod:`workbench.schedules`.
+    - ``strategy``, ``freeze_epochs``: freezing strategy (see :func:`workbench.apply_strategy`). None
+      keeps ``requires_grad`` as the caller set it (by hand, or by peft for LoRA). With
+      ``freeze_epochs=N`` the backbone is frozen for the first N epochs, then ``strategy`` applies
+      (None: the caller's freezing comes back).
+    - ``backbone_lr_ratio``: backbone learning rate = ``learning_rate * backbone_lr_ratio``;
+      ``layer_decay`` (see :func:`workbench.transfer.param_groups`) multiplies with it.
+    - ``grad_clip`` clips the accumulated gradient with ``accumulate``. ``amp``: ``"bf16"`` (CPU or
+      CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
+    - ``accumulate``: batches per optimizer step (as Lightning's ``accumulate_grad_batches``): the
+      gradient is that of one batch ``accumulate`` times as large (micro-batch losses weighted by
+      their samples). ``global_step``, the schedule, ``log_every`` and the LR trace count optimizer
+      steps; an epoch's last step takes the batches that are left. Under DDP only the last
+      micro-batch of a step synchronises.
+    - ``ema``, ``ema_eval``: an exponential moving average of the weights (see :mod:`workbench.ema`),
+      saved in ``last.pt`` (a resume continues it) and exported as ``checkpoints/ema.safetensors``
+      every epoch; ``History.ema_weights`` holds it at the end. With ``ema_eval=True`` validation,
+      the best/top-k checkpoints, early stopping and ``restore_best`` use the EMA weights, and the
+      model holds them when ``fit`` returns.
+    - ``monitor``, ``mode``, ``patience``, ``min_delta``: the metric that picks the best epoch
+      (default ``val_loss`` with validation data, else ``train_loss``); ``patience`` enables early stopping.
+    - ``save_top_k``, ``save_every``, ``restore_best``: checkpoints in ``run``'s folder
+      (``best.safetensors``, the top-k, every N epochs). ``restore_best`` loads the best epoch's
+      weights back at the end (from ``best.safetensors``, or, without ``run``, from a CPU copy taken
+      whenever ``monitor`` improved; a tie goes to the later epoch, as in :attr:`History.best_epoch`).
+    - ``dtype``: None keeps the model's dtype; ``"float64"`` on the CPU is the check that every tensor
+      takes the device path (one that does not meets the model as float32).
+    - ``deterministic``: :func:`workbench.devices.set_deterministic` (cuDNN flags,
+      ``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG``); it stays on for the
+      process. The CPU loop is bit for bit reproducible without it; on a GPU a resume equals an
+      uninterrupted run only with it (and raises where an operation has no deterministic kernel).
+    - ``seed``: also the seed of the DistributedSampler under DDP (default 0 there).
     """
-    _check_args(epochs=epochs, optimizer=optimizer, accumulate=accumulate, ema=ema, ema_eval=ema_eval)
+    s = _resolve_settings(settings, kwargs)
     dist = dist_context(distributed)
     if dist.is_main:
         _check_resume(run, resume)
     device = dist.device(device)
-    dtype = resolve_dtype(dtype)
-    if deterministic:
+    dtype = resolve_dtype(s.dtype)
+    if s.deterministic:
         set_deterministic()
-    train_data = _prefetched(dist.shard_train(train_data, seed=seed), device, prefetch=prefetch, pin_memory=pin_memory)
+    train_data = _prefetched(dist.shard_train(train_data, seed=s.seed), device, prefetch=prefetch,
+                             pin_memory=pin_memory)
     val_given, val_data = val_data, dist.shard_eval(val_data)
-    if seed is not None:
-        torch.manual_seed(seed)
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
     model.to(device=device, dtype=dtype)
-    monitor = monitor or ("val_loss" if val_data is not None else "train_loss")
-    settings = _settings(
-        epochs=epochs, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, optimizer=optimizer,
-        lr=lr, weight_decay=weight_decay, batch_size=getattr(train_data, "batch_size", None),
-        steps_per_epoch=math.ceil(len(train_data) / accumulate), strategy=strategy, freeze_epochs=freeze_epochs,
-        backbone_lr_ratio=backbone_lr_ratio, grad_clip=grad_clip, amp=amp, seed=seed, world_size=dist.world_size,
-        accumulate=accumulate, layer_decay=layer_decay, ema=ema, ema_eval=ema_eval, monitor=monitor, mode=mode,
-        patience=patience, min_delta=min_delta, save_top_k=save_top_k,
-        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-    )
+    monitor = s.monitor or ("val_loss" if val_data is not None else "train_loss")
+    settings = _settings(s, monitor=monitor, dtype=dtype, batch_size=getattr(train_data, "batch_size", None),
+                         steps_per_epoch=math.ceil(len(train_data) / s.accumulate), world_size=dist.world_size)
+    run = run if dist.is_main else None
     trainer = None
     with dist.watch(lambda: trainer.where() if trainer is not None else "setup"):
         _check_same_settings(dist, settings)
-        trainer = _setup(
-            model, dist=dist, settings=settings, strategy=strategy, freeze_epochs=freeze_epochs, lr=lr,
-            optimizer=optimizer, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio, schedule=schedule,
-            warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, monitor=monitor, mode=mode, patience=patience,
-            min_delta=min_delta, save_top_k=save_top_k, save_every=save_every, callbacks=callbacks,
-            run=run if dist.is_main else None, device=device, loss_fn=loss_fn or _default_loss, amp=amp,
-            grad_clip=grad_clip, log_every=log_every, progress=progress,
-        )
-        trainer.accumulate, trainer.ema_eval, trainer.state_fn = accumulate, ema_eval, state_fn
+        trainer = _setup(model, s, dist=dist, settings=settings, monitor=monitor, callbacks=callbacks, run=run,
+                         device=device, loss_fn=loss_fn or _default_loss, progress=progress)
+        trainer.state_fn = state_fn
         trainer.dtype = dtype
         trainer.val_sharded = dist.enabled and (val_data is not val_given or isinstance(val_given, PerRank))
-        if restore_best and run is None and dist.is_main:  # no best.safetensors to read back: keep it in memory
-            trainer.best_in_memory = _BestInMemory(monitor=monitor, mode=mode)
+        if s.restore_best and run is None and dist.is_main:  # no best.safetensors to read back: keep it in memory
+            trainer.best_in_memory = _BestInMemory(monitor=monitor, mode=s.mode)
             trainer.callbacks.append(trainer.best_in_memory)
-        trainer.ema = ModelEMA(model, decay=ema) if ema is not None else None
-        start_epoch, finished = trainer.restore(resume=resume, train_data=train_data, epochs=epochs)
+        trainer.ema = ModelEMA(model, decay=s.ema) if s.ema is not None else None
+        if run is not None:
+            _record_settings(run, s, settings, device)
+        start_epoch, finished = trainer.restore(resume=resume, train_data=train_data, epochs=s.epochs)
         if not finished:
             trainer.log_line(f"{describe(trainer.scheduler)}; {trainer.freeze_report.summary()}; device={device}"
                              + (f"; rank {dist.rank} of {dist.world_size}" if dist.enabled else ""))
-            trainer.train(train_data, val_data, evaluate, start_epoch=start_epoch, epochs=epochs, progress=progress)
+            trainer.train(train_data, val_data, evaluate, start_epoch=start_epoch, epochs=s.epochs, progress=progress)
         _finish_ema(trainer)
-        _restore_best(trainer, restore_best)
+        _restore_best(trainer, s.restore_best)
     return trainer.history
+
+
+def _resolve_settings(settings: FitSettings | None = None, overrides: dict | None = None, *, stacklevel: int = 3
+                 ) -> FitSettings:
+    """``settings`` with ``overrides`` (fit's keywords) applied, or a new :class:`FitSettings` from them.
+
+    The old keywords ``lr`` / ``schedule`` are read as ``learning_rate`` / ``lr_scheduler_type`` with a
+    DeprecationWarning; an unknown keyword raises TypeError naming the closest setting.
+    """
+    values = dict(overrides or {})
+    for old, new in RENAMED.items():
+        if old in values:
+            if new in values:
+                raise TypeError(f"fit() got both {old}= and {new}=; {old} is the old name of {new}: pass {new} only.")
+            warnings.warn(f"fit({old}=...) is deprecated: the setting is now called {new} (the notebooks' name). "
+                          f"Pass {new}=...", DeprecationWarning, stacklevel=stacklevel)
+            values[new] = values.pop(old)
+    names = [f.name for f in fields(FitSettings)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names + list(RENAMED), n=1)
+        hint = f" Did you mean {RENAMED.get(close[0], close[0])!r}?" if close else ""
+        raise TypeError(f"fit() got an unexpected keyword argument {key!r}.{hint} Its settings are the fields of "
+                        f"FitSettings: {', '.join(names)}.")
+    if settings is None:
+        missing = [k for k in ("epochs", "learning_rate") if k not in values]
+        if missing:
+            raise TypeError(f"fit() needs {' and '.join(f'{k}=' for k in missing)} (or settings=FitSettings(...)).")
+        return FitSettings(**values)
+    if not isinstance(settings, FitSettings):
+        raise TypeError(f"settings must be a FitSettings, got {type(settings).__name__}. Pass the settings as "
+                        "keywords (fit(model, data, epochs=..., learning_rate=...)) or as FitSettings(...).")
+    return replace(settings, **values) if values else settings
+
+
+def _record_settings(run, s: FitSettings, settings: dict, device) -> None:
+    """The settings this fit trains with: ``fit_settings.json`` in the run folder and a line of ``train.log``."""
+    record = s.to_dict() | {k: settings[k] for k in ("monitor", "dtype", "batch_size", "steps_per_epoch",
+                                                    "world_size")} | {"device": str(device)}
+    run.save_json("fit_settings.json", record)
+    run.log_text("fit settings: " + json.dumps(record, default=str))
 
 
 def _prefetched(train_data, device: torch.device, *, prefetch: int | None, pin_memory: bool | None):
@@ -1127,41 +1209,43 @@ def _check_same_settings(dist: DistContext, settings: dict) -> None:
                          "the gradient averaging).")
 
 
-def _setup(model, *, dist, settings, strategy, freeze_epochs, lr, optimizer, weight_decay, backbone_lr_ratio,
-           schedule, warmup_ratio, min_lr_ratio, monitor, mode, patience, min_delta, save_top_k, save_every,
-           callbacks, run, device, loss_fn, amp, grad_clip, log_every, progress) -> Trainer:
+def _setup(model, s: FitSettings, *, dist, settings, monitor, callbacks, run, device, loss_fn, progress) -> Trainer:
     """Freezing, optimizer, schedule, callbacks: the :class:`Trainer` before its first epoch.
 
     Freezing comes first, so its table is shown before training; every parameter goes into the optimizer.
     """
+    strategy = s.strategy
     if strategy is None:  # keep the caller's freezing: name exactly the tensors that are frozen now
         strategy = [name for name, p in unwrap(model).named_parameters() if not p.requires_grad]
-    unfreeze = GradualUnfreeze(epochs=freeze_epochs, then=strategy) if freeze_epochs > 0 else None
+    elif isinstance(strategy, tuple):
+        strategy = list(strategy)
+    unfreeze = GradualUnfreeze(epochs=s.freeze_epochs, then=strategy) if s.freeze_epochs > 0 else None
     freeze_report = apply_strategy(model, "frozen_backbone" if unfreeze else strategy)
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, backbone_lr_ratio=backbone_lr_ratio,
-                          layer_decay=settings["layer_decay"])
-    opt = _build_optimizer(optimizer, groups, lr=lr)
+    groups = param_groups(model, lr=s.learning_rate, weight_decay=s.weight_decay,
+                          backbone_lr_ratio=s.backbone_lr_ratio, layer_decay=s.layer_decay)
+    opt = _build_optimizer(s.optimizer, groups, lr=s.learning_rate)
     scheduler = build_scheduler(
-        opt, schedule, total_steps=max(1, settings["epochs"] * settings["steps_per_epoch"]),
-        warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, mode=mode,
+        opt, s.lr_scheduler_type, total_steps=max(1, s.epochs * settings["steps_per_epoch"]),
+        warmup_ratio=s.warmup_ratio, min_lr_ratio=s.min_lr_ratio, mode=s.mode,
     )
-    history = History(group_names=[g["name"] for g in groups], monitor=monitor, mode=mode)
+    history = History(group_names=[g["name"] for g in groups], monitor=monitor, mode=s.mode)
     trainer = Trainer(model, opt, scheduler, history, device=device, run=run, quiet=not progress, dist=dist)
     trainer.freeze_report = freeze_report
-    trainer.settings, trainer.loss_fn, trainer.grad_clip, trainer.log_every = settings, loss_fn, grad_clip, log_every
+    trainer.settings, trainer.loss_fn, trainer.grad_clip, trainer.log_every = settings, loss_fn, s.grad_clip, s.log_every
+    trainer.accumulate, trainer.ema_eval = s.accumulate, s.ema_eval
     trainer.forward_loss = functools.partial(loss_fn, model)
-    trainer.autocast = _autocast(amp, device)
-    trainer.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    trainer.autocast = _autocast(s.amp, device)
+    trainer.scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
     trainer._params = [p for g in opt.param_groups for p in g["params"]]
-    trainer._per_step_schedule = schedule != "plateau"
+    trainer._per_step_schedule = s.lr_scheduler_type != "plateau"
     trainer.last_path = run.checkpoints / "last.pt" if run is not None else None
 
     cbs: list[Callback] = [unfreeze] if unfreeze else []
-    if patience is not None:
-        cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta))
+    if s.patience is not None:
+        cbs.append(EarlyStopping(monitor=monitor, mode=s.mode, patience=s.patience, min_delta=s.min_delta))
     if run is not None:
-        cbs.append(ModelCheckpoint(run.checkpoints, monitor=monitor, mode=mode, save_top_k=save_top_k,
-                                   every_n_epochs=save_every))
+        cbs.append(ModelCheckpoint(run.checkpoints, monitor=monitor, mode=s.mode, save_top_k=s.save_top_k,
+                                   every_n_epochs=s.save_every))
     trainer.callbacks = cbs + list(callbacks) + list(_EXTRA_CALLBACKS.get())
     return trainer
 
@@ -1212,18 +1296,29 @@ def _load_part(model: nn.Module, saved: dict, state_fn: Callable, where) -> None
     unwrap(model).load_state_dict(saved, strict=False)
 
 
-def _settings(**values) -> dict:
-    """The training settings as plain values (what ``last.pt`` stores and a resume compares)."""
-    strategy = values["strategy"]
-    values["strategy"] = "as set by the caller" if strategy is None else (
-        strategy if isinstance(strategy, str) else list(strategy))
+def _settings(s: FitSettings, *, monitor: str, dtype, batch_size, steps_per_epoch: int, world_size: int) -> dict:
+    """The settings a resume must match (:data:`SETTINGS`) as plain values: what ``last.pt`` stores and compares.
+
+    ``monitor`` and ``dtype`` as resolved (a default monitor names the metric it picked), the strategy as
+    a string or a list, and what follows from the data and the processes.
+    """
+    values = s.to_dict() | {"monitor": monitor, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+                            "world_size": world_size, "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+    if s.strategy is None:
+        values["strategy"] = "as set by the caller"
     return {k: values[k] for k in SETTINGS}
 
 
 def _saved_setting(saved: dict, key: str, rows: list):
-    """A saved setting; for one that an older ``last.pt`` does not record, what it meant then."""
+    """A saved setting; for one that an older ``last.pt`` does not record, what it meant then.
+
+    A ``last.pt`` written before the rename to the notebooks' names stored ``lr`` and ``schedule``.
+    """
     if key in saved:
         return saved[key]
+    old = next((o for o, new in RENAMED.items() if new == key), None)
+    if old is not None and old in saved:
+        return saved[old]
     if key == "monitor":  # fit's default: val_loss when the run validated
         return "val_loss" if rows and "val_loss" in rows[0] else "train_loss"
     return _SETTING_DEFAULTS.get(key)
@@ -1241,6 +1336,11 @@ def _check_settings(saved: dict | None, now: dict, path, *, rows: list = ()) -> 
             "were planned for its own settings. Resume with the saved values, or start a new run in another "
             "output_dir."
         )
+
+
+def _epoch_line(logs: dict) -> str:
+    """An epoch's ``train.log`` line: losses, metrics, every group's LR, time."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
 
 
 def _micro_batches(data: Iterable, k: int):

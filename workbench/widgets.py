@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .execute import coerce_parameters, notebook_parameters
-from .training import LiveCurves
+from .live import LiveCurves
 
 __all__ = ["panel", "ParameterPanel", "OutputCurves", "parse_options"]
 
@@ -487,8 +487,8 @@ class ParameterPanel:
         groups = None
         if "backbone_lr_ratio" in v or "freeze_epochs" in v:  # one line per parameter group, freeze phase marked
             groups = {"backbone": v.get("backbone_lr_ratio", 1.0), "head": 1.0}
-        return lr_curve(v["lr_scheduler_type"], lr=v["learning_rate"], total_steps=v["epochs"] * per_epoch,
-                        warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
+        return lr_curve(v["lr_scheduler_type"], learning_rate=v["learning_rate"],
+                        total_steps=v["epochs"] * per_epoch, warmup_ratio=v.get("warmup_ratio", 0.0), groups=groups,
                         freeze_steps=v.get("freeze_epochs", 0) * per_epoch)
 
     # -- LR range test -----------------------------------------------------------------------
@@ -697,7 +697,7 @@ class ParameterPanel:
 class OutputCurves(LiveCurves):
     """Training curves redrawn after every epoch inside an ipywidgets ``Output``.
 
-    :class:`workbench.training.LiveCurves` updates a display handle, but display updates do not
+    :class:`workbench.live.LiveCurves` updates a display handle, but display updates do not
     reach outputs captured by an ``Output`` widget (jupyter-widgets/ipywidgets#1844). This
     variant clears the widget and draws the new figure instead, and closes each figure so that
     none piles up in pyplot (or reappears under the next cell that runs).

@@ -132,8 +132,8 @@ def finetune(model, data: CellData, *, epochs: int, learning_rate: float, batch_
     batches = data.batches(data.labelled_idx, batch_size=batch_size, shuffle=True, seed=seed)
     val = data.batches(data.val_idx, batch_size=256) if has_val else None
     return fit(
-        model, batches, epochs=epochs, lr=learning_rate, weight_decay=DEFAULTS["weight_decay"],
-        schedule=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy, freeze_epochs=freeze_epochs,
+        model, batches, epochs=epochs, learning_rate=learning_rate, weight_decay=DEFAULTS["weight_decay"],
+        lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, strategy=strategy, freeze_epochs=freeze_epochs,
         backbone_lr_ratio=backbone_lr_ratio, val_data=val, evaluate=validation_accuracy_and_macro_f1 if has_val else None,
         monitor=monitor if has_val else "train_loss", mode=MONITORS[monitor] if has_val else "min",
         patience=patience or None, restore_best=True, run=run, callbacks=callbacks, progress=progress, seed=seed,
