@@ -5,7 +5,7 @@ signal-to-noise ratio in dB), this simulates the notebook's default data for see
 does (``heart_sound.load`` with the notebook's defaults), fits the band-power logistic regression
 (``heart_sound.baseline``) and prints its test AUROC per seed and the mean. No model is trained or looked at.
 
-``--shot-ratio`` adds the baseline on the few-shot split (the same 10% of labelled patients the few_shot runs
+``--label-fraction 1.0 0.1`` adds the baseline on the few-shot split (the same 10% of labelled patients the few_shot runs
 use); ``--tasks`` measures other tasks too (their generator is the same code). Every knob value tried is kept in
 benchmarks/results/heart_baseline_difficulty.json (merged by knob value and task), so the file is the record of
 the tuning.
@@ -43,7 +43,8 @@ def main():
                         help="knob values to try; none: the generator as committed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tasks", nargs="+", default=["circor_murmur"])
-    parser.add_argument("--shot-ratio", type=float, nargs="*", default=[1.0])
+    parser.add_argument("--label-fraction", type=float, nargs="*", default=[1.0],
+                        help="label_fraction values (0.1: the few_shot runs' labelled patients)")
     parser.add_argument("--label", default="", help="a name for this generator (e.g. before); default: the knob")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -149,5 +149,7 @@ def test_api_page_lists_every_top_level_name():
     missing = [f"{module}.{name}" for name, module in workbench._EXPORTS.items() if f"{module}.{name}" not in listed]
     assert not missing, f"add to the `wb` namespace list of docs/api.md: {missing}"
     modules = {path.stem for path in (ROOT / "workbench").glob("*.py") if not path.stem.startswith("_")}
-    modules |= {f"tasks.{path.stem}" for path in (ROOT / "workbench" / "tasks").glob("*.py") if path.stem != "__init__"}
+    tasks = ROOT / "workbench" / "tasks"  # a workflow is a module or a package (a folder with __init__.py)
+    modules |= {f"tasks.{path.stem}" for path in tasks.glob("*.py") if path.stem != "__init__"}
+    modules |= {f"tasks.{path.parent.name}" for path in tasks.glob("*/__init__.py")}
     assert not modules - listed, f"modules with no API page (add them to docs/api.md): {sorted(modules - listed)}"

@@ -420,3 +420,113 @@ def test_event_times_may_be_dates(tables, tmp_path, data):
     loaded = es.load(_write(tmp_path, events, labels), label_fraction=0.5, seed=0)
     np.testing.assert_allclose(loaded.sequences[0][es.TIME] - 19723, data.sequences[0][es.TIME], atol=1e-4)
     np.testing.assert_allclose(loaded.sequences[0]["time_gap"], data.sequences[0]["time_gap"], atol=1e-4)
+
+
+def test_the_declaration_takes_the_cores_schedules_and_finetune_trains_any_of_them(data):
+    """Issue 22: the task kept its own list (cosine | plateau | constant) and re-checked it; the core's is the one."""
+    from workbench.schedules import SCHEDULES
+
+    assert es.WORKFLOW.options("lr_scheduler_type") == (SCHEDULES, False)
+    assert es.WORKFLOW.check({"lr_scheduler_type": "linear"})["lr_scheduler_type"] == "linear"
+    torch.manual_seed(0)
+    model = es.build_model(data, head_hidden="", **TINY)
+    history = es.finetune(model, data, epochs=1, learning_rate=1e-3, batch_size=8, lr_scheduler_type="linear",
+                          warmup_ratio=0.2, progress=False)
+    assert np.isfinite(history.rows[0]["train_loss"])
+    with pytest.raises(ValueError, match="lr_scheduler_type='cosin' is not one of constant, constant_with_warmup"):
+        es.finetune(model, data, epochs=1, learning_rate=1e-3, lr_scheduler_type="cosin", progress=False)
+
+
+def test_event_batches_shard_through_the_core_like_index_batches(data):
+    """Issue 22: under --nproc fit shards train batches with .shard(rank, world_size); EventBatches had none."""
+    from workbench.batches import IndexBatches
+
+    batches = es.EventBatches(data, data.train_idx, batch_size=5, shuffle=True, seed=3)
+    assert isinstance(batches, IndexBatches)
+    ranks = [batches.shard(r, 2) for r in (0, 1)]
+    assert ranks[0].generator is batches.generator  # fit checkpoints and restores this one RNG
+    assert len(ranks[0]) == len(ranks[1]) == int(np.ceil(np.ceil(len(data.train_idx) / 2) / 5))
+    seen = []
+    for rank in ranks:
+        rank.generator.manual_seed(3)  # every rank draws the same permutation
+        seen += [client for x, y in rank for client in y.tolist()]
+    assert len(seen) == 2 * int(np.ceil(len(data.train_idx) / 2))
+    positions = []
+    for rank in ranks:
+        rank.generator.manual_seed(3)
+        positions += [p for batch in rank.positions() for p in batch.tolist()]
+    assert set(positions) == set(range(len(data.train_idx)))  # together, each client once (one repeated to pad)
+    # one process: the same batches as before sharding existed (a permutation of torch's generator, in order)
+    batches.generator.manual_seed(3)
+    order = torch.randperm(len(data.train_idx), generator=torch.Generator().manual_seed(3)).numpy()
+    assert np.array_equal(np.concatenate(batches.positions()), order)
+    evaluation = es.EventBatches(data, data.test_idx, batch_size=4, max_tokens=200)
+    shards = [evaluation.shard(r, 2) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == int(np.ceil(len(evaluation) / 2))
+    assert set(np.concatenate([np.concatenate(s.positions()) for s in shards])) == set(range(len(data.test_idx)))
+
+
+def _ptls_checkpoint(data, path, *, channel_width=16, hidden_size=8, rnn="gru"):
+    """A CoLES checkpoint as ptls builds and Lightning saves it (``state_dict`` of ``_seq_encoder.*``), written
+    with ptls's own classes: its channel embedding is ``channel_width`` wide."""
+    from ptls.frames.coles import CoLESModule
+    from ptls.nn import RnnSeqEncoder, TrxEncoder
+
+    torch.manual_seed(1)
+    trx = TrxEncoder(embeddings={"event_type": {"in": len(data.vocab["event_type"]), "out": 4},
+                                 "channel": {"in": len(data.vocab["channel"]), "out": channel_width}},
+                     numeric_values={"amount": "log", "time_gap": "identity"})
+    module = CoLESModule(seq_encoder=RnnSeqEncoder(trx_encoder=trx, hidden_size=hidden_size, type=rnn,
+                                                   is_reduce_sequence=True))
+    torch.save({"epoch": 3, "global_step": 30, "state_dict": module.state_dict()}, path)
+    return module
+
+
+def test_a_ptls_checkpoint_decides_its_embedding_widths(data, tmp_path):
+    """Issue 22: a ptls checkpoint with a 16-wide channel embedding loaded 10 of 12 tensors (the channel embedding
+    and the GRU's input weights mismatched): the widths are not parameters, so the model is built to match."""
+    import workbench as wb
+
+    path = tmp_path / "wide.ckpt"
+    module = _ptls_checkpoint(data, path)
+    widths = es.checkpoint_widths(path, data, hidden_size=8)
+    assert widths == {"event_type": 4, "channel": 16}
+    model = es.build_model(data, embedding_sizes=widths, head_hidden="8", **TINY)
+    report = es.load_checkpoint(model, path)
+    assert len(report.loaded) == 12 and not report.mismatched and not report.unexpected
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, module.state_dict()[f"_seq_encoder.{key}"]), key
+    assert es.embedding_sizes(model) == widths
+    # what the notebook sets must agree with the checkpoint: the error names the parameter and its value
+    with pytest.raises(ValueError, match=r"hidden_size=16 cannot load it. Set hidden_size=8 \(-p hidden_size 8\)"):
+        es.checkpoint_widths(path, data, hidden_size=16)
+    with pytest.raises(ValueError, match=r"holds a GRU encoder .* Set encoder_type='gru'"):
+        es.checkpoint_widths(path, data, encoder_type="lstm", hidden_size=8)
+    assert es.checkpoint_widths(None, data) == {}
+    # a run folder keeps the widths: its predictor rebuilds the same model
+    run = wb.Run(tmp_path / "run", params={"hidden_size": 8, "head_hidden": "8"})
+    es.save_predictor(run, model, data)
+    predictor = wb.predict.load_run(run.path)
+    assert es.embedding_sizes(predictor.model) == widths
+
+
+@pytest.mark.slow
+def test_the_notebook_trains_on_two_ranks(tiny_csv, tmp_path):
+    """Issue 22: `workbench run --nproc 2` raised ShardingError on the event batches; now each rank trains its share."""
+    from workbench.checkpoints import load_state
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NUM_THREADS": "1", "WORKBENCH_CACHE": str(tmp_path / "cache"),
+           "WORKBENCH_DDP_TIMEOUT_S": "120"}
+    params = {"data_path": str(tiny_csv), "pretrain_epochs": 1, "epochs": 2, "freeze_epochs": 1, "hidden_size": 8,
+              "head_hidden": "8", "label_fraction": 0.5, "device": "cpu"}
+    proc = _cli(["run", str(NOTEBOOK), "--nproc", "2", "--backend", "gloo",
+                 *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["ok"] and status["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone wrote, one row per epoch
+    assert load_state(out / "checkpoints" / "last.pt")["settings"]["world_size"] == 2
+    assert set(es.WORKFLOW.headline_metrics) <= set(json.loads((out / "final_metrics.json").read_text()))
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*/pretrained.safetensors"))) == 1  # built once
+

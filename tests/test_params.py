@@ -94,5 +94,6 @@ def test_a_sweep_with_one_bad_grid_value_fails_at_load_naming_the_value_and_the_
     text = str(err.value)
     assert "lr_scheduler_type='cosin' is not one of" in text and "Did you mean 'cosine'?" in text
     assert "sweep 'bad', run " in text and "cosin" in text.split("run ", 1)[1].split(":")[0]
+    assert "(cell_type workflow) (2 of 4 runs" in text  # names the workflow whose declaration refused
     assert "(2 of 4 runs have values that are not accepted; no run was started.)" in text
     assert not any(tmp_path.iterdir())

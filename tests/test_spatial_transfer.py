@@ -209,6 +209,9 @@ def test_pretraining_is_cached_and_cross_validation_writes_each_fold(study, tmp_
     final = st.evaluate(result, run=run).final
     assert set(st.WORKFLOW.headline_metrics) <= set(final) and final["folds"] == 2
     assert json.loads((run.path / "final_metrics.json").read_text()) == final
+    # the three faces (issue 22): html, one row per fold, the final metrics
+    assert result.to_dict() == final and result.to_frame().index.tolist() == ["A1", "B1"]
+    assert "Per fold" in result._repr_html_() and final["n_train"] == final["baseline_n_train"]
 
 
 def _cli(args, env=None):
@@ -274,3 +277,48 @@ def test_on_a_rank_other_than_0_cross_validation_writes_no_fold_files(study, tmp
     result = st.cross_validate(study, strategy="full", cv="loo", held_out="A1", epochs=1, run=run, **TINY)
     assert list(result.per_fold.index) == ["A1"]
     assert not (tmp_path / "run").exists()
+
+
+def test_slide_batches_shard_by_slide_under_ddp_with_each_slides_supervised_spots(study):
+    """Issue 22: SlideBatches had no shard(), so fit under torchrun raised ShardingError for every spatial run."""
+    from workbench.distributed import DistContext
+
+    data = study.spatial
+    mask = np.zeros(len(data.spot_ids), bool)
+    mask[::3] = True  # a third of the spots supervised: n_items counts those, not the slide's spots
+    scaler = st.Scaler.fit(data, np.flatnonzero(mask))
+    batches = st.SlideBatches(data, scaler, data.slide_names, mask, shuffle=True, seed=3)
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(3)).tolist()
+    slide_of = {id(b.x): s for s, b in batches.items.items()}
+    assert [slide_of[id(b.x)] for b in batches] == [batches.slides[i] for i in order]  # one process: as before
+
+    ranks = [DistContext(enabled=True, rank=r, world_size=2).shard_train(batches, seed=0) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2] and ranks[0].generator is batches.generator
+    seen = []
+    for r in ranks:  # each rank draws the same order from the same generator state
+        batches.generator.manual_seed(3)
+        seen.append([slide_of[id(b.x)] for b in r])
+    padded = [batches.slides[i] for i in order + order[:1]]
+    assert seen == [padded[0::2], padded[1::2]]  # every slide on some rank; the order's start repeats to even out
+    for r in ranks:
+        for b in r:
+            assert b.n_items == int(mask[data.positions(slide_of[id(b.x)])].sum()) < len(b.mask)
+
+
+def test_workbench_run_nproc_2_trains_the_spatial_notebook_on_two_ranks(tmp_path):
+    """Issue 22: `workbench run spatial_transfer.ipynb --nproc 2` stopped in fit with ShardingError (slide batches)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NUM_THREADS": "1", "WORKBENCH_CACHE": str(tmp_path / "cache"),
+           "WORKBENCH_DDP_TIMEOUT_S": "120"}
+    params = {"n_bulk_slides": 3, "n_spatial_slides": 3, "epochs": 2, "pretrain_epochs": 1, "cv": "loo",
+              "held_out": "A1,B1"}
+    proc = _cli(["run", str(NOTEBOOK), "--nproc", "2", "--backend", "gloo",
+                 *[x for k, v in params.items() for x in ("-p", k, str(v))], "-o", str(out)], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    status = json.loads((out / "status.json").read_text())
+    assert status["ok"] and status["world_size"] == 2
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["folds"] == 2 and all(np.isfinite(final[k]) for k in st.WORKFLOW.headline_metrics)
+    assert {p.name for p in (out / "folds").iterdir()} == {"A1", "B1"}  # rank 0 alone wrote them
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*/pretrained.safetensors"))) == 1  # built once

@@ -16,7 +16,7 @@ from workbench.execute import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "cell_type_annotation.ipynb"
-SCHEDULES = ["constant", "constant_with_warmup", "cosine", "linear", "step", "plateau"]
+SCHEDULES = ["constant", "constant_with_warmup", "cosine", "linear", "step", "plateau"]  # as declared
 TINY = {"epochs": 1, "pretrained_checkpoint": "none", "batch_size": 64}
 
 
@@ -75,8 +75,10 @@ def test_values_and_set_are_typed_and_checked(make_panel):
         panel.set(lr=1e-3)
     with pytest.raises(ValueError, match=r"epochs='many'.*cannot be converted to int"):
         panel.set(epochs="many")
-    with pytest.raises(ValueError, match="lr_scheduler_type='onecycle' is not one of"):
-        make_panel(values={"lr_scheduler_type": "onecycle"})
+    with pytest.raises(ValueError, match="lr_scheduler_type='cosin' is not one of .*, the options the cell_type "
+                                         "workflow declares for it"):
+        make_panel(values={"lr_scheduler_type": "cosin"})
+    assert make_panel(values={"lr_scheduler_type": "plateau"}).values()["lr_scheduler_type"] == "plateau"
 
 
 def test_parse_options_takes_the_leading_word():
@@ -347,3 +349,31 @@ def test_find_lr_button_fills_learning_rate_and_leaves_the_model(make_panel):
     assert plain.find_lr_button.disabled is True
     with pytest.raises(ValueError, match="built without find_lr="):
         plain.find_lr()
+
+
+@pytest.mark.parametrize("name", ["cell_type", "event_sequence", "heart_sound", "regulatory", "spatial_transfer"])
+def test_the_panel_offers_every_declared_option(name):
+    """Issue 22: fields and options come from the workflow's declaration, not from help comments (the cell-type
+    panel lacked plateau, and cell type's `backed` offered auto, true and free text, when both were declared)."""
+    from workbench.params import Choice
+    from workbench.workflow import get_workflow
+
+    workflow = get_workflow(name)
+    panel = widgets.panel(workflow.notebook, train=lambda values, callbacks=(): None)
+    assert panel.workflow is workflow and list(panel.fields) == list(workflow.parameters)
+    kinds = {int: w.IntText, float: w.FloatText, bool: w.Checkbox, str: (w.Text, w.Dropdown, w.Combobox)}
+    choices = 0
+    for pname, param in workflow.parameters.items():
+        field = panel.fields[pname]
+        assert isinstance(field, kinds[param.type]), pname
+        assert field.value == param.default and field.tooltip == param.help, pname
+        if isinstance(param.accepts, Choice):
+            choices += 1
+            assert type(field) is (w.Combobox if param.accepts.or_path else w.Dropdown), pname
+            assert list(field.options) == list(param.accepts.options), pname
+            for option in param.accepts.options:
+                panel.set(**{pname: option})  # each option is accepted as a value, too
+            panel.set(**{pname: param.default})
+    assert choices >= 4
+    assert isinstance(panel.fields["device"], w.Combobox)  # auto | cpu | cuda, and cuda:N typed
+    assert list(panel.fields["device"].options) == ["auto", "cpu", "cuda"]

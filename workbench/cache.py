@@ -91,18 +91,17 @@ def code_version(module_name: str) -> dict:
     """What version of the code made an entry: torch's version, a hash of the workbench core and of the module.
 
     The core is every module of the ``workbench`` package (``workbench/*.py``: the training
-    loop, checkpoints, batches, ... that a build runs); the module is the task's own source:
-    its file, or for a package (a task split into ``data.py``, ``model.py``, ...) every ``.py``
-    file under its folder. Put it into a fingerprint so that an edit to the pretraining code (a
-    new objective, a fix in the training loop) builds the entry anew instead of reusing what the
-    old code made.
+    loop, checkpoints, batches, ... that a build runs); the module is the task's own source
+    file, or for a package (a task split into modules) every ``.py`` file under its folder.
+    Put it into a fingerprint so that an edit to the pretraining code (a new objective, a
+    fix in the training loop) builds the entry anew instead of reusing what the old code made.
     """
     import importlib
 
     import torch
 
     module = importlib.import_module(module_name)
-    if hasattr(module, "__path__"):  # a package: all of its modules, sub-packages included
+    if hasattr(module, "__path__"):  # a package (a task split into modules): every module in its folder
         folder = Path(module.__file__).parent
         source = b"".join(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0"
                           for path in sorted(folder.rglob("*.py")))

@@ -4,6 +4,9 @@
 
     workbench run notebooks/cell_type_annotation.ipynb -p learning_rate 1e-3 -p epochs 2
     workbench run notebooks/cell_type_annotation.ipynb --nproc 2 -o runs/ct_ddp      # DDP, 2 processes
+    workbench run cell_type -p epochs 2                       # a registered workflow, by name
+    workbench run notebooks/cell_type_annotation.ipynb --help # its parameters, from the workflow's declaration
+    workbench workflows                                       # the registered workflows
     workbench sweep notebooks/sweeps/lr_schedule.yaml --workers 2
     workbench report runs/sweeps/lr_schedule
     workbench predict runs/ct_constant new_cells.h5ad -o predictions.csv -o annotated.h5ad
@@ -51,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Run parameterized notebooks and sweeps.")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="{run,sweep,report,predict}")
+    commands = parser.add_subparsers(title="commands", required=True,
+                                     metavar="{run,sweep,report,predict,workflows}")
 
-    run = commands.add_parser("run", help="execute one notebook with parameters into a run folder")
-    run.add_argument("notebook", type=Path, help="the .ipynb file (needs a cell tagged 'parameters')")
+    run = commands.add_parser("run", help="execute one notebook with parameters into a run folder", add_help=False,
+                              description="Execute one notebook with parameters into a run folder. "
+                                          "`workbench run NOTEBOOK --help` also lists the notebook's parameters.")
+    run.add_argument("notebook", type=Path, nargs="?", default=None,
+                     help="the .ipynb file (needs a cell tagged 'parameters'), or the name of a registered workflow "
+                          "(`workbench workflows` lists them)")
+    run.add_argument("-h", "--help", action="store_true",
+                     help="show this help and the parameters of NOTEBOOK (its workflow's declaration), then exit")
+    run.add_argument("--list", action="store_true", help="list the registered workflows and exit")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a parameter; repeat for several (VALUE is converted to the declared type)")
     run.add_argument("-o", "--output-dir", type=Path, default=None,
@@ -70,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                      help="process group backend with --nproc: auto is nccl (one GPU per process) when CUDA is "
                           "available, else gloo; gloo runs CPU processes on a GPU machine too (default: auto)")
-    run.set_defaults(command=_cmd_run, name="run")
+    run.set_defaults(command=_cmd_run, name="run", parser=run)
 
     sweep = commands.add_parser("sweep", help="run a grid sweep from a YAML spec (resumable)")
     sweep.add_argument("spec", type=Path, help="sweep spec (.yaml)")
@@ -122,7 +133,60 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--fold", default=None,
                          help="spatial runs: predict with this fold's model (default: the mean of the folds' models)")
     predict.set_defaults(command=_cmd_predict, name="predict")
+
+    listing = commands.add_parser(
+        "workflows", help="list the registered workflows (name, title, notebook)",
+        description="The workflows registered under the entry-point group workbench.workflows: workbench's own and "
+                    "those of other installed packages. Run one with `workbench run NAME` or its notebook.")
+    listing.set_defaults(command=_cmd_workflows, name="workflows")
     return parser
+
+
+def _cmd_workflows(args) -> int:
+    from .workflow import workflows
+
+    found = workflows()
+    if not found:
+        print("no workflow is registered (entry-point group workbench.workflows); is workbench installed "
+              "(pip install -e .)?")
+        return 0
+    width = max(map(len, found))
+    for name, workflow in found.items():
+        print(f"{name:<{width}}  {workflow.title or '(no title)'}\n{'':<{width}}  {workflow.notebook}")
+    return 0
+
+
+def _resolve_notebook(given: Path) -> tuple[Path, object]:
+    """``(notebook, its workflow or None)`` for what ``workbench run`` was given: a notebook path, or the name of a
+    registered workflow (when no file of that name exists)."""
+    from .workflow import get_workflow, workflow_of
+
+    if given.suffix != ".ipynb" and not given.exists() and given.name == str(given):
+        try:
+            workflow = get_workflow(str(given))
+        except KeyError as err:
+            raise FileNotFoundError(f"{str(given)!r} is neither a notebook nor a registered workflow: "
+                                    f"{err.args[0]}") from None
+        return workflow.notebook, workflow
+    if not given.is_file():
+        raise FileNotFoundError(f"notebook={str(given)!r} does not exist (looked in {Path.cwd()}).")
+    return given, workflow_of(given)
+
+
+def _notebook_help(notebook: Path, workflow) -> str:
+    """The parameters ``workbench run NOTEBOOK --help`` lists: the workflow's declaration, else the cell's lines."""
+    if workflow is not None:
+        return workflow.help()
+    from .execute import notebook_parameters
+
+    declared = notebook_parameters(notebook)
+    if not declared:
+        return f"{notebook.name} has no cell tagged 'parameters'."
+    width = max(map(len, declared))
+    lines = [f"parameters of {notebook.name} (its parameters cell; it names no workflow); set with -p NAME VALUE:"]
+    for name, info in declared.items():
+        lines.append(f"  {name:<{width}}  {info['type'] or 'any':<5} = {info['default']:<12} {info['help'] or ''}")
+    return "\n".join(lines)
 
 
 def _cmd_predict(args) -> int:
@@ -150,6 +214,18 @@ def _cmd_run(args) -> int:
     from .execute import run_notebook
     from .tracking import new_run_dir
 
+    if args.list:
+        return _cmd_workflows(args)
+    if args.notebook is None:
+        if args.help:
+            print(args.parser.format_help())
+            return 0
+        raise ValueError("give a notebook or the name of a registered workflow (workbench workflows lists them).")
+    args.notebook, workflow = _resolve_notebook(args.notebook)
+    if args.help:
+        print(args.parser.format_help())
+        print(_notebook_help(args.notebook, workflow))
+        return 0
     if args.log_output:
         import logging
 

@@ -226,6 +226,9 @@ def worker_gpus(workers: int, gpus: list[str]) -> list[str | None]:
 class DeviceName(Constraint):
     """A notebook's ``device`` parameter: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked where CUDA is, at use)."""
 
+    #: The usual values, which the widget panel offers (``cuda:N`` may be typed besides).
+    suggestions = ("auto", "cpu", "cuda")
+
     def describe(self) -> str:
         return "one of auto, cpu, cuda, or cuda:N (N a GPU index)"
 

@@ -274,12 +274,15 @@ def _check_values(spec: SweepSpec, declared: dict) -> None:
     """Check every run of the grid against the workflow's declared constraints, before any run begins."""
     from .execute import check_values
     from .params import ParameterError
+    from .workflow import workflow_of
 
+    workflow = workflow_of(spec.notebook)
+    of = f" ({workflow.name} workflow)" if workflow is not None else ""
     runs = spec.runs()
     bad = []
     for rid, params in runs:
         try:
-            check_values(spec.notebook, params, declared=declared, where=f"sweep {spec.name!r}, run {rid}")
+            check_values(spec.notebook, params, declared=declared, where=f"sweep {spec.name!r}, run {rid}{of}")
         except ParameterError as err:
             bad.append(err)
     if bad:

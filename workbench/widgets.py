@@ -1,9 +1,12 @@
-"""An ipywidgets panel over a notebook's parameters cell.
+"""An ipywidgets panel over a notebook's parameters.
 
-The panel reads the names, types, defaults and help comments of the notebook's cell tagged
-``parameters`` (through :func:`workbench.execute.notebook_parameters`), so the names it edits are
-the names papermill injects, the names a sweep grid varies and the keys of a run's
-``params.json``. In a workflow notebook::
+For a notebook that names its workflow (``{"workbench": {"workflow": NAME}}`` in its metadata) the
+panel's fields come from the workflow's declaration (:class:`workbench.workflow.Workflow`): names,
+types, defaults, help and the options of each choice. For any other notebook they come from its
+cell tagged ``parameters`` (names, types, defaults and help comments, through
+:func:`workbench.execute.notebook_parameters`). Either way the names it edits are the names
+papermill injects, the names a sweep grid varies and the keys of a run's ``params.json``. In a
+workflow notebook::
 
     from workbench import widgets
     from workbench.tasks import cell_type
@@ -11,8 +14,10 @@ the names papermill injects, the names a sweep grid varies and the keys of a run
     widgets.panel("cell_type_annotation.ipynb", values=params)  # Train runs the notebook's cells in this process
 
 One widget per parameter: ``int`` -> IntText, ``float`` -> FloatText, ``bool`` -> Checkbox, a
-``str`` whose help comment lists options (``# constant | cosine | linear``) -> Dropdown of those
-options, any other ``str`` -> Text. Below them, three tabs:
+``str`` the declaration limits to a :class:`workbench.params.Choice` -> Dropdown of its options
+(a Combobox when a path is accepted too, ``Choice(..., or_path=True)``), any other ``str`` -> Text.
+A notebook without a workflow gets its dropdowns from help comments that list options
+(``# constant | cosine | linear``). Below them, three tabs:
 
 LR schedule
     The planned learning rate at every step, redrawn whenever ``lr_scheduler_type``,
@@ -165,6 +170,13 @@ def resolve_notebook(notebook, fallback) -> tuple[Path, str]:
                             f"{fallback}.")
 
 
+def _declared_parameters(workflow) -> dict[str, dict]:
+    """A workflow's parameters in the shape :func:`workbench.execute.notebook_parameters` gives a cell's:
+    ``{name: {"type", "default" (source text), "help"}}``, in declared order."""
+    return {name: {"type": param.type.__name__, "default": repr(param.default), "help": param.help}
+            for name, param in workflow.parameters.items()}
+
+
 def parse_options(help_text: str) -> tuple[list[str], bool]:
     """The options listed in a parameter's help comment.
 
@@ -202,8 +214,11 @@ class ParameterPanel:
         What the parameters cell declares: ``{name: {"type", "default", "help"}}``.
     fields
         ``{name: widget}``, one per parameter, in declaration order.
+    workflow
+        The notebook's :class:`workbench.workflow.Workflow` (the fields come from its declaration), or None
+        (the fields come from the parameters cell).
     options
-        ``{name: [options]}`` for the string parameters whose help comment lists options.
+        ``{name: [options]}`` for the string parameters limited to a list of options (a dropdown).
     vary
         ``{name: Text}``: comma-separated values a sweep grid varies (empty: not varied).
     widget
@@ -227,7 +242,11 @@ class ParameterPanel:
 
         self.notebook_given = str(notebook)
         self.notebook = Path(notebook).resolve()
-        self.parameters = notebook_parameters(self.notebook)
+        from .workflow import workflow_of
+
+        self.workflow = workflow_of(self.notebook)
+        self.parameters = (_declared_parameters(self.workflow) if self.workflow is not None
+                           else notebook_parameters(self.notebook))
         if not self.parameters:
             raise ValueError(f"notebook={self.notebook_given!r} has no cell tagged 'parameters' (or it declares "
                              "nothing); tag the cell that assigns the parameters with 'parameters'.")
@@ -310,7 +329,13 @@ class ParameterPanel:
             return w.FloatText(**common)
         if kind == "bool":
             return w.Checkbox(indent=True, **common)
-        options, open_ended = parse_options(help_text) if kind in ("str", None) else ([], False)
+        if kind not in ("str", None):
+            options, open_ended = [], False
+        elif self.workflow is not None:  # the declaration: a Choice's options, or_path for a path besides
+            options, open_ended = self.workflow.options(name)
+            options = list(options)
+        else:
+            options, open_ended = parse_options(help_text)
         if options and not open_ended:
             self.options[name] = options
             return w.Dropdown(options=options, **wide)  # the default width cuts off e.g. constant_with_warmup
@@ -423,6 +448,11 @@ class ParameterPanel:
 
     def _check_option(self, name: str, value: Any) -> None:
         if name in self.options and value not in self.options[name]:
+            if self.workflow is not None:
+                raise ValueError(
+                    f"{name}={value!r} is not one of {', '.join(self.options[name])}, the options the "
+                    f"{self.workflow.name} workflow declares for it ({self.notebook.name}). Pick one of them."
+                )
             raise ValueError(
                 f"{name}={value!r} is not one of {', '.join(self.options[name])}, the options the parameters cell of "
                 f"{self.notebook.name} lists for it. Pick one of them, or add it to the comment after {name} "

@@ -229,9 +229,17 @@ class Workflow:
 
     def options(self, name: str) -> tuple[tuple, bool]:
         """``(options, open_ended)`` of a parameter: the listed choices, and whether a path (or any text) is also
-        accepted. ``((), False)`` for a parameter without a list of choices."""
+        accepted. ``((), False)`` for a parameter without a list of choices.
+
+        A :class:`workbench.params.Choice` gives its options (open-ended with ``or_path``); another constraint that
+        names its usual values as ``suggestions`` gives those, open-ended (``device``: auto, cpu, cuda, and cuda:N).
+        The widget panel builds its dropdowns and comboboxes from this.
+        """
         accepts = self.parameters[name].accepts
-        return _options(accepts), bool(getattr(accepts, "or_path", False))
+        if isinstance(accepts, Choice):
+            return _options(accepts), accepts.or_path
+        suggestions = tuple(getattr(accepts, "suggestions", ()))
+        return suggestions, bool(suggestions)
 
     def parameters_cell(self) -> str:
         """The source of the notebook's cell tagged ``parameters``: one typed, commented line per parameter."""
@@ -333,7 +341,11 @@ def _entry_points() -> dict:
 
 
 def workflows() -> dict[str, Workflow]:
-    """Every registered workflow by name: workbench's own and those of installed packages (entry points)."""
+    """Every registered workflow by name: workbench's own and those of installed packages (entry points).
+
+    The entry points are read anew, so a package installed since the first look (in this process) is listed too.
+    """
+    _entry_points.cache_clear()
     return {name: get_workflow(name) for name in sorted(_entry_points())}
 
 

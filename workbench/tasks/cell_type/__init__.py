@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...params import Choice, Text
 from ...schedules import SCHEDULES
 from ...transfer import BUILTIN_STRATEGIES
-from ...params import Choice, Text
 from ...workflow import Param, Workflow
 from .data import (
     BACKED_AUTO_BYTES, BACKED_CHOICES, VAL_FRACTION, CellData, ExpressionBatches, bundled_pbmc68k_reduced,
-    expression_matrix, load, read_adata, use_backed,
+    load, read_adata, use_backed,
 )
 from .model import DEFAULTS, CellTypeClassifier, ExpressionEncoder, MaskedExpressionModel, build_model
 from .predictor import CellTypePredictor, save_predictor
@@ -58,11 +58,6 @@ __all__ = [
     # prediction from a run folder
     "CellTypePredictor", "save_predictor",
 ]
-
-#: spatial_transfer reads cells through these until reading an .h5ad's expression moves to the core (issue 22: no
-#: task imports another); not part of this workflow's API.
-_features = expression_matrix
-
 
 WORKFLOW = Workflow(
     name="cell_type",
