@@ -16,6 +16,8 @@ import numpy as np
 from ... import splits
 from ...cache import fingerprint
 from ...params import Real
+from ...anndata_io import bundled_pbmc68k_reduced, expression
+from ...anndata_io import read_adata as _read_adata
 from ...streaming import StreamingBatches, read_rows, scan
 
 __all__ = ["CellData", "ExpressionBatches", "load", "read_adata", "expression_matrix", "normalise_counts",
@@ -126,22 +128,6 @@ class CellData:
         return f"<p><b>{self.summary()}</b></p>" + self.to_frame().to_html()
 
 
-def bundled_pbmc68k_reduced() -> Path:
-    """Path of the pbmc68k_reduced file that ships inside scanpy (no download).
-
-    Found without importing scanpy, which costs 2-3 s per run (see benchmarks/sweep_overhead.py);
-    ``sc.datasets.pbmc68k_reduced()`` reads this very file.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("scanpy")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "10x_pbmc68k_reduced.h5ad" if spec else None
-    if path is None or not path.exists():
-        raise FileNotFoundError("scanpy's bundled pbmc68k_reduced was not found. Install scanpy (pip install scanpy), "
-                                "or pass data_path= to an .h5ad file of your own.")
-    return path
-
-
 def use_backed(backed: str | bool, path: Path) -> bool:
     """Resolve the ``backed`` parameter for the file at ``path``: ``"auto"`` streams files above :data:`BACKED_AUTO_BYTES`."""
     value = {True: "true", False: "false"}.get(backed, backed) if isinstance(backed, bool) else str(backed).lower()
@@ -157,52 +143,16 @@ def use_backed(backed: str | bool, path: Path) -> bool:
 def read_adata(data_path: str = "", *, backed: str | bool = "false"):
     """The AnnData at ``data_path`` (scanpy's bundled pbmc68k_reduced when empty), and its name.
 
-    With ``backed`` true (or ``"auto"`` and a large file) it is opened with ``backed="r"``: obs and
-    var are read, X stays in the file.
+    :func:`workbench.anndata_io.read_adata` with the ``backed`` parameter resolved for the file (:func:`use_backed`):
+    true (or ``"auto"`` and a large file) opens it with ``backed="r"``: obs and var are read, X stays in the file.
     """
-    import anndata
-
-    if not data_path:
-        path, source = bundled_pbmc68k_reduced(), "pbmc68k_reduced (scanpy, bundled)"
-    else:
-        path, source = Path(data_path), Path(data_path).name
-        if not path.exists():
-            raise FileNotFoundError(f"data_path={data_path!r} does not exist. Give an .h5ad file, or '' for the bundled pbmc68k_reduced.")
-        if path.suffix != ".h5ad":
-            raise ValueError(f"data_path={data_path!r} is not an .h5ad file. Convert it with anndata (adata.write_h5ad(...)).")
-    mode = "r" if use_backed(backed, path) else None
-    import warnings
-
-    with warnings.catch_warnings():  # pbmc68k_reduced predates .obsp and encoding metadata; anndata says so on read
-        if not data_path:
-            warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
-            warnings.filterwarnings("ignore", category=anndata.OldFormatWarning)
-        return anndata.read_h5ad(path, backed=mode), source
+    path = Path(data_path) if data_path else bundled_pbmc68k_reduced()
+    return _read_adata(data_path, backed=path.exists() and use_backed(backed, path))
 
 
-def expression_matrix(adata, features: str):
-    """Expression: ``adata.raw`` when present, else ``adata.X``; backed AnnData keeps it on disk.
-
-    :func:`load` then checks it: integer counts are log-normalised there (:func:`normalise_counts`).
-    """
-    import scipy.sparse as sp
-
-    if features not in ("auto", "raw", "X"):
-        raise ValueError(f"features={features!r} is not one of 'auto', 'raw', 'X'.")
-    use_raw = features == "raw" or (features == "auto" and adata.raw is not None)
-    if use_raw and adata.raw is None:
-        raise ValueError("features='raw' but this AnnData has no .raw. Use features='X'.")
-    matrix, genes = (adata.raw.X, adata.raw.var_names) if use_raw else (adata.X, adata.var_names)
-    where = "adata.raw.X" if use_raw else "adata.X"
-    if adata.isbacked:
-        if getattr(matrix, "format", None) == "csc":
-            raise ValueError(
-                f"{where} is stored as CSC (by gene) in {adata.filename}; streaming reads cells, which needs CSR. "
-                "Rewrite it once: adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path) "
-                "(likewise adata.raw), or pass backed='false' when it fits in memory.")
-    else:
-        matrix = sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
-    return matrix, [str(g) for g in genes], where
+#: Expression ``(matrix, genes, where)``: ``adata.raw`` when present, else ``adata.X`` (backed stays on disk);
+#: :func:`load` then checks it: integer counts are log-normalised there (:func:`normalise_counts`).
+expression_matrix = expression
 
 
 def load(
