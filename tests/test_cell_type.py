@@ -229,6 +229,20 @@ def test_pretraining_is_reused_only_when_data_cells_and_settings_are_equal(tmp_p
     assert len(list((cache / "pretrain").glob("*/pretrained.safetensors"))) == 4
 
 
+def test_pretrain_epochs_reaches_pretraining_and_its_cache_key(tmp_path, monkeypatch):
+    """Issue 22: cell type exposes pretrain_epochs like every workflow that pretrains; the notebook's value must be
+    the number of epochs pretraining runs, and part of the key (another value never reuses the entry)."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    for n, pretrain_epochs in enumerate((1, 2)):
+        namespace = cell_type_notebook(pretrained_checkpoint="pretrain", pretrain_epochs=pretrain_epochs,
+                                       output_dir=str(tmp_path / f"run{n}"))
+        source = Path(namespace["source"])
+        assert json.loads(source.with_suffix(".json").read_text())["pretrain_epochs"] == pretrain_epochs
+        epochs = [json.loads(line)["epoch"] for line in (source.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(pretrain_epochs))  # the pretraining run itself: that many epochs
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*/pretrained.safetensors"))) == 2
+
+
 def executed_figures(path) -> tuple[int, int]:
     """(image/png outputs, figures shown only as text) in an executed notebook; no cell shows two figures."""
     cells = json.loads(Path(path).read_text())["cells"]
@@ -300,7 +314,7 @@ def test_bring_your_own_h5ad_through_the_cli(tmp_path):
     path = write_h5ad(tmp_path / "mine.h5ad", n_classes=4)
     out = tmp_path / "run"
     proc = _run(["run", str(NOTEBOOK), "-p", "data_path", str(path), "-p", "label_key", "celltype",
-                 "-p", "epochs", "3", "-p", "batch_size", "64", "-o", str(out)])
+                 "-p", "epochs", "3", "-p", "batch_size", "64", "-p", "pretrain_epochs", "5", "-o", str(out)])
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["test_accuracy"] > 0.5  # 4 separable types
@@ -328,7 +342,7 @@ def test_in_process_and_papermill_give_identical_final_metrics(tmp_path, monkeyp
 
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache_in_process"))
-    params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "seed": 1}
+    params = {"epochs": 3, "pretrained_checkpoint": pretrained_checkpoint, "pretrain_epochs": 2, "seed": 1}
     in_process = run_workflow(cell_type.WORKFLOW, {**params, "output_dir": str(tmp_path / "in_process")})
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache_papermill")}
     proc = _run(["run", str(NOTEBOOK), *[x for k, v in params.items() for x in ("-p", k, str(v))],

@@ -16,7 +16,7 @@ from workbench.execute import run_workflow
 
 
 def _cell_type(tmp):
-    return {"epochs": 2, "pretrained_checkpoint": "pretrain"}, {"label_fraction": 0.5}
+    return {"epochs": 2, "pretrained_checkpoint": "pretrain", "pretrain_epochs": 2}, {"label_fraction": 0.5}
 
 
 def _heart_sound(tmp):
