@@ -47,7 +47,7 @@ def save_predictor(run, model, data: RegulatoryData, *, test_predictions: np.nda
     architecture; the numeric statistics are buffers of the weights. A LoRA model is kept as
     its adapters (``adapters/``, see :func:`workbench.lora.save_adapters`) and the base weights
     they were trained on, never only in the cache: those ``prepare`` kept for the checkpoints
-    (:data:`BASE_WEIGHTS`, stored once), or beside the adapters when the run has none. A fully
+    (``checkpoints/base.safetensors``, stored once), or beside the adapters when the run has none. A fully
     fine-tuned model as its weights. ``test_predictions`` (of ``data.test_idx``) go to ``test_predictions.csv``.
     """
     if run is None:

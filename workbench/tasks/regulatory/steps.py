@@ -58,13 +58,13 @@ def _pretraining(data: RegulatoryData, *, seed: int, progress: bool, cache_root,
 
 def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cache_root=None, device="auto",
              dtype=None, **overrides) -> Path:
-    """Train the model on the source conditions; return ``pretrained.safetensors`` (cached, :func:`protocol.pretrain`).
+    """Train the model on the source conditions; return ``pretrained.safetensors`` (cached).
 
-    The key covers the data's content, the exact source rows, the vocabularies, ``seed``, every setting in
-    :data:`~workbench.tasks.regulatory.model.PRETRAIN_SETTINGS` (``overrides`` over
-    :data:`~workbench.tasks.regulatory.model.DEFAULTS`), the placement and the code of the core and of this whole
-    package; an entry is reused only when all are equal. The build reads nothing else: the numeric statistics
-    (buffers in the checkpoint) come from the source rows, not from the fine-tuning rows of the split that built it.
+    Through :func:`workbench.protocol.pretrain`: the key covers the data's content, the exact source rows, the
+    vocabularies, ``seed``, every setting in ``PRETRAIN_SETTINGS`` (``overrides`` over :data:`DEFAULTS`), the
+    placement and the code of the core and of this whole package; an entry is reused only when all are equal. The
+    build reads nothing else: the numeric statistics (buffers in the checkpoint) come from the source rows, not from
+    the fine-tuning rows of the split that built it.
     """
     _check_source_rows(data)
     return protocol.pretrain(**_pretraining(data, seed=seed, progress=progress, cache_root=cache_root, device=device,
