@@ -61,7 +61,7 @@ def pretrain(data: RegulatoryData, *, seed: int = 0, progress: bool = True, cach
     """Train the model on the source conditions; return ``pretrained.safetensors`` (cached).
 
     Through :func:`workbench.protocol.pretrain`: the key covers the data's content, the exact source rows, the
-    vocabularies, ``seed``, every setting in ``PRETRAIN_SETTINGS`` (``overrides`` over :data:`DEFAULTS`), the
+    vocabularies, ``seed``, every setting in ``PRETRAIN_SETTINGS`` (``overrides`` over ``DEFAULTS``), the
     placement and the code of the core and of this whole package; an entry is reused only when all are equal. The
     build reads nothing else: the numeric statistics (buffers in the checkpoint) come from the source rows, not from
     the fine-tuning rows of the split that built it.
@@ -85,7 +85,7 @@ def load_checkpoint(model: nn.Module, source, *, trust_pickle: bool = False, key
 
     Checkpoints that older code wrote: a pickle file loads only with ``trust_pickle=True``
     (and a warning names the risk); weights it named differently are renamed through
-    ``key_map`` (default :data:`LEGACY_KEY_MAP` when the names do not fit as they are), and the
+    ``key_map`` (default ``LEGACY_KEY_MAP`` when the names do not fit as they are), and the
     report's ``prefix_map`` shows what was renamed.
     """
     from ...checkpoints import PICKLE_SUFFIXES, read_state_dict
