@@ -439,6 +439,13 @@ class Predictor:
         self.state = record.get("state", {})
         self.task = record.get("task", "")
         self.version_differences = versions_differ(record.get("versions", {}))
+        self.setup(self.state)
+
+    def setup(self, state: dict) -> None:
+        """Rebuild what predicting needs from the run's saved ``state`` (the model, the genes, the classes, ...).
+
+        Each workflow's predictor overrides it; ``self.load_weights(model)`` loads the run's weights into the model.
+        """
 
     @property
     def weights_path(self) -> Path:

@@ -60,12 +60,9 @@ __all__ = [
 ]
 
 WORKFLOW = Workflow(
-    name="cell_type",
-    title="Cell-type annotation",
-    notebook=Path(__file__).resolve().parents[3] / "notebooks" / "cell_type_annotation.ipynb",
+    "cell_type", Path(__file__).resolve().parents[3] / "notebooks" / "cell_type_annotation.ipynb",
+    title="Cell-type annotation", predictor=f"{__name__}:CellTypePredictor", packages=("anndata", "scanpy", "scipy"),
     headline_metrics=("test_macro_f1", "test_accuracy", "baseline_test_macro_f1", "baseline_test_accuracy"),
-    packages=("anndata", "scanpy", "scipy"),
-    predictor=f"{__name__}:CellTypePredictor",
     parameters=dict(
         # data and split (the shared names' constraints come from workbench.workflow.SHARED)
         data_path=Param("", ".h5ad file; empty means the bundled pbmc68k_reduced from scanpy"),

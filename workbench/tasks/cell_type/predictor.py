@@ -75,9 +75,7 @@ class CellTypePredictor(Predictor):
     accepts = ("anndata",)
     outputs = ("probabilities", "embedding")
 
-    def __init__(self, path, record):
-        super().__init__(path, record)
-        s = self.state
+    def setup(self, s: dict) -> None:
         self.genes, self.classes = list(s["genes"]), list(s["classes"])
         self.model = self.load_weights(CellTypeClassifier(
             len(self.genes), len(self.classes), hidden=tuple(s["hidden"]), dropout=s["dropout"],

@@ -55,13 +55,8 @@ HEADLINE_METRICS = ("test_accuracy", "test_macro_f1", "baseline_test_accuracy", 
 PACKAGES = ("ptls", "pyarrow", "scipy")
 
 WORKFLOW = Workflow(
-    name="event_sequence",
-    title="Event-sequence classification",
-    notebook=NOTEBOOK,
-    headline_metrics=HEADLINE_METRICS,
-    packages=PACKAGES,
-    predictor=EventSequencePredictor,
-    parameters=dict(
+    "event_sequence", NOTEBOOK, title="Event-sequence classification", predictor=EventSequencePredictor,
+    headline_metrics=HEADLINE_METRICS, packages=PACKAGES, parameters=dict(
         data_path=Param("", "long-format event table (.csv/.parquet); empty means simulated clients", Text()),
         labels_path=Param("", "labels table (client_id, target); empty: <data stem>.labels.csv beside data_path",
                           Text()),

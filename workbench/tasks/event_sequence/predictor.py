@@ -85,9 +85,7 @@ class EventSequencePredictor(Predictor):
     accepts = ("table",)
     outputs = ("probabilities", "embedding")
 
-    def __init__(self, path, record):
-        super().__init__(path, record)
-        s = self.state
+    def setup(self, s: dict) -> None:
         self.classes = list(s["classes"])
         shape = _Shape(vocab=s["vocab"], categorical=list(s["categorical"]), numeric=list(s["numeric"]),
                        max_seq_len=int(s["max_seq_len"]), classes=self.classes)

@@ -59,13 +59,8 @@ PACKAGES = ("scipy",)
 #: Names of workbench.workflow.SHARED take their constraint (and, where not worded here, their help) from there; the
 #: run parameters output_dir, tracker, device, dtype and interactive are appended with the shared wording.
 WORKFLOW = Workflow(
-    name="heart_sound",
-    title="Heart-sound classification",
-    notebook=NOTEBOOK,
-    headline_metrics=HEADLINE_METRICS,
-    packages=PACKAGES,
-    predictor=HeartSoundPredictor,
-    parameters=dict(
+    "heart_sound", NOTEBOOK, title="Heart-sound classification", predictor=HeartSoundPredictor,
+    headline_metrics=HEADLINE_METRICS, packages=PACKAGES, parameters=dict(
         data_path=Param("", "dataset folder in the task's layout; empty means synthetic recordings"),
         task=Param("circor_murmur", "circor_murmur | circor_outcome | physionet2016 | pascal", Choice(*TASKS)),
         mode=Param("linear_eval", "linear_eval (frozen encoder) | few_shot (label_fraction of the labelled "

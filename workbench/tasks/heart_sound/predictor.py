@@ -68,9 +68,7 @@ class HeartSoundPredictor(Predictor):
     accepts = ("recordings",)
     outputs = ("probabilities", "embedding")
 
-    def __init__(self, path, record):
-        super().__init__(path, record)
-        s = self.state
+    def setup(self, s: dict) -> None:
         self.classes, self.sample_rate = list(s["classes"]), int(s["sample_rate"])
         self.window = int(round(s["segment_seconds"] * self.sample_rate))
         self.hop = max(1, int(round(self.window * (1 - s["overlap"]))))

@@ -92,13 +92,9 @@ PACKAGES = ("torch_geometric", "anndata", "scipy")
 #: the notebook). Shared names (workbench.workflow.SHARED) take their constraint from there; output_dir, tracker,
 #: device, dtype and interactive are appended with the shared wording.
 WORKFLOW = Workflow(
-    name="spatial_transfer",
-    title="Spatial expression transfer",
-    notebook=NOTEBOOK,
-    headline_metrics=HEADLINE_METRICS,
-    packages=PACKAGES,
+    "spatial_transfer", NOTEBOOK, title="Spatial expression transfer",
     predictor="workbench.tasks.spatial_transfer.predictor:SpatialPredictor",
-    parameters=dict(
+    headline_metrics=HEADLINE_METRICS, packages=PACKAGES, parameters=dict(
         cells_path=Param("", "single-cell .h5ad the slides are simulated from; empty means scanpy's pbmc68k_reduced",
                          Text()),
         cell_type_key=Param("bulk_labels", "obs column with cell types (cells_path)", Text(nonempty=True)),

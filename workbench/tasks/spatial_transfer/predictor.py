@@ -73,9 +73,7 @@ class SpatialPredictor(Predictor):
     accepts = ("anndata",)
     outputs = ("values",)
 
-    def __init__(self, path, record):
-        super().__init__(path, record)
-        s = self.state
+    def setup(self, s: dict) -> None:
         self.genes, self.folds = list(s["genes"]), list(s["folds"])
         self.models = {}
         for fold in self.folds:
