@@ -79,13 +79,8 @@ PACKAGES = ("peft", "scipy")
 
 #: The workflow, declared once: its notebook's parameters (help and constraints), headline metrics and predictor.
 WORKFLOW = Workflow(
-    name="regulatory",
-    title="Regulatory expression with LoRA",
-    notebook=NOTEBOOK,
-    headline_metrics=HEADLINE_METRICS,
-    packages=PACKAGES,
-    predictor="workbench.tasks.regulatory.predictor:RegulatoryPredictor",
-    parameters=dict(
+    "regulatory", NOTEBOOK, title="Regulatory expression with LoRA", predictor=RegulatoryPredictor,
+    headline_metrics=HEADLINE_METRICS, packages=PACKAGES, parameters=dict(
         data_path=Param("", "CSV file (one row per sample) or GET-style .zarr store; empty means simulated data"),
         pretrained_checkpoint=Param("pretrain", "pretrain (here, on the source conditions) | none (from scratch) | "
                                                 "a checkpoint path"),

@@ -108,9 +108,7 @@ class RegulatoryPredictor(Predictor):
     accepts = ("table", "zarr")
     outputs = ("values",)
 
-    def __init__(self, path, record):
-        super().__init__(path, record)
-        s = self.state
+    def setup(self, s: dict) -> None:
         self.vocab = {k: list(v) for k, v in s["vocab"].items()}
         self.fields = _fields(s["n_regions"], s["n_motifs"])
         model = RegulatoryModel(
