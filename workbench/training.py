@@ -37,6 +37,10 @@ gradients are synchronised on the last micro-batch only), layer-wise LR decay
 (``layer_decay``, see :func:`workbench.transfer.param_groups`), an exponential moving average of
 the weights (``ema``, ``ema_eval``; see :mod:`workbench.ema`) and the LR range test
 (:func:`workbench.lr_find`).
+
+Why this module is long: the loop, its settings (:class:`FitSettings`), its callbacks and the state it saves and
+restores must agree on every setting (a resume is bitwise only if the saved state, the settings check and the loop read
+the same fields), so they live and are tested together; the callbacks are small classes over the same hooks.
 """
 
 from __future__ import annotations
