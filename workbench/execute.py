@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .kernels import WarmKernels
 
 __all__ = ["RunResult", "run_notebook", "run_in_process", "notebook_parameters", "notebook_defaults",
-           "coerce_parameters", "ensure_kernel", "read_status", "notebook_sha256"]
+           "coerce_parameters", "ensure_kernel", "read_status", "notebook_sha256", "run_workflow"]
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "final_metrics.json"

@@ -1,22 +1,22 @@
 """Event-sequence classification: a CoLES encoder from pytorch-lifestream, fine-tuned with an MLP head.
 
-Data (:mod:`.data`, :mod:`.simulate`)
+Data (``data.py``, ``simulate.py``)
     A long-format event table (one row per event: ``client_id``, ``event_time``, categorical and numeric fields) as
     CSV or parquet, plus a labels table (``client_id``, ``target``); :func:`load` checks, cleans and splits it by
     client, each client keeping its last ``max_seq_len`` events. ``data_path=""`` simulates one (:func:`simulate`,
     whose module documents the ground truth: the class shapes the event-type mix, its order, amounts and timing).
-Model (:mod:`.model`)
+Model (``model.py``)
     :class:`SequenceClassifier`: a ptls ``TrxEncoder`` + GRU/LSTM/transformer encoder under an MLP head; class
     weights and label smoothing in the loss. Batches are ptls ``PaddedBatch`` es (:class:`EventBatches`), sharded
     across ranks under ``--nproc`` like the core's.
-Pretraining (:mod:`.steps`)
+Pretraining (``steps.py``)
     CoLES (ptls's ``CoLESModule`` as a plain ``nn.Module``) over every training client without labels, by
     :func:`workbench.fit` and cached by :func:`workbench.protocol.pretrain`. The checkpoint has ptls's layout
     (``_seq_encoder.*``); a ptls checkpoint of the user's loads the same way, the model built to its widths.
-Baseline (:mod:`.steps`)
+Baseline (``steps.py``)
     Logistic regression on bag-of-event-types plus amount statistics, fit on exactly the model's labelled clients
     and scored by the same code as the model (:func:`workbench.protocol.evaluate`). Prediction on new clients from a
-    run folder: :class:`EventSequencePredictor` (:mod:`.predictor`).
+    run folder: :class:`EventSequencePredictor` (``predictor.py``).
 """
 
 from __future__ import annotations

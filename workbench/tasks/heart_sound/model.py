@@ -79,7 +79,7 @@ class ContrastiveModel(nn.Module):
 
 
 def build_model(data, **overrides) -> HeartSoundClassifier:
-    """The classifier for ``data``'s classes and sample rate; ``overrides`` replace :data:`DEFAULTS` (widths,
+    """The classifier for ``data``'s classes and sample rate; ``overrides`` replace ``DEFAULTS`` (widths,
     dropout)."""
     cfg = {**DEFAULTS, **overrides}
     return HeartSoundClassifier(len(data.classes), sample_rate=data.sample_rate, widths=tuple(cfg["widths"]),

@@ -64,7 +64,7 @@ def pretrain(data: HeartSoundData, *, seed: int = 0, progress: bool = True, cach
 
     Cached by :func:`workbench.protocol.pretrain`: the key covers the data's content, the training recordings, the
     window length and sample rate, ``seed``, every setting in :data:`PRETRAIN_SETTINGS` (``overrides`` replace
-    :data:`DEFAULTS`), the placement and the source of this package and of the core.
+    ``DEFAULTS``), the placement and the source of this package and of the core.
     """
     return protocol.pretrain(**_pretraining(data, seed=seed, progress=progress, cache_root=cache_root,
                                             device=device, dtype=dtype, **overrides))

@@ -68,7 +68,7 @@ class SlideBatches(IndexBatches):
                                        int(mask[idx].sum()))
 
     def take(self, idx: np.ndarray) -> SlideBatch:
-        """The batch of the one slide at position ``idx[0]`` of :attr:`slides`."""
+        """The batch of the one slide at position ``idx[0]`` of ``slides``."""
         return self.items[self.slides[int(idx[0])]]
 
 

@@ -18,7 +18,7 @@ def _slide_names(n: int, kind: str) -> list[str]:
 
 def simulate(cells_path: str = "", *, cell_type_key: str = "bulk_labels", n_bulk_slides: int = 16,
              n_spatial_slides: int = 4, seed: int = 0, **overrides) -> Study:
-    """Both stages, simulated from single cells as the module docstring says (``overrides``: :data:`DEFAULTS`)."""
+    """Both stages, simulated from single cells as the module docstring says (``overrides``: ``DEFAULTS``)."""
     from scipy.ndimage import gaussian_filter
     from sklearn.decomposition import PCA
 
