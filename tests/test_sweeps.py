@@ -416,7 +416,7 @@ def test_a_second_driver_on_the_same_sweep_folder_refuses(tmp_path, capsys):
 
 
 def test_the_lock_is_released_when_a_sweep_is_interrupted(tmp_path):
-    spec = write_spec(tmp_path, parameters={"sleep_s": 5.0})
+    spec = write_spec(tmp_path, parameters={"sleep_s": 8.0})
     sweep = tmp_path / "out" / "tiny"
     finished = threading.Event()
     seen = []
@@ -427,9 +427,12 @@ def test_the_lock_is_released_when_a_sweep_is_interrupted(tmp_path):
             if lock.is_file() and lock.read_text().strip() == str(os.getpid()) and list(sweep.glob("*/notebook.ipynb")):
                 seen.append(True)
                 # The notebook is written before its kernel starts; a Ctrl-C that lands inside the kernel's launch
-                # can be absorbed there (1 of 4 full runs, and again under load), so press again every second, as a
-                # user would, while the sweep still runs (its notebook sleeps 5 s: at most 4 presses come in time).
-                while not finished.wait(1.0):
+                # can be absorbed there (1 of 4 full runs, and twice in a row under load), so press again, as a user
+                # would, while the sweep still runs (its notebook sleeps 8 s); 2.5 s apart, so that a press does not
+                # land in the cleanup of the one before.
+                for wait_s in (1.0, 2.5, 2.5):
+                    if finished.wait(wait_s):
+                        return
                     os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.05)
