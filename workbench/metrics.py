@@ -27,7 +27,7 @@ import pandas as pd
 
 __all__ = ["classification_metrics", "regression_metrics", "grouped_regression_metrics", "confusion_matrix", "MetricsTable",
            "sensitivity_specificity", "roc_pr_curves", "fold_summary", "project_2d",
-           "Evaluation", "evaluate_classifier"]
+           "Evaluation"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,19 +660,3 @@ class Evaluation:
     def __repr__(self) -> str:
         return repr(self.table)
 
-
-def evaluate_classifier(truth, proba, classes: Sequence, *, baseline: Mapping, run=None,
-                        extra: Mapping | None = None) -> Evaluation:
-    """Score class probabilities ``proba`` (samples x classes) against ``truth`` beside ``baseline``'s metrics.
-
-    ``final`` holds ``test_<metric>`` and ``baseline_test_<metric>`` (and ``extra``), flat; with a
-    ``run`` it is written as the run's ``final_metrics.json`` (``run.finish``).
-    """
-    pred = np.asarray(classes)[np.asarray(proba).argmax(1)]
-    ours = classification_metrics(truth, pred, y_score=proba, labels=classes)
-    table = MetricsTable({"fine-tuned encoder": ours, "baseline (logistic regression)": dict(baseline)})
-    final = {f"test_{k}": v for k, v in ours.items()} | {f"baseline_test_{k}": v for k, v in baseline.items()}
-    final |= {k: float(v) for k, v in dict(extra or {}).items()}
-    if run is not None:
-        final = run.finish(final)
-    return Evaluation(table=table, confusion=confusion_matrix(truth, pred, labels=classes), final=final)

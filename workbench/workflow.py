@@ -35,7 +35,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,6 @@ class Workflow:
     packages: tuple[str, ...] = ()
     predictor: Any = None
     title: str = ""
-    _resolved: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "notebook", Path(self.notebook))
